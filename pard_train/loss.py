@@ -1,0 +1,81 @@
+"""Forward a causal LM over a PARD layout batch and score it: cross-entropy over labelled tokens, metrics per depth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pard_train.attention import AttentionBackend, attention_mask_for
+from pard_train.layout import IGNORE_INDEX, PardBatch
+
+
+def labelled_logits(model, batch: PardBatch, backend: AttentionBackend) -> tuple[Tensor, Tensor, Tensor]:
+    """Run ``model`` on the layout and return (logits, labels, depth) of the labelled tokens only.
+
+    The LM head runs on labelled tokens alone: with a 128k vocabulary the full ``[B, T, V]`` logits would dominate
+    memory, and unlabelled tokens (prompt, padding) need no logits.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=attention_mask_for(batch, backend),
+        use_cache=False,
+    ).last_hidden_state
+    selected = batch.labels != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[selected])
+    return logits, batch.labels[selected], batch.depth[selected]
+
+
+@dataclass
+class DepthStats:
+    """Sums over labelled tokens, per depth: enough to average across micro-batches and ranks exactly."""
+
+    loss_sum: Tensor  # [K] summed cross-entropy (detached)
+    correct: Tensor  # [K] top-1 hits
+    count: Tensor  # [K] labelled tokens
+
+    def __add__(self, other: DepthStats) -> DepthStats:
+        return DepthStats(self.loss_sum + other.loss_sum, self.correct + other.correct, self.count + other.count)
+
+    def as_tensor(self) -> Tensor:
+        return torch.stack([self.loss_sum, self.correct, self.count])
+
+    @classmethod
+    def from_tensor(cls, stacked: Tensor) -> DepthStats:
+        return cls(stacked[0], stacked[1], stacked[2])
+
+    def summary(self) -> dict[str, float]:
+        """Loss and top-1 accuracy per depth, overall loss and the estimated acceptance length."""
+        count = self.count.clamp(min=1)
+        loss, accuracy = self.loss_sum / count, self.correct / count
+        out = {"loss": float(self.loss_sum.sum() / count.sum())}
+        for depth in range(len(count)):
+            out[f"loss/depth_{depth}"] = float(loss[depth])
+            out[f"acc/depth_{depth}"] = float(accuracy[depth])
+        out["estimated_al"] = estimated_acceptance_length(accuracy)
+        return out
+
+
+def estimated_acceptance_length(accuracy: Tensor) -> float:
+    """``1 + sum_k prod_{d<=k} acc_d``: tokens per target forward if depth errors were independent."""
+    return float(1.0 + torch.cumprod(accuracy.double(), dim=0).sum())
+
+
+def pard_loss(
+    model, batch: PardBatch, backend: AttentionBackend, num_depths: int, normalizer: float
+) -> tuple[Tensor, DepthStats]:
+    """Summed cross-entropy of the batch divided by ``normalizer`` (the labelled-token count of the whole global
+    batch, so that accumulation and data parallelism average over tokens, not over micro-batches)."""
+    logits, labels, depth = labelled_logits(model, batch, backend)
+    token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    with torch.no_grad():
+        hits = (logits.argmax(-1) == labels).float()
+        stats = DepthStats(
+            loss_sum=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, token_loss.detach()),
+            correct=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, hits),
+            count=torch.bincount(depth, minlength=num_depths).float(),
+        )
+    return token_loss.sum() / normalizer, stats
