@@ -87,10 +87,80 @@ class PardConfig:
         )
 
 
+class DataFormat(str, Enum):
+    """Row format of a data source; ``auto`` detects it per row from the keys."""
+
+    auto = "auto"
+    pard = "pard"
+    """``{"conversation": [{"system"?, "human", "assistant"}, ...]}`` (the PARD reference)."""
+    sharegpt = "sharegpt"
+    """``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``."""
+    messages = "messages"
+    """OpenAI ``{"messages": [{"role", "content"}, ...]}``."""
+    prompt_response = "prompt_response"
+    """``{"prompt", "response"}`` (also ``instruction``/``output`` and ``question``/``answer``)."""
+    text = "text"
+    """``{"text"}``: plain text, trained on every token."""
+
+
+class Truncation(str, Enum):
+    """What happens to a conversation longer than ``data.max_length``: cut to fit, or skip it (counted as bad)."""
+
+    truncate = "truncate"
+    drop = "drop"
+
+
+@dataclass
+class DataSource:
+    path: str = MISSING
+    """A local JSON/JSONL/Parquet/Arrow file, a glob of them, a saved dataset directory, or a Hugging Face dataset
+    name (online only)."""
+    weight: float = 1.0
+    """Mixture weight: the source's conversations are used ``weight`` times (0.5 keeps a random half, 2 repeats)."""
+    max_samples: int | None = None
+    """Read at most this many rows of the source (its first rows)."""
+    format: DataFormat = DataFormat.auto
+    subset: str | None = None
+    """Configuration name of a Hugging Face dataset."""
+    split: str = "train"
+    """Split of a Hugging Face dataset."""
+
+    def __post_init__(self):
+        _require(self.path != "", "data.sources.path", "give a file, glob or dataset name")
+        _require(self.weight > 0, "data.sources.weight", f"must be > 0, got {self.weight}")
+        _require(self.max_samples is None or self.max_samples > 0, "data.sources.max_samples", "must be > 0")
+
+
 @dataclass
 class DataConfig:
-    train_files: list[str] = MISSING
-    """JSON/JSONL files or globs of conversations (messages, ShareGPT, PARD or text rows)."""
+    train_files: list[str] = field(default_factory=list)
+    """JSON/JSONL/Parquet/Arrow files or globs of conversations (messages, ShareGPT, PARD, prompt/response or text
+    rows); ``data.sources`` adds weighted sources and Hugging Face datasets. At least one of the two is needed."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Weighted sources mixed with ``train_files`` (each ``{path, weight, max_samples, format, subset, split}``)."""
+    validation_files: list[str] = field(default_factory=list)
+    """Files or globs held out for evaluation; when empty, ``validation_fraction`` of each source is held out."""
+    validation_fraction: float = 0.0
+    """Fraction of each source's conversations held out for evaluation (when ``validation_files`` is empty)."""
+    format: DataFormat = DataFormat.auto
+    """Row format of ``train_files`` and ``validation_files``."""
+    chat_template: str | None = None
+    """Chat template to use instead of the tokenizer's: ``chatml``, ``llama3``, a ``.jinja`` file or the template
+    text itself (needed when the model has none)."""
+    truncation: Truncation = Truncation.truncate
+    """Conversations longer than ``max_length``: cut to fit, or drop them (then they count as bad rows)."""
+    max_bad_fraction: float = 0.1
+    """Fail when more than this fraction of a source's rows is unusable (malformed, empty, unknown roles...)."""
+    cache_dir: str | None = None
+    """Where tokenised datasets are cached; null: ``$XDG_CACHE_HOME/pard_train/data`` (``~/.cache/...``)."""
+    cache: bool = True
+    """Reuse tokenised datasets across runs and ranks (fingerprinted on data, tokenizer, template, settings)."""
+    num_proc: int | None = None
+    """Processes that tokenise; null: up to 8 (CPU count) for large sources, 1 for small ones."""
+    group_by_length: bool = False
+    """Without packing, batch conversations of similar length together (less padding)."""
+    seed: int = 0
+    """Seeds the mixture sampling and the validation hold-out."""
     max_length: int = 512
     """Tokens per packed row (real tokens; the layout is about K times longer before drop-token)."""
     loss_on: LossOn = LossOn.all
@@ -101,9 +171,11 @@ class DataConfig:
     """Use at most this many conversations (quick runs)."""
 
     def __post_init__(self):
-        _require(self.train_files == MISSING or len(self.train_files) > 0, "data.train_files", "give a file")
         _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
         _require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0")
+        _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
+        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+        _require(self.num_proc is None or self.num_proc >= 1, "data.num_proc", "must be >= 1 or null")
 
 
 @dataclass
@@ -154,12 +226,87 @@ class RunConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO through accelerate; pick with ``deepspeed=none|zero1|zero2|zero3`` (configs/deepspeed/)."""
+
+    enabled: bool = False
+    """Wrap the model in a DeepSpeed engine (otherwise plain data parallelism when several processes run)."""
+    zero_stage: int = 2
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its step) in CPU memory: fits larger models on fewer GPUs, slower steps."""
+    offload_params: bool = False
+    """ZeRO-3 only: keep parameters in CPU memory between uses."""
+
+    def __post_init__(self):
+        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {self.zero_stage}")
+        _require(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed=zero3")
+
+
+@dataclass
+class CheckpointConfig:
+    """Train-state checkpoints under ``<run dir>/checkpoints``; re-running the same command resumes from the newest."""
+
+    every_steps: int = 500
+    """Save model, optimizer, scheduler, RNG of every rank and the step every this many optimizer steps (0: never)."""
+    keep_last: int = 2
+    """Keep this many periodic checkpoints (the best one by estimated AL is kept in addition)."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint of the run directory if there is one."""
+
+    def __post_init__(self):
+        _require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+class TrackerKind(str, Enum):
+    """Where metrics go besides ``<run dir>/metrics.jsonl`` (rank 0 only)."""
+
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+@dataclass
+class TrackingConfig:
+    backend: TrackerKind = TrackerKind.none
+    """none, tensorboard (``<run dir>/tensorboard``) or wandb (``WANDB_MODE=offline`` works without network)."""
+    project: str = "pard"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user); null: your default."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out loss and top-1 accuracy per depth during training; the best checkpoint is chosen by estimated AL."""
+
+    every_steps: int = 0
+    """Evaluate every this many optimizer steps and at the end (0: never)."""
+    files: list[str] = field(default_factory=list)
+    """Held-out conversation files or globs (same formats as data.train_files)."""
+    max_samples: int | None = 64
+    """Use at most this many held-out conversations."""
+
+    def __post_init__(self):
+        _require(self.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.every_steps}")
+        _require(
+            self.every_steps == 0 or len(self.files) > 0, "eval.files", "give held-out files when eval.every_steps > 0"
+        )
+        _require(self.max_samples is None or self.max_samples > 0, "eval.max_samples", "must be > 0 or null")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pard: PardConfig = field(default_factory=PardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:
@@ -170,6 +317,9 @@ def register_configs() -> None:
 def to_config(cfg: DictConfig) -> Config:
     """Convert a composed config into the dataclass tree, once. Raises ConfigError with one actionable line."""
     cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required; pick a preset (+config=NAME) or set {missing[0]}=...")
     try:
         config = OmegaConf.to_object(cfg)
     except ConfigError:

@@ -1,0 +1,102 @@
+"""Every preset composes and validates offline; bad values fail at start with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import CONFIG_DIR, REPO, compose
+
+from pard_train.attention import AttentionBackend
+from pard_train.config import Config, ConfigError, LossOn, Precision, to_config
+
+PRESETS = sorted(path.stem for path in (CONFIG_DIR / "config").glob("*.yaml"))
+REFERENCE = {  # preset: (model, mask id, lr, max length) from the PARD reference recipe
+    "llama3_1b": ("meta-llama/Llama-3.2-1B-Instruct", 128020, 1e-5, 512),
+    "qwen2_5_0_5b": ("Qwen/Qwen2.5-0.5B-Instruct", 151665, 3e-5, 512),
+    "qwen3_0_6b": ("Qwen/Qwen3-0.6B", 151670, 3e-5, 512),
+    "dsr_qwen_1_5b": ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", 151665, 8e-5, 1024),
+}
+
+
+def test_the_required_presets_ship():
+    assert set(REFERENCE) | {"tiny"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_into_typed_config(preset):
+    config = to_config(compose(f"+config={preset}"))
+    assert isinstance(config, Config)
+    assert isinstance(config.model.attention, AttentionBackend)
+    assert isinstance(config.data.loss_on, LossOn)
+    assert isinstance(config.train.lr, float)
+    assert config.run.name == preset
+    for pattern in config.data.train_files:
+        assert (REPO / pattern).exists(), f"{preset} points at a training file that is not shipped: {pattern}"
+
+
+@pytest.mark.parametrize("preset", sorted(REFERENCE))
+def test_family_presets_carry_the_reference_recipe(preset):
+    config = to_config(compose(f"+config={preset}"))
+    model, mask, lr, length = REFERENCE[preset]
+    assert (config.model.path, config.model.mask_token_id) == (model, mask)
+    assert config.train.lr == pytest.approx(lr)
+    assert config.data.max_length == length
+    assert (config.pard.num_draft_tokens, config.pard.drop_ratio, config.pard.drop_ratio_min) == (8, 0.7, 0.2)
+    assert config.pard.drop_tokens and config.model.gradient_checkpointing
+    assert config.train.epochs == 4 and config.train.precision == Precision.bf16
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("pard.num_draft_tokens=0", "pard.num_draft_tokens"),
+        ("pard.drop_ratio=0", "pard.drop_ratio"),
+        ("pard.drop_ratio=1.5", "pard.drop_ratio"),
+        ("pard.drop_ratio_min=-0.1", "pard.drop_ratio_min"),
+        ("train.lr=-1", "train.lr"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("data.max_length=1", "data.max_length"),
+        ("model.mask_token_id=-3", "model.mask_token_id"),
+    ],
+)
+def test_bad_values_fail_with_the_key_named(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        to_config(compose("+config=tiny", override))
+
+
+def test_a_string_where_a_number_belongs_fails_at_composition():
+    with pytest.raises(Exception, match="train.lr=abc") as caught:
+        compose("+config=tiny", "train.lr=abc")
+    assert "could not be converted to Float" in str(caught.value.__cause__)
+
+
+def test_missing_model_path_is_reported():
+    with pytest.raises(ConfigError, match="model.path"):
+        to_config(compose("data.train_files=[x.jsonl]"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pard_train", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_reports_an_impossible_value_in_one_line():
+    result = _cli("+config=tiny", "pard.num_draft_tokens=0")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pard_train: error:")]
+    assert errors == ["pard_train: error: pard.num_draft_tokens: must be >= 1, got 0"]
+
+
+def test_cli_rejects_an_unknown_preset_naming_it():
+    result = _cli("+config=no_such_preset")
+    assert result.returncode != 0
+    assert "Could not find 'config/no_such_preset'" in result.stderr
+
+
+def test_cli_explains_a_model_missing_offline(tmp_path):
+    result = _cli("+config=llama3_1b", f"run.output_root={tmp_path}")
+    assert result.returncode == 2
+    assert "meta-llama/Llama-3.2-1B-Instruct" in result.stderr and "model.path=DIR" in result.stderr
