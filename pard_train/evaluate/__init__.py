@@ -1,0 +1,1 @@
+"""Speculative decoding evaluation: acceptance length of a draft with a target."""

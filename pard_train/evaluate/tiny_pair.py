@@ -1,0 +1,48 @@
+"""A tiny target and a tiny draft sharing one tokenizer, built offline (tests and the ``tiny`` evaluation preset).
+
+Both are random: their acceptance length means nothing, but every code path of the harness runs on them in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from pard_train.mask_token import choose_mask_token
+from pard_train.model import mark_as_pard
+from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
+
+
+def build_pair(draft_seed: int = 0, target_seed: int = 1, num_draft_tokens: int = 4):
+    """In memory: ``(target, draft, tokenizer, mask_token_id)``, eval mode, float32; the draft marked as PARD."""
+    tokenizer = build_tiny_tokenizer()
+    rows = -(-len(tokenizer) // 64) * 64 + 64  # spare rows above the vocabulary, as ensure_tiny_checkpoint builds
+    target = build_tiny_model(rows, seed=target_seed).eval()
+    draft = build_tiny_model(rows, seed=draft_seed).eval()
+    mask_token_id = choose_mask_token(tokenizer, rows)
+    mark_as_pard(draft, mask_token_id, num_draft_tokens)
+    for model in (target, draft):
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return target, draft, tokenizer, mask_token_id
+
+
+def ensure_tiny_pair(directory: str | Path, num_draft_tokens: int = 4) -> tuple[Path, Path]:
+    """Write ``directory/target`` and ``directory/draft`` once (renamed into place when complete); reuse them later."""
+    directory = Path(directory)
+    target_dir, draft_dir = directory / "target", directory / "draft"
+    if all((path / "config.json").exists() for path in (target_dir, draft_dir)):
+        return target_dir, draft_dir
+    target, draft, tokenizer, _ = build_pair(num_draft_tokens=num_draft_tokens)
+    directory.mkdir(parents=True, exist_ok=True)
+    for model, path in ((target, target_dir), (draft, draft_dir)):
+        staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        if staging.exists():
+            shutil.rmtree(staging)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    return target_dir, draft_dir
