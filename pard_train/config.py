@@ -151,8 +151,8 @@ class DataConfig:
     """Conversations longer than ``max_length``: cut to fit, or drop them (then they count as bad rows)."""
     max_bad_fraction: float = 0.1
     """Fail when more than this fraction of a source's rows is unusable (malformed, empty, unknown roles...)."""
-    cache_dir: str | None = None
-    """Where tokenised datasets are cached; null: ``$XDG_CACHE_HOME/pard_train/data`` (``~/.cache/...``)."""
+    cache_dir: str | None = "${run.output_root}/cache/data"
+    """Where tokenised datasets are cached (shared by runs and ranks); null: ``~/.cache/pard_train/data``."""
     cache: bool = True
     """Reuse tokenised datasets across runs and ranks (fingerprinted on data, tokenizer, template, settings)."""
     num_proc: int | None = None

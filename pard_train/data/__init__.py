@@ -1,6 +1,17 @@
-"""Training data: read conversation files, render them with the chat template, pack them, collate PARD layouts."""
+"""Training data: sources and formats, chat templates and loss masks, caching, packing, the PARD collator."""
 
 from pard_train.data.collator import PardCollator
-from pard_train.data.dataset import PackedRow, build_packed_rows
+from pard_train.data.dataset import TrainingData, build_data, build_packed_rows
+from pard_train.data.packing import LengthGroupedSampler, PackedRow, length_grouped_order
+from pard_train.data.sources import DataError
 
-__all__ = ["PackedRow", "PardCollator", "build_packed_rows"]
+__all__ = [
+    "DataError",
+    "LengthGroupedSampler",
+    "PackedRow",
+    "PardCollator",
+    "TrainingData",
+    "build_data",
+    "build_packed_rows",
+    "length_grouped_order",
+]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pard_train.data.dataset import PackedRow
+from pard_train.data.packing import PackedRow
 from pard_train.layout import DropTokenSchedule, PardBatch, build_row, collate_rows
 
 

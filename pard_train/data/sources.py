@@ -1,0 +1,166 @@
+"""Data sources: local files and globs (JSON, JSONL, Parquet, Arrow, saved datasets) and Hugging Face datasets.
+
+Every source becomes a ``datasets.Dataset`` of two string columns, ``raw`` (the row as JSON text, or an error for a
+line that is not JSON) and ``where`` (``file:line``), so that rows of any origin are parsed, rendered and reported
+by the same code. JSON lines are read here, not by ``datasets``' JSON loader, because that loader fails on the first
+malformed line of a file; we want to count and skip it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pard_train.config import DataFormat, DataSource
+
+MALFORMED = "\x00malformed JSON: "
+"""Prefix of a ``raw`` value that could not be parsed (the rest is the parser's message)."""
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message says which file and why, in one line."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One resolved source: what to read and how it is fingerprinted."""
+
+    spec: DataSource
+    files: tuple[Path, ...]
+    """Local files; empty for a Hugging Face dataset."""
+
+    @property
+    def label(self) -> str:
+        return self.spec.path
+
+    def fingerprint(self) -> str:
+        """Changes when any file changes (path, size, modification time) or the source settings change."""
+        spec = self.spec
+        parts = [spec.path, spec.subset, spec.split, spec.max_samples, spec.format.value]
+        for path in self.files:
+            stat = path.stat()
+            parts.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def looks_local(path: str) -> bool:
+    return glob.has_magic(path) or path.endswith(LOCAL_SUFFIXES) or os.path.exists(path) or path.startswith((".", "/"))
+
+
+def resolve(spec: DataSource, key: str) -> Source:
+    """Expand globs; a name that is not a local path is a Hugging Face dataset."""
+    if not looks_local(spec.path):
+        return Source(spec, ())
+    matches = sorted(glob.glob(spec.path)) if glob.has_magic(spec.path) else [spec.path]
+    files = []
+    for match in matches:
+        path = Path(match)
+        if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+            files += sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        elif path.exists():
+            files.append(path)
+    if not files:
+        raise DataError(f"{key}: {spec.path!r} matches no file")
+    return Source(spec, tuple(files))
+
+
+def _json_rows(path: Path):
+    """``(raw, where)`` for a JSONL file, or a JSON file holding a list of rows."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield MALFORMED + str(error), f"{path}:{error.lineno}"
+            return
+        for number, row in enumerate(rows, start=1):
+            yield json.dumps(row, ensure_ascii=False), f"{path}[{number - 1}]"
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as error:
+            yield MALFORMED + str(error), f"{path}:{number}"
+        else:
+            yield line, f"{path}:{number}"
+
+
+def _table_rows(dataset, label: str):
+    for number, row in enumerate(dataset):
+        yield json.dumps(row, ensure_ascii=False, default=str), f"{label}[{number}]"
+
+
+def _load_table(path: Path):
+    import datasets
+
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if path.suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path))
+    return datasets.Dataset.from_file(str(path))
+
+
+def _load_hub(spec: DataSource):
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
+    except Exception as error:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        why = "this machine is offline (HF_HUB_OFFLINE=1)" if offline else str(error).splitlines()[0][:200]
+        raise DataError(
+            f"data source {spec.path!r} is not a local file and cannot be loaded from the Hugging Face hub: {why}; "
+            "download it on an online machine (data_recipes/public_mix) and point data.train_files at the file"
+        ) from error
+
+
+def read_raw(source: Source):
+    """The source as a ``datasets.Dataset`` with ``raw`` and ``where`` columns (at most ``max_samples`` rows)."""
+    import datasets
+
+    cap = source.spec.max_samples
+    raws, wheres = [], []
+
+    def take(rows) -> bool:
+        for raw, where in rows:
+            if cap is not None and len(raws) >= cap:
+                return False
+            raws.append(raw)
+            wheres.append(where)
+        return True
+
+    if not source.files:
+        dataset = _load_hub(source.spec)
+        if cap is not None:
+            dataset = dataset.select(range(min(cap, len(dataset))))
+        take(_table_rows(dataset, source.spec.path))
+    for path in source.files:
+        rows = _json_rows(path) if path.suffix in (".json", ".jsonl") else _table_rows(_load_table(path), str(path))
+        if not take(rows):
+            break
+    return datasets.Dataset.from_dict({"raw": raws, "where": wheres})
+
+
+def sources_of(config, split: str) -> list[Source]:
+    """The configured sources of a split: ``train_files`` and ``sources`` for train, ``validation_files`` else."""
+    if split == "train":
+        specs = [DataSource(path=p, format=config.format) for p in config.train_files] + list(config.sources)
+        key = "data.train_files"
+        if not specs:
+            raise DataError("data.train_files / data.sources: no training data configured; give at least one file")
+    else:
+        specs = [DataSource(path=p, format=config.format) for p in config.validation_files]
+        key = "data.validation_files"
+    return [resolve(spec, key) for spec in specs]
+
+
+__all__ = ["DataError", "DataFormat", "Source", "read_raw", "resolve", "sources_of"]
