@@ -110,7 +110,8 @@ def _size(nbytes: float) -> str:
 
 
 HEADER = (
-    "| L | K | drop-token | T per row | ours: collate | ours: memory | dense: collate | dense: mask memory | speed-up |\n"
+    "| L | K | drop-token | T per row | ours: collate | ours: memory "
+    "| dense: collate | dense: mask memory | speed-up |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 
