@@ -1,0 +1,105 @@
+"""Export: a plain AutoModelForCausalLM reload with the same logits, the PARD fields a server reads, vocab checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pard_train.evaluate.tiny_pair import build_pair, ensure_tiny_pair
+from pard_train.export import ExportError, export_draft
+from pard_train.mask_token import MaskTokenError
+from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return build_pair(num_draft_tokens=K)
+
+
+def export(pair, path, **kwargs):
+    _, draft, tokenizer, mask_id = pair
+    options = dict(num_draft_tokens=K, mask_token_id=mask_id, base_model="tiny-llama", recipe={"pard": {"K": K}})
+    options.update(kwargs)
+    return export_draft(draft, tokenizer, path, **options)
+
+
+def test_round_trip_same_logits_and_pard_fields(pair, tmp_path):
+    target, draft, tokenizer, mask_id = pair
+    out = export(pair, tmp_path / "draft", al_table="| bench | AL |\n|---|---|\n| gsm8k | 3.1 |", target=target)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 17, 42, 99, mask_id, mask_id]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, draft(ids).logits)
+    config = json.loads((out / "config.json").read_text())
+    assert config["pard_token"] == config["mask_token_id"] == mask_id
+    assert config["spd_type"] == "pard" and config["num_draft_tokens"] == K
+    assert config["use_cache"] is True and config["dtype"] == "float32"
+    assert (out / "model.safetensors").exists() and (out / "generation_config.json").exists()
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
+    assert (out / "chat_template.jinja").exists() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    card = (out / "README.md").read_text()
+    assert '"parallel_drafting": true' in card and '"num_speculative_tokens": 4' in card
+    assert '"method": "draft_model"' in card and "| gsm8k | 3.1 |" in card and "base_model: tiny-llama" in card
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_bf16_export_leaves_the_training_model_in_its_dtype(pair, tmp_path):
+    _, draft, _, _ = pair
+    out = export(pair, tmp_path / "bf16", dtype="bf16")
+    assert next(draft.parameters()).dtype == torch.float32
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    weight = draft.get_input_embeddings().weight
+    torch.testing.assert_close(reloaded.get_input_embeddings().weight, weight.to(torch.bfloat16))
+
+
+def test_refuses_to_overwrite_unless_asked(pair, tmp_path):
+    out = export(pair, tmp_path / "draft")
+    (out / "marker").write_text("old")
+    with pytest.raises(ExportError, match="already exists.*--overwrite"):
+        export(pair, out)
+    assert (out / "marker").exists()
+    export(pair, out, overwrite=True)
+    assert not (out / "marker").exists() and (out / "config.json").exists()
+
+
+def test_vocabulary_must_equal_the_targets(pair, tmp_path):
+    _, draft, _, _ = pair
+    rows = draft.get_input_embeddings().weight.shape[0]
+    other = build_tiny_model(rows + 64, seed=5)
+    with pytest.raises(ExportError, match=f"draft has {rows} embedding rows but the target .* {rows + 64}"):
+        export(pair, tmp_path / "draft", target=other)
+    assert not (tmp_path / "draft").exists()
+    # A target directory with the same shape but another tokenizer is refused as well.
+    target_dir, _ = ensure_tiny_pair(tmp_path / "pair")
+    export(pair, tmp_path / "ok", target=target_dir)
+    build_tiny_tokenizer(texts=["zebra quartz jukebox vexing wizard " * 40]).save_pretrained(target_dir)
+    with pytest.raises(ExportError, match="tokenizer mismatch"):
+        export(pair, tmp_path / "bad", target=target_dir)
+
+
+def test_unusable_mask_token_is_refused(pair, tmp_path):
+    _, _, tokenizer, _ = pair
+    with pytest.raises(MaskTokenError):
+        export(pair, tmp_path / "draft", mask_token_id=tokenizer.eos_token_id)
+
+
+def test_cli_exports_a_checkpoint(tmp_path):
+    target_dir, draft_dir = ensure_tiny_pair(tmp_path / "pair", num_draft_tokens=K)
+    out = tmp_path / "exported"
+    command = [sys.executable, "-m", "pard_train.export", "--checkpoint", str(draft_dir), "--output", str(out)]
+    done = subprocess.run([*command, "--target", str(target_dir), "--dtype", "bf16"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert '"parallel_drafting": true' in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["pard_token"] is not None and config["num_draft_tokens"] == K and config["dtype"] == "bfloat16"
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
