@@ -1,19 +1,227 @@
-"""Write model directories atomically: a directory counts only once it has been renamed into place."""
+"""Train-state checkpoints (save, find, resume, retention, best) and atomic model directories.
+
+Layout of a run directory (shared by all ranks, on a filesystem every node sees)::
+
+    <run>/checkpoints/step_00000040/   accelerate's save_state (model, optimizer, scheduler, RNG of every rank;
+                                        DeepSpeed shards under DeepSpeed) + train_state.json + config.yaml + COMPLETE
+    <run>/checkpoints/best -> step_...  the checkpoint with the highest held-out estimated AL
+    <run>/final/                        the trained draft as a Hugging Face checkpoint
+
+All ranks write into ``.step_N.partial``; after a barrier rank 0 writes ``COMPLETE`` and renames it into place. A
+directory without ``COMPLETE`` (a crash, a copy, a half-synced filesystem) is never resumed from.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import signal
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pard_train.config import Config, ConfigError
 
-def save_pretrained_atomically(model, tokenizer, directory: str | Path) -> Path:
-    """``save_pretrained`` into a sibling temp directory, then rename: a crash never leaves a half checkpoint."""
+COMPLETE = "COMPLETE"
+STATE_FILE = "train_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class ResumeError(ConfigError):
+    """The run directory holds a checkpoint this configuration must not continue from; the message says why."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint records besides tensors: where training is, and the settings that define the method."""
+
+    step: int
+    """Optimizer steps done; the data position follows from it (the data order is a function of seed and step)."""
+    method: dict
+    """Settings that change what is learned; a resume with different values is refused."""
+    rows_per_step: int
+    """Global batch in packed rows; a different value would map steps onto different samples."""
+    num_processes: int
+    best_estimated_al: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def method_settings(config: Config, mask_token_id: int) -> dict:
+    """The settings that define the PARD method of a run: a checkpoint made with other values is another model."""
+    return {
+        "pard.num_draft_tokens": config.pard.num_draft_tokens,
+        "pard.drop_tokens": config.pard.drop_tokens,
+        "pard.drop_ratio": config.pard.drop_ratio,
+        "pard.drop_ratio_min": config.pard.drop_ratio_min,
+        "model.mask_token_id (resolved)": mask_token_id,
+        "model.path": config.model.path,
+    }
+
+
+def check_resumable(saved: TrainState, current: TrainState, where: Path, deepspeed: bool) -> None:
+    """Raise ResumeError naming every method setting that differs, or a batch/world change that breaks exactness."""
+    changed = [
+        f"{key}: checkpoint {saved.method.get(key)!r}, now {value!r}"
+        for key, value in current.method.items()
+        if saved.method.get(key) != value
+    ]
+    if changed:
+        raise ResumeError(
+            f"{where} was trained with other method settings ({'; '.join(changed)}): "
+            "restore them, or start a new run with another run.name / run.dir"
+        )
+    if saved.rows_per_step != current.rows_per_step:
+        raise ResumeError(
+            f"{where}: the global batch was {saved.rows_per_step} packed rows per step, now {current.rows_per_step} "
+            "(micro_batch_size x grad_accum_steps x processes): keep it, or start a new run"
+        )
+    if deepspeed and saved.num_processes != current.num_processes:
+        raise ResumeError(
+            f"{where}: DeepSpeed shards were written by {saved.num_processes} processes, now {current.num_processes}: "
+            "resume with the same number of processes"
+        )
+
+
+class Checkpoints:
+    """Save, find and load train-state checkpoints of one run directory, collectively over all ranks."""
+
+    def __init__(self, run_dir: str | Path, accelerator, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.accelerator, self.keep_last = accelerator, keep_last
+        self.last_step: int | None = None
+        """Step of the checkpoint this process last wrote or loaded."""
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
+        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def save(self, state: TrainState, config_yaml: str) -> Path:
+        """Write the checkpoint of ``state.step`` atomically; every rank must call this."""
+        acc = self.accelerator
+        final = self.path_for(state.step)
+        staging = self.root / f".{final.name}.partial"
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if staging.exists():
+                shutil.rmtree(staging)  # left by a run that died while saving
+        acc.wait_for_everyone()
+        acc.save_state(str(staging))
+        acc.wait_for_everyone()  # every rank's shards and RNG state are on disk
+        if acc.is_main_process:
+            _write_atomically(staging / STATE_FILE, json.dumps(asdict(state), indent=1))
+            _write_atomically(staging / "config.yaml", config_yaml)
+            _write_atomically(staging / COMPLETE, f"{state.step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _fsync_dir(self.root)
+            self._prune()
+        acc.wait_for_everyone()
+        self.last_step = state.step
+        return final
+
+    def load(self, path: Path) -> TrainState:
+        """Restore model, optimizer, scheduler and RNG from ``path`` on every rank; return its TrainState."""
+        self.accelerator.load_state(str(path))
+        state = read_state(path)
+        self.last_step = state.step
+        return state
+
+    def mark_best(self, step: int) -> None:
+        """Point ``checkpoints/best`` at the checkpoint of ``step`` (rank 0; atomic symlink swap)."""
+        if not self.accelerator.is_main_process:
+            return
+        link, temp = self.root / "best", self.root / ".best.tmp"
+        if temp.is_symlink() or temp.exists():
+            temp.unlink()
+        temp.symlink_to(self.path_for(step).name)
+        os.replace(temp, link)
+        self._prune()
+
+    def best(self) -> Path | None:
+        link = self.root / "best"
+        return link.resolve() if link.is_symlink() and (link.resolve() / COMPLETE).is_file() else None
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints and the best one; drop leftovers of dead saves."""
+        best = self.best()
+        for path in self.complete()[: -self.keep_last]:
+            if best is None or path.resolve() != best:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StopSignals:
+    """Record SIGTERM/SIGUSR1 (SLURM preemption, time limit, ``scancel``) so the loop can save and exit cleanly.
+
+    The handler only sets a flag; the trainer agrees on it across ranks in the all-reduce it already does each step,
+    so every rank stops after the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+def save_pretrained_atomically(model, tokenizer, directory: str | Path, state_dict: dict | None = None) -> Path:
+    """``save_pretrained`` into a sibling temp directory, then rename: a crash never leaves a half checkpoint.
+
+    ``state_dict``: the full weights when the live parameters are sharded (DeepSpeed ZeRO-3 gathers them).
+    """
     directory = Path(directory)
     staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     if directory.exists():
         shutil.rmtree(directory)

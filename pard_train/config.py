@@ -282,18 +282,14 @@ class EvalConfig:
     """Held-out loss and top-1 accuracy per depth during training; the best checkpoint is chosen by estimated AL."""
 
     every_steps: int = 0
-    """Evaluate every this many optimizer steps and at the end (0: never)."""
-    files: list[str] = field(default_factory=list)
-    """Held-out conversation files or globs (same formats as data.train_files)."""
-    max_samples: int | None = 64
-    """Use at most this many held-out conversations."""
+    """Evaluate on the validation split (``data.validation_files`` or ``data.validation_fraction``) every this many
+    optimizer steps and at the end (0: never)."""
+    max_rows: int | None = 64
+    """Score at most this many packed validation rows (null: all)."""
 
     def __post_init__(self):
         _require(self.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.every_steps}")
-        _require(
-            self.every_steps == 0 or len(self.files) > 0, "eval.files", "give held-out files when eval.every_steps > 0"
-        )
-        _require(self.max_samples is None or self.max_samples > 0, "eval.max_samples", "must be > 0 or null")
+        _require(self.max_rows is None or self.max_rows > 0, "eval.max_rows", "must be > 0 or null")
 
 
 @dataclass

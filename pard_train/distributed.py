@@ -1,11 +1,21 @@
-"""Process-group set-up through accelerate, and rank-aware helpers that keep ``if rank == 0`` out of the loop."""
+"""Process-group set-up through accelerate (DDP or DeepSpeed ZeRO), and rank-aware helpers.
+
+The same ``python -m pard_train`` runs alone, under ``torchrun``, ``accelerate launch`` or ``deepspeed``: the
+launcher only sets the rendezvous environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), which accelerate reads.
+Nothing here is CUDA-specific: ROCm builds of torch report their GPUs through ``torch.cuda`` too.
+"""
 
 from __future__ import annotations
 
-import torch
-from accelerate import Accelerator
+import logging
+import os
 
-from pard_train.config import Precision
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import InitProcessGroupKwargs
+
+from pard_train.config import Config, DeepSpeedConfig, Precision
 
 
 def mixed_precision_for(precision: Precision) -> str:
@@ -15,8 +25,70 @@ def mixed_precision_for(precision: Precision) -> str:
     return {Precision.bf16: "bf16", Precision.fp32: "no"}[precision]
 
 
-def build_accelerator(precision: Precision) -> Accelerator:
-    return Accelerator(mixed_precision=mixed_precision_for(precision), cpu=not torch.cuda.is_available())
+def deepspeed_config(config: Config, mixed_precision: str) -> dict:
+    """The DeepSpeed JSON, built from the typed config (nothing to keep in sync by hand).
+
+    ``gradient_clipping`` makes the engine clip; the optimizer stays ``torch.optim.AdamW`` (built by the trainer),
+    so no DeepSpeed kernel has to compile and results match the non-DeepSpeed path.
+    """
+    ds: DeepSpeedConfig = config.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        # Gather full weights when saving the final model, so that it is a normal Hugging Face checkpoint.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+        "gradient_accumulation_steps": config.train.grad_accum_steps,
+        "gradient_clipping": config.train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": mixed_precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_accelerator(config: Config) -> Accelerator:
+    """An Accelerator for this process; gradient accumulation is accelerate's, so DDP and DeepSpeed agree on it."""
+    for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    mixed_precision = mixed_precision_for(config.train.precision)
+    on_cpu = not torch.cuda.is_available()
+    handlers = []
+    plugin = None
+    if config.deepspeed.enabled:
+        if on_cpu:
+            # DeepSpeed picks its accelerator at import; without this it probes for CUDA and fails.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # Without an explicit gloo group accelerate believes the world size is 1 under DeepSpeed on CPU.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, mixed_precision))
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=on_cpu and plugin is None,
+        deepspeed_plugin=plugin,
+        gradient_accumulation_steps=config.train.grad_accum_steps,
+        kwargs_handlers=handlers,
+    )
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def shutdown(accelerator: Accelerator) -> None:
+    """Leave the process group cleanly (gloo otherwise warns, and a later run in the same process cannot start)."""
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    # accelerate keeps process-wide singletons; reset them so a later train() in this process starts fresh.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def print0(accelerator: Accelerator, *args) -> None:

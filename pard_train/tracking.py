@@ -1,0 +1,124 @@
+"""Experiment tracking: one interface, written by rank 0 only; other ranks get a tracker that does nothing.
+
+Every run appends its records to ``<run dir>/metrics.jsonl``; ``tracking.backend=tensorboard`` also writes
+``<run dir>/tensorboard``, ``tracking.backend=wandb`` a wandb run under ``<run dir>/wandb`` (``WANDB_MODE=offline``
+needs no network; the run id is kept in the run directory so a resumed run continues the same wandb run).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from pard_train.config import Config, TrackerKind
+
+
+class Tracker:
+    """Does nothing: what non-main ranks and ``tracking.backend=none`` get (no ``if rank == 0`` in the loop)."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_config(self, config: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlTracker(Tracker):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def log(self, metrics, step):
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+class TensorBoardTracker(Tracker):
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, metrics, step):
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def log_config(self, config):
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```")
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    def __init__(self, config: Config, run_dir: Path):
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(
+            project=config.tracking.project,
+            entity=config.tracking.entity,
+            name=config.run.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+        )
+
+    def log(self, metrics, step):
+        self.run.log(metrics, step=step)
+
+    def log_config(self, config):
+        self.run.config.update(config, allow_val_change=True)
+
+    def close(self):
+        self.run.finish()
+
+
+class Trackers(Tracker):
+    """Fan out to several trackers."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, metrics, step):
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
+
+    def log_config(self, config):
+        for tracker in self.trackers:
+            tracker.log_config(config)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def build_tracker(config: Config, run_dir: Path, is_main_process: bool) -> Tracker:
+    """metrics.jsonl plus the configured backend on the main process; a no-op tracker elsewhere."""
+    if not is_main_process:
+        return Tracker()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trackers: list[Tracker] = [JsonlTracker(run_dir / "metrics.jsonl")]
+    if config.tracking.backend == TrackerKind.tensorboard:
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
+    elif config.tracking.backend == TrackerKind.wandb:
+        trackers.append(WandbTracker(config, run_dir))
+    return Trackers(trackers)
+
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (vendor data sheets; no sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI300X": 1307e12, "MI250X": 383e12, "L40S": 362e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s of a GPU by its name, None when unknown (then no MFU is logged)."""
+    name = device_name.upper().replace(" ", "")
+    matches = [flops for key, flops in PEAK_BF16_FLOPS.items() if key in name]
+    return max(matches) if matches else None
