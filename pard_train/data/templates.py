@@ -65,3 +65,43 @@ def apply_template_override(tokenizer, spec: str | None):
     if template is not None:
         tokenizer.chat_template = template
     return tokenizer
+
+
+FAMILY_TOKENS = {
+    # bos, eos (end of turn), pad, other special tokens
+    "chatml": (None, "<|im_end|>", "<|endoftext|>", ["<|im_start|>"]),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>"]),
+}
+
+
+def build_family_tokenizer(family: str, texts=(), vocab_size: int = 400):
+    """A tiny byte-level BPE tokenizer shaped like a real family's (special tokens, BOS rule, chat template),
+    trained offline in well under a second: for tests of rendering and masks, never for training real drafts.
+
+    ``llama3`` adds BOS through its post-processor, as Llama 3's tokenizer does; ``chatml`` has no BOS, as Qwen's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad, others = FAMILY_TOKENS[family]
+    specials = [t for t in (bos, eos, pad, *others) if t]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["Hello there, how are you? I am fine.", *texts], trainer=trainer)
+    if bos:
+        bos_id = tokenizer.token_to_id(bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, additional_special_tokens=others
+    )
+    wrapped.chat_template = BUILTIN[family]
+    return wrapped

@@ -1,0 +1,90 @@
+"""The tokenised-data cache: reused by a second run; rebuilt when the tokenizer, the template, the data or a setting
+that changes tokens changes; parallel tokenising gives the same documents; ranks build under main_process_first."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import pytest
+
+from pard_train.config import DataConfig, LossOn
+from pard_train.data import build_data
+from pard_train.data.templates import build_family_tokenizer
+
+ROWS = [
+    {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+    for i in range(40)
+]
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return path
+
+
+def _config(path, cache_dir, **overrides) -> DataConfig:
+    return DataConfig(**{"train_files": [str(path)], "max_length": 64, "cache_dir": str(cache_dir), **overrides})
+
+
+def _build(config, tokenizer):
+    data = build_data(config, tokenizer, log=lambda line: None)
+    return data, data.stats["sources"][0]["cached"]
+
+
+def test_second_run_reuses_the_cache_and_changes_rebuild_it(tmp_path, data_file):
+    cache = tmp_path / "cache"
+    tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
+    first, cached = _build(_config(data_file, cache), tokenizer)
+    assert not cached and len(os.listdir(cache)) == 2  # the dataset directory and its lock file
+    again, cached = _build(_config(data_file, cache), build_family_tokenizer("chatml", ["Question Answer"]))
+    assert cached and [r.input_ids for r in again.train] == [r.input_ids for r in first.train]
+    assert [r.supervised for r in again.train] == [r.supervised for r in first.train]
+
+    other_vocabulary = build_family_tokenizer("chatml", ["Question Answer", "a different corpus"], vocab_size=380)
+    assert not _build(_config(data_file, cache), other_vocabulary)[1]
+    assert not _build(_config(data_file, cache, chat_template="llama3"), build_family_tokenizer("chatml"))[1]
+    assert not _build(_config(data_file, cache, loss_on=LossOn.assistant), tokenizer)[1]
+    assert not _build(_config(data_file, cache, max_length=32), tokenizer)[1]
+    data_file.write_text(data_file.read_text() + json.dumps(ROWS[0]) + "\n")
+    assert not _build(_config(data_file, cache), tokenizer)[1]
+    assert _build(_config(data_file, cache), tokenizer)[1]
+    # Settings applied after tokenising (mixing, caps, packing) reuse it.
+    assert _build(_config(data_file, cache, max_samples=5, pack=False), tokenizer)[1]
+
+
+def test_parallel_tokenising_gives_the_same_documents(tmp_path, data_file):
+    tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
+    serial = build_data(_config(data_file, tmp_path / "a", num_proc=1, pack=False), tokenizer, log=lambda _: None)
+    parallel = build_data(_config(data_file, tmp_path / "b", num_proc=2, pack=False), tokenizer, log=lambda _: None)
+    assert [r.input_ids for r in parallel.train] == [r.input_ids for r in serial.train]
+
+
+class FakeAccelerator:
+    """Records that the data was built inside main_process_first and only the main process prints."""
+
+    def __init__(self, is_main: bool):
+        self.is_main_process, self.entered = is_main, 0
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        self.entered += 1
+        yield
+
+
+def test_ranks_build_under_main_process_first_and_only_the_main_one_prints(tmp_path, data_file):
+    tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
+    for is_main in (True, False):
+        accelerator, lines = FakeAccelerator(is_main), []
+        build_data(_config(data_file, tmp_path / "cache"), tokenizer, accelerator=accelerator, log=lines.append)
+        assert accelerator.entered >= 1
+        assert bool(lines) == is_main
+
+
+def test_no_cache_mode_writes_nothing(tmp_path, data_file):
+    tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
+    data = build_data(_config(data_file, tmp_path / "cache", cache=False), tokenizer, log=lambda _: None)
+    assert data.train and not (tmp_path / "cache").exists()
