@@ -46,7 +46,8 @@ class DropTokenSchedule:
 
     def keep_count(self, length: int, depth: int) -> int:
         """How many depth-``depth`` tokens to keep for a document with ``length`` trainable tokens."""
-        return math.floor(length * max(self.ratio**depth, self.min_ratio))
+        # The tolerance keeps float error from flooring an exact product down (0.7**2 * 100 = 48.999...).
+        return math.floor(length * max(self.ratio**depth, self.min_ratio) + 1e-9)
 
 
 @dataclass
