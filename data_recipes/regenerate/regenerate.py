@@ -1,0 +1,226 @@
+"""Regenerate the answers of a conversation set with the target model, so that the draft learns the target's outputs.
+
+    python data_recipes/regenerate/regenerate.py --model Qwen/Qwen2.5-7B-Instruct \
+        --input data_recipes/self_instruct/self_instruct.jsonl --output-dir data/regen [--shard 0 --num-shards 8]
+
+Prompts come from any source and format the trainer reads (files, globs, Hugging Face names; messages, ShareGPT,
+PARD, prompt/response): each conversation is cut before its last assistant turn and the target writes that turn
+(greedy unless --temperature > 0). Rows are written to ``<output-dir>/shard-IIIII-of-NNNNN.jsonl`` as
+``{"id", "messages", "finish_reason", "source"}``, which ``data.train_files=[<output-dir>/*.jsonl]`` trains on.
+
+Resumable: rerunning the same command skips the ids its shard file already holds (a line cut by an interruption is
+dropped first), so no row is ever written twice. Sharded: ``--shard i --num-shards n`` takes the prompts whose id
+hashes to i, so n machines can share a set with no coordination. Generation uses vLLM when it is installed (and
+``--backend auto``), else transformers' batched ``generate`` with the KV cache, prompts batched by length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+from pard_train.config import DataFormat, DataSource  # noqa: E402
+from pard_train.data.formats import BadRow, to_messages  # noqa: E402
+from pard_train.data.sources import MALFORMED, DataError, read_raw, resolve  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="target model: Hugging Face id or local directory")
+    parser.add_argument("--input", required=True, nargs="+", help="files, globs or dataset names of prompts")
+    parser.add_argument("--format", default="auto", choices=[f.value for f in DataFormat])
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"])
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick runs)")
+    parser.add_argument("--chat-template", default=None, help="as data.chat_template, for a model without one")
+    args = parser.parse_args(argv)
+    if not 0 <= args.shard < args.num_shards:
+        parser.error(f"--shard must be in [0, {args.num_shards}), got {args.shard}")
+    return args
+
+
+def prompt_id(row: dict, prompt: list[dict]) -> str:
+    """The row's own ``id`` when it has one, else a hash of the prompt (so duplicates collapse)."""
+    if isinstance(row.get("id"), (str, int)):
+        return str(row["id"])
+    return hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def in_shard(identifier: str, shard: int, num_shards: int) -> bool:
+    return int(hashlib.sha1(identifier.encode()).hexdigest(), 16) % num_shards == shard
+
+
+def read_prompts(inputs: list[str], format: DataFormat, limit: int | None):
+    """``(id, prompt messages, where)`` per usable conversation, first occurrence of an id only; and skip counts."""
+    prompts, seen, skipped = [], set(), Counter()
+    for path in inputs:
+        for raw, where in zip(*_raw_columns(path, format)):
+            try:
+                if raw.startswith(MALFORMED):
+                    raise BadRow("malformed JSON")
+                row = json.loads(raw)
+                messages = to_messages(row, format)
+                if isinstance(messages, str):
+                    raise BadRow("text row", "has no prompt to answer")
+            except BadRow as error:
+                skipped[error.reason] += 1
+                continue
+            last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+            if last_user is None:
+                skipped["no user turn"] += 1
+                continue
+            prompt = messages[: last_user + 1]
+            identifier = prompt_id(row, prompt)
+            if identifier in seen:
+                skipped["duplicate"] += 1
+                continue
+            seen.add(identifier)
+            prompts.append((identifier, prompt, where))
+            if limit is not None and len(prompts) >= limit:
+                return prompts, skipped
+    return prompts, skipped
+
+
+def _raw_columns(path: str, format: DataFormat):
+    dataset = read_raw(resolve(DataSource(path=path, format=format), "--input"))
+    return dataset["raw"], dataset["where"]
+
+
+def open_shard(path: Path) -> set[str]:
+    """Ids already written; a last line cut by an interruption is removed so the file stays valid JSONL."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete))
+    return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
+
+
+class TransformersGenerator:
+    """Batched greedy (or sampled) generation with the KV cache, left-padded."""
+
+    def __init__(self, model: str, chat_template: str | None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pard_train.data.templates import apply_template_override
+
+        self.torch = torch
+        self.tokenizer = apply_template_override(AutoTokenizer.from_pretrained(model), chat_template)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+        stop = self.model.generation_config.eos_token_id
+        self.stop = set(stop if isinstance(stop, list) else [stop]) | {self.tokenizer.eos_token_id} - {None}
+
+    def __call__(self, prompts: list[list[dict]], max_new_tokens: int, temperature: float) -> list[tuple[str, str]]:
+        texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        batch = batch.to(self.model.device)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with self.torch.inference_mode():
+            output = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=sorted(self.stop),
+                **sampling,
+            )
+        answers = []
+        for tokens in output[:, batch["input_ids"].shape[1] :].tolist():
+            stopped = any(token in self.stop for token in tokens)
+            answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers.append((answer, "stop" if stopped else "length"))
+        return answers
+
+
+class VllmGenerator:
+    """vLLM's offline engine: continuous batching, much faster than transformers on a GPU."""
+
+    def __init__(self, model: str, chat_template: str | None):
+        from vllm import LLM
+
+        from pard_train.data.templates import resolve_chat_template
+
+        self.llm, self.chat_template = LLM(model=model, seed=0), resolve_chat_template(chat_template)
+
+    def __call__(self, prompts: list[list[dict]], max_new_tokens: int, temperature: float) -> list[tuple[str, str]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
+        outputs = self.llm.chat(prompts, params, chat_template=self.chat_template, use_tqdm=False)
+        return [
+            (o.outputs[0].text.strip(), "stop" if o.outputs[0].finish_reason == "stop" else "length") for o in outputs
+        ]
+
+
+def make_generator(args):
+    if args.backend == "vllm" or (args.backend == "auto" and _has_vllm()):
+        return VllmGenerator(args.model, args.chat_template)
+    return TransformersGenerator(args.model, args.chat_template)
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def main(argv=None, generator=None) -> Path:
+    args = parse_args(argv)
+    try:
+        prompts, skipped = read_prompts(args.input, DataFormat(args.format), args.limit)
+    except DataError as error:
+        sys.exit(f"regenerate: error: {error}")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    output = args.output_dir / f"shard-{args.shard:05d}-of-{args.num_shards:05d}.jsonl"
+    done = open_shard(output)
+    mine = [p for p in prompts if in_shard(p[0], args.shard, args.num_shards)]
+    todo = [p for p in mine if p[0] not in done]
+    print(
+        f"regenerate: {len(prompts)} prompts ({dict(skipped) or 'none skipped'}); shard {args.shard}/{args.num_shards}"
+        f" has {len(mine)}, {len(mine) - len(todo)} already in {output}, {len(todo)} to generate"
+    )
+    if not todo:
+        return output
+    generator = generator or make_generator(args)
+    todo.sort(key=lambda p: len(json.dumps(p[1])))  # similar lengths together: less padding
+    finished = Counter()
+    with output.open("a", encoding="utf-8") as handle:
+        for begin in range(0, len(todo), args.batch_size):
+            batch = todo[begin : begin + args.batch_size]
+            answers = generator([p[1] for p in batch], args.max_new_tokens, args.temperature)
+            lines = []
+            for (identifier, prompt, where), (answer, reason) in zip(batch, answers):
+                row = {"id": identifier, "messages": [*prompt, {"role": "assistant", "content": answer}]}
+                lines.append(json.dumps({**row, "finish_reason": reason, "source": where}, ensure_ascii=False))
+                finished[reason] += 1
+            # One write per batch, flushed to disk: an interruption loses at most this batch (and a cut line).
+            handle.write("\n".join(lines) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            print(f"regenerate: {begin + len(batch)}/{len(todo)} written", flush=True)
+    print(f"regenerate: wrote {sum(finished.values())} rows to {output} ({dict(finished)})")
+    return output
+
+
+if __name__ == "__main__":
+    main()
