@@ -79,7 +79,7 @@ def test_vocabulary_must_equal_the_targets(pair, tmp_path):
         export(pair, tmp_path / "draft", target=other)
     assert not (tmp_path / "draft").exists()
     # A target directory with the same shape but another tokenizer is refused as well.
-    target_dir, _ = ensure_tiny_pair(tmp_path / "pair")
+    target_dir, _ = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft-in")
     export(pair, tmp_path / "ok", target=target_dir)
     build_tiny_tokenizer(texts=["zebra quartz jukebox vexing wizard " * 40]).save_pretrained(target_dir)
     with pytest.raises(ExportError, match="tokenizer mismatch"):
@@ -93,7 +93,7 @@ def test_unusable_mask_token_is_refused(pair, tmp_path):
 
 
 def test_cli_exports_a_checkpoint(tmp_path):
-    target_dir, draft_dir = ensure_tiny_pair(tmp_path / "pair", num_draft_tokens=K)
+    target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft", num_draft_tokens=K)
     out = tmp_path / "exported"
     command = [sys.executable, "-m", "pard_train.export", "--checkpoint", str(draft_dir), "--output", str(out)]
     done = subprocess.run([*command, "--target", str(target_dir), "--dtype", "bf16"], capture_output=True, text=True)

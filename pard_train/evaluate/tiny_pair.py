@@ -28,15 +28,14 @@ def build_pair(draft_seed: int = 0, target_seed: int = 1, num_draft_tokens: int 
     return target, draft, tokenizer, mask_token_id
 
 
-def ensure_tiny_pair(directory: str | Path, num_draft_tokens: int = 4) -> tuple[Path, Path]:
-    """Write ``directory/target`` and ``directory/draft`` once (renamed into place when complete); reuse them later."""
-    directory = Path(directory)
-    target_dir, draft_dir = directory / "target", directory / "draft"
+def ensure_tiny_pair(target_dir: str | Path, draft_dir: str | Path, num_draft_tokens: int = 4) -> tuple[Path, Path]:
+    """Write the pair into two directories once (each renamed into place when complete); reuse them later."""
+    target_dir, draft_dir = Path(target_dir), Path(draft_dir)
     if all((path / "config.json").exists() for path in (target_dir, draft_dir)):
         return target_dir, draft_dir
     target, draft, tokenizer, _ = build_pair(num_draft_tokens=num_draft_tokens)
-    directory.mkdir(parents=True, exist_ok=True)
     for model, path in ((target, target_dir), (draft, draft_dir)):
+        path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
         if staging.exists():
             shutil.rmtree(staging)

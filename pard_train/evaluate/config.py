@@ -1,0 +1,99 @@
+"""The typed config of ``python -m pard_train.evaluate`` (Hydra schema ``evaluate_schema``, presets in
+``configs/evaluate/NAME.yaml`` selected with ``+evaluate=NAME``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pard_train.config import ConfigError
+
+
+class Mode(str, Enum):
+    """How tokens are produced. ``target``: plain greedy decoding (the baseline); ``ar``: an AR draft drafts K tokens
+    with K forwards; ``pard``: the PARD draft drafts K tokens with one forward (K-1 mask tokens)."""
+
+    target = "target"
+    ar = "ar"
+    pard = "pard"
+
+
+class DType(str, Enum):
+    """Weights and activations of both models. ``auto``: bf16 on a GPU, fp32 on CPU."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class EvalConfig:
+    target: str = MISSING
+    """The target model (hub id or directory) whose greedy output is reproduced."""
+    draft: str | None = None
+    """The PARD draft (an exported or trained directory); needed by the ``pard`` mode (and ``ar`` without ar_draft)."""
+    ar_draft: str | None = None
+    """The AR draft of the ``ar`` mode (e.g. the base model before PARD training); defaults to ``draft``."""
+    modes: list[Mode] = field(default_factory=lambda: [Mode.target, Mode.ar, Mode.pard])
+    """Which decoding modes to measure; ``target`` gives the speed-up baseline."""
+    num_draft_tokens: int | None = None
+    """K drafted per round; null reads ``num_draft_tokens`` from the draft's config.json (else 8)."""
+    mask_token_id: int | None = None
+    """The PARD mask token; null reads ``pard_token`` from the draft's config.json."""
+    benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])
+    """Built-in benchmark names (humaneval, gsm8k, math_500, mt_bench) or paths of JSONL prompt files."""
+    num_prompts: int | None = None
+    """Use the first N prompts of each benchmark (null: all)."""
+    max_new_tokens: int = 512
+    """Tokens generated per turn at most; generation also stops at end-of-turn/EOS."""
+    system_prompt: str | None = "You are a helpful assistant."
+    """System message of every conversation (dropped if the chat template rejects a system role)."""
+    enable_thinking: bool = False
+    """Passed to the chat template: Qwen3's thinking mode (off in the reference protocol)."""
+    use_chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (false: the raw prompt text, for base models)."""
+    device: str = "auto"
+    """Torch device; ``auto`` picks cuda if available, else cpu."""
+    dtype: DType = DType.auto
+    warmup: bool = True
+    """Run one short untimed generation per mode first, so lazy initialisation does not count in tokens/s."""
+    output_dir: str = "runs/evaluate"
+    """Where report.json, report.md and the plots are written."""
+    build_tiny: bool = False
+    """Build a tiny random target and draft into ``target`` and ``draft`` if missing (tests, the ``tiny`` preset)."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _require(len(self.modes) > 0, "modes", "give at least one of target, ar, pard")
+        needs_draft = Mode.pard in self.modes or (Mode.ar in self.modes and not self.ar_draft)
+        _require(not needs_draft or bool(self.draft), "draft", "set draft=DIR (the pard and ar modes need a draft)")
+        _require(self.num_draft_tokens is None or self.num_draft_tokens >= 1, "num_draft_tokens", "must be >= 1")
+        _require(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark name or JSONL path")
+        _require(self.num_prompts is None or self.num_prompts >= 1, "num_prompts", "must be >= 1 or null")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="evaluate_schema", node=EvalConfig)
+
+
+def to_config(cfg: DictConfig) -> EvalConfig:
+    """Convert the composed config once into the dataclass; one actionable line on error."""
+    cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        config = OmegaConf.to_object(cfg)
+    except Exception as error:  # omegaconf wraps __post_init__ errors and missing values
+        cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
+        raise ConfigError(str(cause).splitlines()[0]) from error
+    if not isinstance(config, EvalConfig):
+        raise ConfigError("the composed config does not follow the evaluate schema")
+    return config

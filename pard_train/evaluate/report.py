@@ -1,0 +1,136 @@
+"""Write an evaluation report: ``report.json`` (every number and the config), ``report.md`` (a table) and PNG plots
+(``acceptance_length.png``: AL per benchmark and mode; ``acceptance_by_position.png``: conditional acceptance per draft
+position). Every file is written to a temp name and renamed, so a report is never half written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MODE_ORDER = ("target", "ar", "pard")
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _modes(entry: dict) -> list[str]:
+    return sorted(entry, key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
+
+
+def markdown_table(report: dict) -> str:
+    """One row per benchmark and mode: AL, tokens/s, speed-up over target mode, conditional acceptance by position."""
+    lines = [
+        "| benchmark | mode | AL | tokens/s | speed-up | acceptance by position (conditional) | tokens | lossless |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    sections = [*report["benchmarks"].items(), ("**all**", report["overall"])]
+    for name, entry in sections:
+        for mode in _modes(entry):
+            summary = entry[mode]
+            positions = " ".join(_fmt(p) for p in summary["conditional_acceptance"]) or "–"
+            mismatched = summary.get("mismatched_prompts")
+            lossless = "–" if mismatched is None else ("yes" if mismatched == 0 else f"**{mismatched} differ**")
+            lines.append(
+                f"| {name} | {mode} | {_fmt(summary['acceptance_length'])} | {_fmt(summary['tokens_per_s'], 1)} | "
+                f"{_fmt(summary['speedup'])} | {positions} | {summary['generated_tokens']} | {lossless} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(report: dict) -> str:
+    config, env = report["config"], report["environment"]
+    header = [
+        "# Speculative decoding evaluation",
+        "",
+        f"- target: `{config['target']}`; PARD draft: `{config['draft']}`; "
+        f"AR draft: `{config['ar_draft'] or config['draft']}`",
+        f"- K = {report['num_draft_tokens']}; max new tokens {config['max_new_tokens']}; prompts per benchmark: "
+        f"{config['num_prompts'] or 'all'}; greedy verification",
+        f"- {env.get('gpu', env['device'])}, {env['dtype']}, torch {env['torch']}, transformers {env['transformers']}",
+        "",
+        "AL = tokens per target verification forward (vLLM: 1 + accepted/drafts); the first token (prefill) is not "
+        "counted. Conditional acceptance at position i = P(draft token i accepted | 1..i-1 accepted). Speed-up = "
+        "tokens/s over the target-only tokens/s on the same prompts. Lossless = same tokens as target mode.",
+        "",
+        "",
+    ]
+    return "\n".join(header) + markdown_table(report)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    staging.write_bytes(data)
+    os.replace(staging, path)
+
+
+def plot_acceptance_length(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [*report["benchmarks"], "all"]
+    entries = [*report["benchmarks"].values(), report["overall"]]
+    modes = _modes(report["overall"])
+    width = 0.8 / max(len(modes), 1)
+    figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    for i, mode in enumerate(modes):
+        values = [entry.get(mode, {}).get("acceptance_length") or 0.0 for entry in entries]
+        xs = [x + (i - (len(modes) - 1) / 2) * width for x in range(len(names))]
+        bars = axis.bar(xs, values, width, label=mode)
+        axis.bar_label(bars, fmt="%.2f", fontsize=7)
+    axis.set_xticks(range(len(names)), names)
+    axis.set_ylabel("acceptance length (tokens / target forward)")
+    axis.set_title(f"Acceptance length, K={report['num_draft_tokens']}")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def plot_acceptance_by_position(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in _modes(report["overall"]) if report["overall"][m]["conditional_acceptance"]] or ["target"]
+    figure, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.4), squeeze=False)
+    for axis, mode in zip(axes[0], modes, strict=True):
+        for name, entry in [*report["benchmarks"].items(), ("all", report["overall"])]:
+            rates = entry.get(mode, {}).get("conditional_acceptance", [])
+            points = [(i + 1, r) for i, r in enumerate(rates) if r is not None]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=name, linewidth=2 if name == "all" else 1)
+        axis.set_xticks(range(1, report["num_draft_tokens"] + 1))
+        axis.set_xlim(0.5, report["num_draft_tokens"] + 0.5)
+        axis.set_title(f"{mode} draft")
+        axis.set_xlabel("draft position")
+        axis.set_ylabel("P(accepted | previous accepted)")
+        axis.set_ylim(0, 1.05)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    _atomic_write(path, buffer.getvalue())
+
+
+def write_report(report: dict, output_dir: str | Path) -> Path:
+    """Write report.json, report.md and the two plots into ``output_dir``; returns the directory."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(output_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    _atomic_write(output_dir / "report.md", markdown_report(report).encode())
+    plot_acceptance_length(report, output_dir / "acceptance_length.png")
+    plot_acceptance_by_position(report, output_dir / "acceptance_by_position.png")
+    return output_dir

@@ -1,0 +1,297 @@
+"""Run the benchmarks in every mode and collect acceptance and speed: the body of ``python -m pard_train.evaluate``.
+
+Also :func:`measure_acceptance`, the small PARD-mode measurement the trainer calls during training.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from pard_train.attention import AttentionBackend
+from pard_train.config import ConfigError
+from pard_train.evaluate.benchmarks import Prompt, load_prompts, render
+from pard_train.evaluate.config import DType, EvalConfig, Mode
+from pard_train.evaluate.metrics import AcceptanceStats
+from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def stop_token_ids(target, tokenizer) -> list[int]:
+    """End-of-turn and EOS ids: the target's generation config (Llama-3 lists several) plus the tokenizer's EOS."""
+    ids: set[int] = set()
+    configured = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(int(i) for i in ids)
+
+
+@dataclass
+class Conversation:
+    """Runs the turns of one benchmark item; each turn's answer is decoded and fed back for the next turn."""
+
+    tokenizer: object
+    system_prompt: str | None
+    enable_thinking: bool
+    use_chat_template: bool
+
+    def run(self, prompt: Prompt, generate) -> tuple[list[list[int]], AcceptanceStats]:
+        messages: list[dict] = []
+        outputs, stats = [], AcceptanceStats()
+        for turn in prompt.turns:
+            messages.append({"role": "user", "content": turn})
+            ids = render(
+                self.tokenizer,
+                messages,
+                system_prompt=self.system_prompt,
+                enable_thinking=self.enable_thinking,
+                use_chat_template=self.use_chat_template,
+            )
+            generation = generate(ids)
+            outputs.append(generation.tokens)
+            stats.add_generation(generation)
+            answer = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": answer})
+        return outputs, stats
+
+
+def measure_acceptance(
+    draft_model,
+    target_model,
+    tokenizer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    num_draft_tokens: int,
+    mask_token_id: int,
+    max_new_tokens: int = 128,
+    system_prompt: str | None = SYSTEM_PROMPT,
+) -> dict:
+    """PARD-mode acceptance of ``draft_model`` with ``target_model`` on a few prompts (for evaluation in training).
+
+    ``prompts``: user messages (rendered with the chat template) or ready token-id lists. Both models must be plain
+    (unwrapped) transformers models on one device; the draft is put in eval mode and given back in its previous mode.
+    Returns :meth:`AcceptanceStats.summary` (``acceptance_length``, ``conditional_acceptance`` per position, counts,
+    times).
+    """
+    was_training = draft_model.training
+    draft_model.eval()
+    try:
+        drafter = PardDrafter(draft_model, mask_token_id)
+        stops = stop_token_ids(target_model, tokenizer)
+        stats = AcceptanceStats()
+        for prompt in prompts:
+            ids = (
+                render(tokenizer, [{"role": "user", "content": prompt}], system_prompt=system_prompt)
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
+            result = speculative_generate(
+                target_model,
+                ids,
+                drafter=drafter,
+                num_draft_tokens=num_draft_tokens,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stops,
+            )
+            stats.add_generation(result)
+        return stats.summary()
+    finally:
+        draft_model.train(was_training)
+
+
+@dataclass
+class ModeResult:
+    """One mode on one benchmark: totals and per-prompt numbers, and the generated ids (for the lossless check)."""
+
+    stats: AcceptanceStats = field(default_factory=AcceptanceStats)
+    prompts: list[dict] = field(default_factory=list)
+    outputs: dict[str, list[list[int]]] = field(default_factory=dict)
+
+
+def _device(config: EvalConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _dtype(config: EvalConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == DType.auto:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}[config.dtype]
+
+
+def _load(path: str, config: EvalConfig, device, dtype):
+    from pard_train.model import load_causal_lm
+
+    model = load_causal_lm(path, AttentionBackend.sdpa, dtype, trust_remote_code=config.trust_remote_code)
+    return model.to(device).eval()
+
+
+def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
+    """K and the mask id: the config's, else what the draft's config.json records (else K=8)."""
+    recorded = draft.config if draft is not None else None
+    k = config.num_draft_tokens or getattr(recorded, "num_draft_tokens", None) or 8
+    mask = config.mask_token_id if config.mask_token_id is not None else getattr(recorded, "pard_token", None)
+    return int(k), mask
+
+
+def build_drafters(config: EvalConfig, target, tokenizer, device, dtype) -> tuple[dict[Mode, Drafter | None], int]:
+    """The drafter of each mode (None for ``target``) and K, after checking vocabularies and the mask token."""
+    from pard_train.mask_token import validate_mask_token
+
+    drafters: dict[Mode, Drafter | None] = {}
+    draft = _load(config.draft, config, device, dtype) if config.draft else None
+    k, mask_id = _draft_settings(config, draft)
+    rows = target.get_input_embeddings().weight.shape[0]
+    for mode in config.modes:
+        if mode == Mode.target:
+            drafters[mode] = None
+            continue
+        model = draft if mode == Mode.pard or not config.ar_draft else _load(config.ar_draft, config, device, dtype)
+        path = config.draft if model is draft else config.ar_draft
+        if model.get_input_embeddings().weight.shape[0] != rows:
+            raise ConfigError(
+                f"{mode.value} draft {path} has {model.get_input_embeddings().weight.shape[0]} embedding rows but the "
+                f"target has {rows}: draft and target must share the vocabulary"
+            )
+        if mode == Mode.pard:
+            if mask_id is None:
+                raise ConfigError(
+                    f"mask_token_id: {config.draft}/config.json has no pard_token; set mask_token_id=ID "
+                    "(is this a PARD draft?)"
+                )
+            validate_mask_token(tokenizer, rows, mask_id)
+            drafters[mode] = PardDrafter(model, mask_id)
+        else:
+            drafters[mode] = ArDrafter(model)
+    return drafters, k
+
+
+def _environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__}
+    env["python"] = platform.python_version()
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _jsonable(value):
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def evaluate(config: EvalConfig, log=print) -> dict:
+    """Measure every benchmark in every mode; returns the report (written by :mod:`pard_train.evaluate.report`)."""
+    from pard_train.model import load_tokenizer
+
+    if config.build_tiny:
+        from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+
+        ensure_tiny_pair(config.target, config.draft, num_draft_tokens=config.num_draft_tokens or 4)
+    device = _device(config)
+    dtype = _dtype(config, device)
+    tokenizer = load_tokenizer(config.target, config.trust_remote_code)
+    target = _load(config.target, config, device, dtype)
+    drafters, k = build_drafters(config, target, tokenizer, device, dtype)
+    stops = stop_token_ids(target, tokenizer)
+    conversation = Conversation(tokenizer, config.system_prompt, config.enable_thinking, config.use_chat_template)
+    benchmarks = [load_prompts(name, config.num_prompts) for name in config.benchmarks]
+    log(f"target {config.target}, draft {config.draft}, K={k}, {device} {str(dtype).removeprefix('torch.')}")
+
+    results: dict[str, dict[Mode, ModeResult]] = {}
+    for mode, drafter in drafters.items():
+
+        def generate(ids, drafter=drafter, budget=config.max_new_tokens):
+            return speculative_generate(
+                target, ids, drafter=drafter, num_draft_tokens=k, max_new_tokens=budget, stop_token_ids=stops
+            )
+
+        if config.warmup:
+            hello = [{"role": "user", "content": "Hello"}]
+            generate(render(tokenizer, hello, system_prompt=None, use_chat_template=config.use_chat_template), budget=8)
+        for name, prompts in benchmarks:
+            result = results.setdefault(name, {}).setdefault(mode, ModeResult())
+            for prompt in prompts:
+                outputs, stats = conversation.run(prompt, generate)
+                result.stats = result.stats + stats
+                result.outputs[prompt.id] = outputs
+                summary = stats.summary()
+                result.prompts.append(
+                    {
+                        "id": prompt.id,
+                        "turns": len(prompt.turns),
+                        "acceptance_length": summary["acceptance_length"],
+                        "generated_tokens": stats.generated_tokens,
+                        "tokens_per_s": summary["tokens_per_s"],
+                        "rounds": stats.rounds,
+                    }
+                )
+            summary = result.stats.summary()
+            log(
+                f"{name:>10} {mode.value:>6}: AL {summary['acceptance_length']:.3f}, "
+                f"{summary['tokens_per_s']:.1f} tok/s, {result.stats.generated_tokens} tokens"
+            )
+    return build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
+
+
+def build_report(config: EvalConfig, results: dict[str, dict[Mode, ModeResult]], k: int, environment: dict) -> dict:
+    """All numbers and the config, JSON-ready: per benchmark and mode, per prompt, overall, speed-ups, losslessness."""
+    report = {
+        "config": _jsonable(asdict(config)),
+        "num_draft_tokens": k,
+        "environment": environment,
+        "benchmarks": {},
+        "overall": {},
+    }
+    totals: dict[Mode, AcceptanceStats] = {}
+    for name, modes in results.items():
+        baseline = modes.get(Mode.target)
+        entry = {}
+        for mode, result in modes.items():
+            totals[mode] = totals.get(mode, AcceptanceStats()) + result.stats
+            summary = result.stats.summary()
+            summary["speedup"] = _speedup(result.stats, baseline.stats if baseline else None)
+            # Lossless: the same prompt gives the same tokens in every mode (checked against target mode if run).
+            summary["mismatched_prompts"] = (
+                sum(result.outputs[pid] != baseline.outputs[pid] for pid in result.outputs) if baseline else None
+            )
+            summary["prompts"] = result.prompts
+            entry[mode.value] = summary
+        report["benchmarks"][name] = entry
+    for mode, stats in totals.items():
+        summary = stats.summary()
+        summary["speedup"] = _speedup(stats, totals.get(Mode.target))
+        counts = [entry[mode.value]["mismatched_prompts"] for entry in report["benchmarks"].values()]
+        summary["mismatched_prompts"] = None if None in counts else sum(counts)
+        report["overall"][mode.value] = summary
+    return report
+
+
+def _speedup(stats: AcceptanceStats, baseline: AcceptanceStats | None) -> float | None:
+    """Tokens/s over the target-only tokens/s of the same prompts."""
+    if baseline is None or not stats.wall_seconds or not baseline.wall_seconds or not baseline.generated_tokens:
+        return None
+    return (stats.generated_tokens / stats.wall_seconds) / (baseline.generated_tokens / baseline.wall_seconds)
+
+
+def load_report(run_dir: str | Path) -> dict:
+    path = Path(run_dir)
+    path = path if path.suffix == ".json" else path / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass an evaluation run directory (with report.json)")
+    return json.loads(path.read_text())

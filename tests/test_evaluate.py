@@ -1,0 +1,183 @@
+"""The evaluation harness end to end: benchmarks, chat rendering, config, the CLI's reports, compare, and the
+PARD-mode measurement the trainer calls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from pard_train.config import ConfigError
+from pard_train.evaluate.benchmarks import BUILTIN, BenchmarkError, load_prompts, render
+from pard_train.evaluate.runner import measure_acceptance
+from pard_train.evaluate.tiny_pair import build_pair, ensure_tiny_pair
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pard_train.evaluate.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return to_config(hydra_compose(config_name="evaluate", overrides=list(overrides)))
+
+
+def test_builtin_benchmarks_ship_with_the_package():
+    counts = {name: len(load_prompts(name)[1]) for name in BUILTIN}
+    assert counts == {"humaneval": 80, "gsm8k": 80, "math_500": 20, "mt_bench": 80}
+    _, mt_bench = load_prompts("mt_bench", limit=3)
+    assert len(mt_bench) == 3 and all(len(p.turns) == 2 for p in mt_bench)
+
+
+def test_any_jsonl_of_prompts(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "a"}, {"turns": ["b", "c"]}, {"messages": [{"role": "user", "content": "d"}]}, {"text": "e"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    name, prompts = load_prompts(str(path))
+    assert name == "mine" and [p.turns for p in prompts] == [["a"], ["b", "c"], ["d"], ["e"]]
+    path.write_text('{"prompt": "a"}\n{"answer": "no prompt"}\n')
+    with pytest.raises(BenchmarkError, match=r"mine.jsonl:2: no prompt found"):
+        load_prompts(str(path))
+    with pytest.raises(BenchmarkError, match="neither a built-in"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_render_uses_system_prompt_and_falls_back_without_system_role():
+    _, _, tokenizer, _ = build_pair()
+    user = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.decode(render(tokenizer, user, system_prompt="You are a helpful assistant."))
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    assert tokenizer.decode(render(tokenizer, user, system_prompt="sys")) == "user: Hi\nassistant: "
+
+
+def test_presets_compose_and_bad_settings_name_their_key():
+    for preset in sorted(p.stem for p in (REPO / "configs" / "evaluate").glob("*.yaml")):
+        compose(f"+evaluate={preset}", "draft=somewhere")
+    config = compose("+evaluate=tiny")
+    assert config.build_tiny and config.max_new_tokens == 32
+    assert compose("target=t", "draft=d").max_new_tokens == 512
+    with pytest.raises(ConfigError, match="draft"):
+        compose("target=t")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        compose("target=t", "draft=d", "max_new_tokens=0")
+
+
+def test_measure_acceptance_in_pard_mode():
+    target, draft, tokenizer, mask_id = build_pair(num_draft_tokens=3)
+    # The target as its own PARD draft: depth 0 is an ordinary next-token prediction, so position 1 always agrees.
+    target.train()
+    result = measure_acceptance(target, target, tokenizer, ["Hello there", "def add(a, b):"], 3, mask_id, 12)
+    assert target.training
+    assert result["conditional_acceptance"][0] == 1.0
+    assert result["position_accepted"][0] == result["position_drafted"][0] > 0 and result["generations"] == 2
+    assert result["acceptance_length"] > 1.5
+    random = measure_acceptance(draft, target, tokenizer, [[5, 6, 7, 8]], 3, mask_id, 12)
+    assert 1.0 <= random["acceptance_length"] <= 4.0 and random["generated_tokens"] == 12
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_writes_reports_and_compare(tmp_path):
+    target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft")
+    runs = []
+    for name, draft in (("random", draft_dir), ("self", target_dir)):
+        out = tmp_path / name
+        overrides = [f"target={target_dir}", f"draft={draft}", f"output_dir={out}", "benchmarks=[gsm8k,mt_bench]"]
+        if name == "self":  # the target as its own draft: every AR draft accepted
+            overrides += ["modes=[target,ar]", "num_draft_tokens=3"]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pard_train.evaluate",
+                "+evaluate=tiny",
+                "num_prompts=2",
+                "max_new_tokens=9",
+                *overrides,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        for file in ("report.json", "report.md", "acceptance_length.png", "acceptance_by_position.png"):
+            assert (out / file).stat().st_size > 0, file
+        runs.append(out)
+
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report["config"]["draft"] == str(draft_dir) and report["num_draft_tokens"] == 4
+    gsm8k, mt_bench = report["benchmarks"]["gsm8k"], report["benchmarks"]["mt_bench"]
+    assert set(gsm8k) == {"target", "ar", "pard"}
+    for entry in (gsm8k, mt_bench):
+        for mode, summary in entry.items():
+            assert summary["mismatched_prompts"] == 0, mode
+            assert 1.0 <= summary["acceptance_length"] <= 5.0
+            assert summary["tokens_per_s"] > 0 and summary["speedup"] > 0
+    assert gsm8k["target"]["acceptance_length"] == 1.0 and gsm8k["target"]["draft_forwards"] == 0
+    # PARD: one draft forward per drafting round; AR: one per drafted token (a last round may draft nothing).
+    assert gsm8k["pard"]["draft_forwards"] == gsm8k["pard"]["position_drafted"][0] > 0
+    assert gsm8k["ar"]["draft_forwards"] == sum(gsm8k["ar"]["position_drafted"]) > gsm8k["ar"]["rounds"]
+    assert [p["turns"] for p in mt_bench["pard"]["prompts"]] == [2, 2]
+    assert mt_bench["target"]["generations"] == 4 and gsm8k["target"]["generated_tokens"] <= 2 * 9
+    assert "| gsm8k | pard |" in (runs[0] / "report.md").read_text()
+
+    self_report = json.loads((runs[1] / "report.json").read_text())
+    ar = self_report["overall"]["ar"]
+    assert ar["accepted_tokens"] == ar["drafted_tokens"] and ar["conditional_acceptance"] == [1.0, 1.0, 1.0]
+
+    compare = subprocess.run(
+        [sys.executable, "-m", "pard_train.evaluate.compare", *map(str, runs)], capture_output=True, text=True
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert "random: AL (speed-up)" in compare.stdout and "self: AL (speed-up)" in compare.stdout
+    assert "| gsm8k | pard |" in compare.stdout and "| mt_bench | ar |" in compare.stdout
+
+    # The report feeds the exported model card.
+    exported = tmp_path / "exported"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pard_train.export",
+            "--checkpoint",
+            str(draft_dir),
+            "--output",
+            str(exported),
+            "--al-table",
+            str(runs[0] / "report.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| gsm8k | pard |" in (exported / "README.md").read_text()
+
+
+def test_cli_refuses_a_draft_without_mask_token(tmp_path):
+    target_dir, _ = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pard_train.evaluate",
+            f"target={target_dir}",
+            f"draft={target_dir}",
+            "modes=[pard]",
+            "benchmarks=[gsm8k]",
+            "num_prompts=1",
+            "max_new_tokens=2",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "no pard_token" in done.stderr and "Traceback" not in done.stderr
