@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from pard_train.config import LossOn
 from pard_train.data.formats import BadRow
+from pard_train.data.sources import DataError
 
 UNSTABLE = "unstable assistant mask"
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     """The chat template cannot render conversations with stable assistant masks."""
 
 

@@ -52,7 +52,9 @@ def resolve_chat_template(spec: str | None) -> str | None:
     if "{" not in spec:
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(
+            from pard_train.data.sources import DataError
+
+            raise DataError(
                 f"data.chat_template: {spec!r} is neither a built-in ({', '.join(BUILTIN)}), a file, nor a template"
             )
         return path.read_text(encoding="utf-8")
