@@ -1,0 +1,68 @@
+"""Helpers for tests that run ``python -m pard_train`` in subprocesses (alone or under torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_overrides(tiny_checkpoint: Path, root: Path, *extra: str) -> list[str]:
+    """The tiny preset on the session's tiny model, small data, everything under ``root``."""
+    return [
+        "+config=tiny",
+        f"model.path={tiny_checkpoint}",
+        f"run.output_root={root}",
+        "data.max_samples=96",
+        "data.max_length=128",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+def env() -> dict[str, str]:
+    # One process per core at most; DeepSpeed's comm op is JIT-built once into the default shared extensions cache.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def start(overrides: list[str], nproc: int = 1, log: Path | None = None) -> subprocess.Popen:
+    """Start training; ``nproc > 1`` runs it under torchrun on a free port."""
+    command = [sys.executable, "-m", "pard_train", *overrides]
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+        command = [sys.executable, *launcher, "-m", "pard_train", *overrides]
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(command, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def run(overrides: list[str], nproc: int = 1, log: Path | None = None, timeout: float = 400) -> int:
+    return start(overrides, nproc, log).wait(timeout=timeout)
+
+
+def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"training ended (rc {process.returncode}) before {what}")
+        time.sleep(0.05)
+    raise TimeoutError(f"no {what} after {timeout} s")
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -1,0 +1,115 @@
+"""Resume is exact: a run killed (SIGKILL) or stopped (SIGTERM) and restarted with the same command ends with the
+same parameters, bit for bit on CPU, as one that never stopped; incomplete checkpoints are never resumed from; a run
+whose method settings changed is refused, naming the setting."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from launch import REPO, env, records, start, tiny_overrides, wait_for
+from safetensors.torch import load_file
+
+from pard_train.checkpoint import COMPLETE, Checkpoints, ResumeError, TrainState, check_resumable
+
+STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+
+
+def final_weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert different == [], f"parameters that differ from the uninterrupted run: {different}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    assert start(tiny_overrides(tiny_checkpoint, root, *STEPS), log=root / "log.txt").wait(timeout=300) == 0
+    return final_weights(root / "tiny")
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_equals_uninterrupted(tiny_checkpoint, tmp_path, uninterrupted):
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path, *STEPS)
+    run_dir = tmp_path / "tiny"
+    process = start(overrides, log=tmp_path / "first.txt")
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000006" / COMPLETE).exists(), 300, "checkpoint 6", process)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (run_dir / "final").exists()
+    # A newer checkpoint directory without its completion marker (a save cut short) must be ignored.
+    fake = run_dir / "checkpoints" / "step_00000009"
+    fake.mkdir(exist_ok=True)
+    (fake / "model.safetensors").write_bytes(b"garbage")
+
+    assert start(overrides, log=tmp_path / "second.txt").wait(timeout=300) == 0
+    log = (tmp_path / "second.txt").read_text()
+    assert "resuming from" in log and "step_00000009" not in log.split("resuming from")[1].splitlines()[0], log
+    assert_bitwise_equal(final_weights(run_dir), uninterrupted)
+    resumed = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert resumed[-1] == 10
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_restart_continues(tiny_checkpoint, tmp_path, uninterrupted):
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path, *STEPS)
+    run_dir = tmp_path / "tiny"
+    process = start(overrides, log=tmp_path / "first.txt")
+    wait_for(lambda: any(r.get("step", 0) >= 4 for r in records(run_dir)), 300, "step 4", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, (tmp_path / "first.txt").read_text()[-2000:]
+    stopped = Checkpoints(run_dir, None, 2).latest()
+    assert stopped is not None and not (run_dir / "final").exists()
+    step = json.loads((stopped / "train_state.json").read_text())["step"]
+    assert 4 <= step < 10 and f"stop signal: saved step {step}" in (tmp_path / "first.txt").read_text()
+
+    # The same run with another method setting is refused, naming it (exit 2, one line).
+    changed = subprocess.run(
+        [sys.executable, "-m", "pard_train", *overrides, "pard.drop_ratio=0.5"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert changed.returncode == 2 and "pard.drop_ratio: checkpoint 0.7, now 0.5" in changed.stderr, changed.stderr
+
+    assert start(overrides, log=tmp_path / "second.txt").wait(timeout=300) == 0
+    assert f"(step {step})" in (tmp_path / "second.txt").read_text()
+    assert_bitwise_equal(final_weights(run_dir), uninterrupted)
+
+
+def test_checkpoint_without_completion_marker_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        if complete:
+            (root / f"step_{step:08d}" / COMPLETE).write_text(f"{step}\n")
+    (root / ".step_00000008.partial").mkdir()
+    (root / ".step_00000008.partial" / COMPLETE).write_text("8\n")  # never renamed into place: not a checkpoint
+    checkpoints = Checkpoints(tmp_path, SimpleNamespace(is_main_process=True), keep_last=1)
+    assert checkpoints.latest() == root / "step_00000004"
+    checkpoints._prune()
+    assert [p.name for p in checkpoints.complete()] == ["step_00000004"]
+
+
+def test_resume_refusal_names_every_changed_method_setting(tmp_path):
+    method = {"pard.num_draft_tokens": 8, "pard.drop_ratio": 0.7, "model.path": "a"}
+    saved = TrainState(step=5, method=method, rows_per_step=8, num_processes=2)
+    check_resumable(saved, TrainState(0, dict(method), 8, 2), tmp_path, deepspeed=True)
+    now = TrainState(0, {**method, "pard.num_draft_tokens": 4, "model.path": "b"}, 8, 2)
+    with pytest.raises(ResumeError, match=r"pard.num_draft_tokens: checkpoint 8, now 4; model.path: checkpoint 'a'"):
+        check_resumable(saved, now, tmp_path, deepspeed=False)
+    with pytest.raises(ResumeError, match="global batch was 8 packed rows per step, now 16"):
+        check_resumable(saved, TrainState(0, dict(method), 16, 4), tmp_path, deepspeed=False)
+    with pytest.raises(ResumeError, match="written by 2 processes, now 1"):
+        check_resumable(saved, TrainState(0, dict(method), 8, 1), tmp_path, deepspeed=True)
