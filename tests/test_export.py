@@ -92,6 +92,7 @@ def test_unusable_mask_token_is_refused(pair, tmp_path):
         export(pair, tmp_path / "draft", mask_token_id=tokenizer.eos_token_id)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_checkpoint(tmp_path):
     target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft", num_draft_tokens=K)
     out = tmp_path / "exported"

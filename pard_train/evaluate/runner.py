@@ -77,12 +77,13 @@ def measure_acceptance(
     """PARD-mode acceptance of ``draft_model`` with ``target_model`` on a few prompts (for evaluation in training).
 
     ``prompts``: user messages (rendered with the chat template) or ready token-id lists. Both models must be plain
-    (unwrapped) transformers models on one device; the draft is put in eval mode and given back in its previous mode.
+    (unwrapped) transformers models on one device; both are put in eval mode and given back in their previous modes.
     Returns :meth:`AcceptanceStats.summary` (``acceptance_length``, ``conditional_acceptance`` per position, counts,
     times).
     """
-    was_training = draft_model.training
-    draft_model.eval()
+    modes = [(model, model.training) for model in (draft_model, target_model)]
+    for model, _ in modes:
+        model.eval()  # dropout would break greedy equality
     try:
         drafter = PardDrafter(draft_model, mask_token_id)
         stops = stop_token_ids(target_model, tokenizer)
@@ -104,7 +105,8 @@ def measure_acceptance(
             stats.add_generation(result)
         return stats.summary()
     finally:
-        draft_model.train(was_training)
+        for model, training in modes:
+            model.train(training)
 
 
 @dataclass
