@@ -1,0 +1,120 @@
+"""Helpers shared by the benchmark scripts: run metadata, Markdown tables, atomic JSON, isolated child runs, and the
+dense-mask baseline (the reference implementation's approach, rebuilt here only to be measured against).
+
+Not an entry point; the scripts in this folder import it (``python scripts/bench/NAME.py`` puts this folder on the path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from pard_train.layout import PardBatch, can_attend
+
+GIB = 1024**3
+
+
+def metadata(device: torch.device | None = None, **extra) -> dict:
+    """Date, machine, library versions and device: enough to tell two tables apart."""
+    import transformers
+
+    meta = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": platform.platform(),
+        "processor": _cpu_model(),
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device is not None:
+        meta["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    meta.update(extra)
+    return meta
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write ``payload`` to ``path`` atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    staging.write_text(json.dumps(payload, indent=2))
+    os.replace(staging, path)
+    print(f"\nwrote {path}", file=sys.stderr)
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def size(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(script: Path, args: list[str], timeout: float) -> dict:
+    """Run ``script`` with ``args`` in a fresh interpreter and parse the JSON object on its last stdout line.
+
+    A fresh process per measurement makes peak memory (ru_maxrss, max_memory_allocated) belong to that variant alone.
+    A child killed by the kernel (out of memory) or by the timeout comes back as a status, not an exception.
+    """
+    command = [sys.executable, str(script), *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        status = "killed (out of memory?)" if done.returncode in (-9, 137) else f"failed (exit {done.returncode})"
+        return {"status": status, "stderr_tail": done.stderr[-2000:]}
+    return json.loads(lines[-1])
+
+
+def dense_additive_mask(batch: PardBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference's collator output: per sample, a ``[T, T]`` additive float mask (0 = attend, min = blocked),
+    stacked to ``[B, 1, T, T]``. Built from the same rule as ours, so both baselines train the same thing."""
+    index = torch.arange(batch.depth.shape[1])
+    blocked = torch.finfo(dtype).min
+    masks = []
+    for b in range(batch.depth.shape[0]):
+        allowed = can_attend(
+            batch.depth[b, :, None],
+            batch.anchor[b, :, None],
+            batch.document[b, :, None],
+            batch.depth[b, None, :],
+            batch.anchor[b, None, :],
+            batch.document[b, None, :],
+            index[:, None],
+            index[None, :],
+        )
+        masks.append(torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, blocked))
+    return torch.stack(masks)[:, None]
