@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: run metadata, Markdown tables, atomic JSON, isolated child runs, and the
 dense-mask baseline (the reference implementation's approach, rebuilt here only to be measured against).
 
-Not an entry point; the scripts in this folder import it (``python scripts/bench/NAME.py`` puts this folder on the path).
+Not an entry point: the scripts here import it (``python scripts/bench/NAME.py`` puts this folder on the path).
 """
 
 from __future__ import annotations
