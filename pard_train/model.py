@@ -63,6 +63,10 @@ def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens:
 
     Returns ``(model, tokenizer, mask_token_id)``; the model is in float32 (mixed precision casts on the fly).
     """
+    if config.gguf_package:
+        from pard_train.gguf import ensure_converted
+
+        ensure_converted(config.gguf_package, config.path)
     if config.build_tiny:
         from pard_train.tiny import ensure_tiny_checkpoint
 
