@@ -168,6 +168,7 @@ def train(config: Config) -> Path | None:
                 state = _evaluate(evaluator, model, state, checkpoints, config_yaml, tracker)
     progress.close()
 
+    _check_replicas_agree(accelerator, model)
     final_dir = run_dir / "final"
     # Collective: ZeRO-3 gathers its shards here; elsewhere the state dict is the model's own.
     state_dict = {name.removeprefix("draft."): value for name, value in accelerator.get_state_dict(model).items()}
@@ -246,6 +247,20 @@ class HeldOut:
             stats = stats + batch_stats
         model.train(was_training)
         return DepthStats.from_tensor(acc.reduce(stats.as_tensor(), reduction="sum")).summary()
+
+
+def _check_replicas_agree(accelerator, model) -> None:
+    """Data-parallel replicas must hold identical weights; an all-gather of a float64 checksum catches divergence
+    (nondeterministic kernels, a rank that skipped a step). ZeRO-3 keeps one sharded copy: nothing to compare."""
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.num_processes == 1 or (plugin is not None and plugin.zero_stage == 3):
+        return
+    params = [p.detach().double() for p in accelerator.unwrap_model(model).parameters()]
+    local = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)]).to(accelerator.device)
+    gathered = accelerator.gather(local[None]).cpu()
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"data-parallel replicas diverged: parameter checksums per rank {gathered.tolist()}")
+    print0(accelerator, f"replicas agree: {accelerator.num_processes} processes hold identical parameters")
 
 
 def _clip(accelerator, model, max_norm: float) -> float:
