@@ -59,6 +59,8 @@ class LocalCluster:
                     f"SlurmdPort={_free_port()}",
                     "SlurmUser=root",
                     "AuthType=auth/munge",
+                    # A requeued job may start once its old credential expired (default 120 s): keep tests short.
+                    "AuthInfo=cred_expire=10",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "SelectType=select/cons_tres",

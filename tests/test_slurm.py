@@ -1,0 +1,82 @@
+"""scripts/slurm/train.sbatch on a real one-node SLURM cluster started on localhost: the tiny preset on 2 CPU
+processes completes with a final model; a job stopped like a preemption (USR1 to the batch script, as
+``--signal=B:USR1@120`` sends before the time limit) checkpoints, requeues itself and resumes to COMPLETED.
+
+Skipped when slurm-wlm/munge are not installed (``.ci/run`` installs them with apt-get) or not running as root.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from launch import REPO, records
+from slurm_cluster import LocalCluster, missing_reason
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))]
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = LocalCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(cluster, tmp_path, tiny_checkpoint, *overrides):
+    env = {
+        "PYTHON": sys.executable,
+        "NPROC_PER_NODE": "2",
+        "PARD_RUN_DIR": str(tmp_path / "run"),
+        "OMP_NUM_THREADS": "1",
+    }
+    return cluster.sbatch(
+        "--nodes=1",
+        "--job-name=pardtest",
+        f"--output={tmp_path}/job-%j.out",
+        "scripts/slurm/train.sbatch",
+        "+config=tiny",
+        f"model.path={tiny_checkpoint}",
+        f"run.output_root={tmp_path}",
+        "data.max_samples=96",
+        "data.max_length=128",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        *overrides,
+        cwd=REPO,
+        env=env,
+    )
+
+
+def test_sbatch_two_processes_completes_with_checkpoint(cluster, tmp_path, tiny_checkpoint):
+    job = submit(cluster, tmp_path, tiny_checkpoint, "train.max_steps=6", "checkpoint.every_steps=3")
+    info = cluster.wait(job, ENDED, timeout=300)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert "replicas agree: 2 processes" in output
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_checkpoint):
+    job = submit(cluster, tmp_path, tiny_checkpoint, "train.max_steps=16", "checkpoint.every_steps=2")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("step_*/COMPLETE")):
+        assert time.monotonic() < deadline and cluster.job(job).get("JobState") in {"PENDING", "RUNNING"}
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
+    info = cluster.wait(job, {"PENDING"} | ENDED, timeout=120)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
+    info = cluster.wait(job, ENDED, timeout=300)
+    output = (tmp_path / f"job-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, output[-3000:])
+    assert "requeueing job" in output and "resuming from" in output, output[-3000:]
+    stopped_at = int(output.split("stop signal: saved step ")[1].split()[0])
+    assert 2 <= stopped_at < 16
+    steps = [r["step"] for r in records(tmp_path / "run") if "loss" in r]
+    assert steps[-1] == 16 and set(range(1, 17)) <= set(steps)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
