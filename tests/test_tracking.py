@@ -52,7 +52,7 @@ def test_tensorboard_run_holds_per_depth_metrics(tiny_checkpoint, tmp_path):
     # The best checkpoint by held-out estimated AL is kept and linked.
     best = (run_dir / "checkpoints" / "best").resolve()
     assert (best / "COMPLETE").exists()
-    assert json.loads((best / "train_state.json").read_text())["best_estimated_al"] == pytest.approx(
+    assert json.loads((best / "train_state.json").read_text())["best_al"] == pytest.approx(
         max(e.value for e in events.Scalars("eval/estimated_al")), rel=1e-6
     )
 

