@@ -138,9 +138,9 @@ def train(args, data, runs: list[Run], held_out: PardCollator) -> None:
         run.curve.append(record)
 
 
-def time_to(curve: list[dict], key: str, target: float) -> float | None:
-    """Training seconds at the first evaluation whose ``key`` reaches ``target``; None if it never does."""
-    return next((point["train_s"] for point in curve if point[key] >= target), None)
+def reached(curve: list[dict], key: str, target: float) -> dict:
+    """The first evaluation whose ``key`` reaches ``target`` (an empty dict if none does)."""
+    return next((point for point in curve if point[key] >= target), {})
 
 
 def summarise(runs: list[Run], num_depths: int) -> list[dict]:
@@ -149,13 +149,16 @@ def summarise(runs: list[Run], num_depths: int) -> list[dict]:
     summary = []
     for key in keys:
         target = sum(point[key] for point in full.curve[-2:]) / len(full.curve[-2:])
-        full_s, drop_s = time_to(full.curve, key, target), time_to(drop.curve, key, target)
+        full_at, drop_at = reached(full.curve, key, target), reached(drop.curve, key, target)
+        full_s, drop_s = full_at.get("train_s"), drop_at.get("train_s")
         summary.append(
             {
                 "metric": key,
                 "target": target,
                 "full_s": full_s,
                 "drop_s": drop_s,
+                "full_steps": full_at.get("step"),
+                "drop_steps": drop_at.get("step"),
                 "speedup": full_s / drop_s if full_s and drop_s else None,
                 "drop_final": drop.curve[-1][key],
             }
@@ -171,8 +174,8 @@ def table(summary: list[dict]) -> str:
         [
             s["metric"].replace("acc/depth_", "top-1 acc, depth "),
             f"{s['target']:.3f}",
-            seconds(s["full_s"]),
-            seconds(s["drop_s"]),
+            seconds(s["full_s"]) + (f" ({s['full_steps']} steps)" if s["full_s"] is not None else ""),
+            seconds(s["drop_s"]) + (f" ({s['drop_steps']} steps)" if s["drop_s"] is not None else ""),
             f"{s['speedup']:.2f}x" if s["speedup"] else "-",
             f"{s['drop_final']:.3f}",
         ]
