@@ -196,7 +196,7 @@ def train(config: Config) -> Path | None:
         )
         print0(accelerator, f"exported the PARD draft to {final_dir} after {state.step} steps")
         if config.acceptance.after_training:
-            _acceptance_after(config, final_dir, mask_token_id, run_dir)
+            tracker.log(_acceptance_after(config, final_dir, mask_token_id, run_dir), state.step)
     accelerator.wait_for_everyone()
     tracker.close()
     shutdown(accelerator)
@@ -235,15 +235,22 @@ def _build_evaluators(config: Config, validation, collate, tokenizer, mask_token
     return evaluators
 
 
-def _acceptance_after(config: Config, final_dir: Path, mask_token_id: int, run_dir: Path) -> None:
-    """Measure the exported draft; with a measurement from before training, write and print the comparison."""
+def _acceptance_after(config: Config, final_dir: Path, mask_token_id: int, run_dir: Path) -> dict[str, float]:
+    """Measure the exported draft; with a measurement from before training, write and print the comparison.
+    Returns the acceptance lengths for the tracker."""
     after = acceptance.measure(config, final_dir, mask_token_id, "after")
+    record = {
+        f"acceptance_after/{name}": entry["pard"]["acceptance_length"] for name, entry in after["benchmarks"].items()
+    }
     before_report = run_dir / "acceptance" / "before" / "report.json"
     if before_report.exists():
         before = json.loads(before_report.read_text())
         table = acceptance.before_after(before, after, run_dir / "acceptance")
         acceptance.append_to_model_card(final_dir, table)
         print(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
+        for name, entry in before["benchmarks"].items():
+            record[f"acceptance_before/{name}"] = entry["pard"]["acceptance_length"]
+    return record
 
 
 def _recipe(config: Config, steps: int) -> dict:
