@@ -21,8 +21,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _common import dense_additive_mask
 
-from pard_train.layout import DropTokenSchedule, build_row, can_attend, collate_rows
+from pard_train.layout import DropTokenSchedule, build_row, collate_rows
 
 GIB = 1024**3
 
@@ -41,23 +42,9 @@ def collate_ours(rows, num_depths: int, drop: DropTokenSchedule | None):
 
 
 def collate_dense(rows, num_depths: int, drop: DropTokenSchedule | None):
-    """The reference's approach, vectorised: our layout plus a float32 additive (T x T) mask per sample."""
+    """The reference's approach: our layout plus a float32 additive (T x T) mask per sample."""
     batch = collate_ours(rows, num_depths, drop)
-    index = torch.arange(batch.depth.shape[1])
-    masks = []
-    for b in range(batch.depth.shape[0]):
-        allowed = can_attend(
-            batch.depth[b, :, None],
-            batch.anchor[b, :, None],
-            batch.document[b, :, None],
-            batch.depth[b, None, :],
-            batch.anchor[b, None, :],
-            batch.document[b, None, :],
-            index[:, None],
-            index[None, :],
-        )
-        masks.append(torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")))
-    return batch, torch.stack(masks)[:, None]
+    return batch, dense_additive_mask(batch)
 
 
 def vector_bytes(batch) -> int:
