@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from pard_train.atomic import atomic_directory
 from pard_train.mask_token import MaskTokenError, validate_mask_token
 from pard_train.model import mark_as_pard
 
@@ -200,11 +199,7 @@ def export_draft(
             converted[ptr] = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         weights[key] = converted[ptr]
 
-    staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         config_path = staging / "config.json"
@@ -228,12 +223,6 @@ def export_draft(
             al_table=al_table,
         )
         (staging / "README.md").write_text(card)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return output_dir
 
 

@@ -9,10 +9,9 @@ Hugging Face directory that trains, exports and reloads in well under a second.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
+from pard_train.atomic import atomic_directory
 from pard_train.model import ModelNotFoundError
 
 
@@ -51,14 +50,9 @@ def ensure_converted(package: str, directory: str | Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    staging = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+    with atomic_directory(directory) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return directory
 
 

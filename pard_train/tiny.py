@@ -7,10 +7,10 @@ padded rows above the vocabulary, as Qwen's has, so automatic mask-id selection 
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
+
+from pard_train.atomic import atomic_directory
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -84,10 +84,7 @@ def ensure_tiny_checkpoint(path: str | Path, texts: Iterable[str] = (), seed: in
     model = build_tiny_model(padded_rows, seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     # Written beside the target and renamed into place, so an interrupted build is never mistaken for a checkpoint.
-    staging = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    tokenizer.save_pretrained(staging)
-    model.save_pretrained(staging)
-    if path.exists():
-        shutil.rmtree(path)
-    staging.replace(path)
+    with atomic_directory(path) as staging:
+        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging)
     return path

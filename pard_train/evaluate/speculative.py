@@ -111,12 +111,10 @@ class _CachedLM:
             crop_cache(self.cache, keep)
 
 
-class ArDrafter(Drafter):
-    """Vanilla speculative decoding: k sequential greedy steps of a small causal LM."""
+class _ModelDrafter(Drafter):
+    """A drafter backed by one cached causal LM (``self.lm``): its forward count and time are the LM's."""
 
-    def __init__(self, model):
-        self.lm = _CachedLM(model)
-        self.reset()
+    lm: _CachedLM
 
     def reset(self) -> None:
         self.lm.cache, self.lm.forwards, self.lm.timer.seconds = None, 0, 0.0
@@ -128,6 +126,14 @@ class ArDrafter(Drafter):
     @property
     def seconds(self) -> float:
         return self.lm.timer.seconds
+
+
+class ArDrafter(_ModelDrafter):
+    """Vanilla speculative decoding: k sequential greedy steps of a small causal LM."""
+
+    def __init__(self, model):
+        self.lm = _CachedLM(model)
+        self.reset()
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         start = self.lm.cached
@@ -150,7 +156,7 @@ class ArDrafter(Drafter):
         self.lm.crop(min(keep, self.lm.cached))
 
 
-class PardDrafter(Drafter):
+class PardDrafter(_ModelDrafter):
     """A PARD draft: one forward of ``[new real tokens] + [mask] * (k-1)`` drafts k tokens; mask KV is discarded."""
 
     def __init__(self, model, mask_token_id: int):
@@ -159,17 +165,6 @@ class PardDrafter(Drafter):
         self.last_logits: Tensor | None = None
         """``[k, V]`` logits of the latest proposal (depth 0..k-1), kept for inspection and tests."""
         self.reset()
-
-    def reset(self) -> None:
-        self.lm.cache, self.lm.forwards, self.lm.timer.seconds = None, 0, 0.0
-
-    @property
-    def forwards(self) -> int:
-        return self.lm.forwards
-
-    @property
-    def seconds(self) -> float:
-        return self.lm.timer.seconds
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         start = self.lm.cached

@@ -5,10 +5,9 @@ Both are random: their acceptance length means nothing, but every code path of t
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
+from pard_train.atomic import atomic_directory
 from pard_train.mask_token import choose_mask_token
 from pard_train.model import mark_as_pard
 from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
@@ -35,13 +34,7 @@ def ensure_tiny_pair(target_dir: str | Path, draft_dir: str | Path, num_draft_to
         return target_dir, draft_dir
     target, draft, tokenizer, _ = build_pair(num_draft_tokens=num_draft_tokens)
     for model, path in ((target, target_dir), (draft, draft_dir)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        if staging.exists():
-            shutil.rmtree(staging)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
+        with atomic_directory(path) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return target_dir, draft_dir
