@@ -104,7 +104,7 @@ def _plot(rows: dict, k: int, path: Path) -> None:
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("acceptance length (tokens per target forward)")
     left.set_title("PARD acceptance length")
-    left.legend()
+    left.legend(loc="lower right")
     positions = range(1, k + 1)
     for key in ("before_by_position", "after_by_position"):
         values = [v if v is not None else float("nan") for v in rows["all"][key]]
