@@ -7,9 +7,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from pard_train.attention import AttentionBackend, attention_mask_for
 from pard_train.layout import IGNORE_INDEX, PardBatch
+
+
+def labelled_hidden(model, batch: PardBatch, backend: AttentionBackend) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the decoder on the layout; return (hidden states, labels, depth) of the labelled tokens only."""
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=attention_mask_for(batch, backend),
+        use_cache=False,
+    ).last_hidden_state
+    selected = batch.labels != IGNORE_INDEX
+    return hidden[selected], batch.labels[selected], batch.depth[selected]
 
 
 def labelled_logits(model, batch: PardBatch, backend: AttentionBackend) -> tuple[Tensor, Tensor, Tensor]:
@@ -18,15 +31,18 @@ def labelled_logits(model, batch: PardBatch, backend: AttentionBackend) -> tuple
     The LM head runs on labelled tokens alone: with a 128k vocabulary the full ``[B, T, V]`` logits would dominate
     memory, and unlabelled tokens (prompt, padding) need no logits.
     """
-    hidden = model.get_decoder()(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=attention_mask_for(batch, backend),
-        use_cache=False,
-    ).last_hidden_state
-    selected = batch.labels != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[selected])
-    return logits, batch.labels[selected], batch.depth[selected]
+    hidden, labels, depth = labelled_hidden(model, batch, backend)
+    return model.get_output_embeddings()(hidden), labels, depth
+
+
+LOSS_CHUNK_TOKENS = 4096
+"""Labelled tokens whose logits exist at once in :func:`pard_loss` (4096 x 128k fp32 logits = 2 GiB)."""
+
+
+def _chunk_loss(lm_head, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    logits = lm_head(hidden).float()
+    token_loss = F.cross_entropy(logits, labels, reduction="none")
+    return token_loss, (logits.detach().argmax(-1) == labels).float()
 
 
 @dataclass
@@ -69,13 +85,24 @@ def pard_loss(
 ) -> tuple[Tensor, DepthStats]:
     """Summed cross-entropy of the batch divided by ``normalizer`` (the labelled-token count of the whole global
     batch, so that accumulation and data parallelism average over tokens, not over micro-batches)."""
-    logits, labels, depth = labelled_logits(model, batch, backend)
-    token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    hidden, labels, depth = labelled_hidden(model, batch, backend)
+    lm_head = model.get_output_embeddings()
+    # The LM head and cross-entropy run chunk by chunk and are recomputed in the backward pass, so only one chunk's
+    # [tokens, vocab] logits ever exist: with a 128k vocabulary they would otherwise outweigh the whole model.
+    losses, hits = [], []
+    for hidden_chunk, label_chunk in zip(hidden.split(LOSS_CHUNK_TOKENS), labels.split(LOSS_CHUNK_TOKENS)):
+        if hidden.requires_grad:
+            loss_chunk, hit_chunk = checkpoint(_chunk_loss, lm_head, hidden_chunk, label_chunk, use_reentrant=False)
+        else:
+            loss_chunk, hit_chunk = _chunk_loss(lm_head, hidden_chunk, label_chunk)
+        losses.append(loss_chunk)
+        hits.append(hit_chunk)
+    token_loss = torch.cat(losses) if losses else hidden.new_zeros(0)
+    hit = torch.cat(hits) if hits else hidden.new_zeros(0)
     with torch.no_grad():
-        hits = (logits.argmax(-1) == labels).float()
         stats = DepthStats(
-            loss_sum=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, token_loss.detach()),
-            correct=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, hits),
+            loss_sum=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, token_loss.detach().float()),
+            correct=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, hit.float()),
             count=torch.bincount(depth, minlength=num_depths).float(),
         )
     return token_loss.sum() / normalizer, stats
