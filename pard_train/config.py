@@ -43,7 +43,7 @@ class LrSchedule(str, Enum):
     cosine = "cosine"
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
@@ -66,8 +66,8 @@ class ModelConfig:
     """Allow model code from the checkpoint directory (only for architectures transformers lacks)."""
 
     def __post_init__(self):
-        _require(self.path != "", "model.path", "set it to a Hugging Face id or a local directory")
-        _require(self.mask_token_id is None or self.mask_token_id >= 0, "model.mask_token_id", "must be >= 0")
+        require(self.path != "", "model.path", "set it to a Hugging Face id or a local directory")
+        require(self.mask_token_id is None or self.mask_token_id >= 0, "model.mask_token_id", "must be >= 0")
 
 
 @dataclass
@@ -82,9 +82,9 @@ class PardConfig:
     """r_min: the floor of the kept fraction at deep depths (PARD-2 uses 0.1)."""
 
     def __post_init__(self):
-        _require(self.num_draft_tokens >= 1, "pard.num_draft_tokens", f"must be >= 1, got {self.num_draft_tokens}")
-        _require(0.0 < self.drop_ratio <= 1.0, "pard.drop_ratio", f"must be in (0, 1], got {self.drop_ratio}")
-        _require(
+        require(self.num_draft_tokens >= 1, "pard.num_draft_tokens", f"must be >= 1, got {self.num_draft_tokens}")
+        require(0.0 < self.drop_ratio <= 1.0, "pard.drop_ratio", f"must be in (0, 1], got {self.drop_ratio}")
+        require(
             0.0 <= self.drop_ratio_min <= 1.0, "pard.drop_ratio_min", f"must be in [0, 1], got {self.drop_ratio_min}"
         )
 
@@ -128,9 +128,9 @@ class DataSource:
     """Split of a Hugging Face dataset."""
 
     def __post_init__(self):
-        _require(self.path != "", "data.sources.path", "give a file, glob or dataset name")
-        _require(self.weight > 0, "data.sources.weight", f"must be > 0, got {self.weight}")
-        _require(self.max_samples is None or self.max_samples > 0, "data.sources.max_samples", "must be > 0")
+        require(self.path != "", "data.sources.path", "give a file, glob or dataset name")
+        require(self.weight > 0, "data.sources.weight", f"must be > 0, got {self.weight}")
+        require(self.max_samples is None or self.max_samples > 0, "data.sources.max_samples", "must be > 0")
 
 
 @dataclass
@@ -173,11 +173,11 @@ class DataConfig:
     """Use at most this many conversations (quick runs)."""
 
     def __post_init__(self):
-        _require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
-        _require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0")
-        _require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
-        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
-        _require(self.num_proc is None or self.num_proc >= 1, "data.num_proc", "must be >= 1 or null")
+        require(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
+        require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0")
+        require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
+        require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
+        require(self.num_proc is None or self.num_proc >= 1, "data.num_proc", "must be >= 1 or null")
 
 
 @dataclass
@@ -204,14 +204,14 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
-        _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
-        _require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        require(self.log_every >= 1, "train.log_every", "must be >= 1")
 
 
 @dataclass
@@ -241,8 +241,8 @@ class DeepSpeedConfig:
     """ZeRO-3 only: keep parameters in CPU memory between uses."""
 
     def __post_init__(self):
-        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {self.zero_stage}")
-        _require(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed=zero3")
+        require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0..3, got {self.zero_stage}")
+        require(not self.offload_params or self.zero_stage == 3, "deepspeed.offload_params", "needs deepspeed=zero3")
 
 
 @dataclass
@@ -257,8 +257,8 @@ class CheckpointConfig:
     """Continue from the newest complete checkpoint of the run directory if there is one."""
 
     def __post_init__(self):
-        _require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
-        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        require(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
+        require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
 
 
 class TrackerKind(str, Enum):
@@ -290,8 +290,8 @@ class EvalConfig:
     """Score at most this many packed validation rows (null: all)."""
 
     def __post_init__(self):
-        _require(self.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.every_steps}")
-        _require(self.max_rows is None or self.max_rows > 0, "eval.max_rows", "must be > 0 or null")
+        require(self.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.every_steps}")
+        require(self.max_rows is None or self.max_rows > 0, "eval.max_rows", "must be > 0 or null")
 
 
 @dataclass
@@ -316,10 +316,10 @@ class AcceptanceConfig:
     """Harness modes: ``pard``, plus ``target`` for a speed-up baseline."""
 
     def __post_init__(self):
-        _require(self.every_steps >= 0, "acceptance.every_steps", f"must be >= 0, got {self.every_steps}")
-        _require(self.num_prompts >= 1, "acceptance.num_prompts", f"must be >= 1, got {self.num_prompts}")
-        _require(self.max_new_tokens >= 1, "acceptance.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        _require(
+        require(self.every_steps >= 0, "acceptance.every_steps", f"must be >= 0, got {self.every_steps}")
+        require(self.num_prompts >= 1, "acceptance.num_prompts", f"must be >= 1, got {self.num_prompts}")
+        require(self.max_new_tokens >= 1, "acceptance.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(
             "pard" in self.modes and set(self.modes) <= {"pard", "target"},
             "acceptance.modes",
             f"must contain pard and may add target, got {list(self.modes)}",

@@ -29,21 +29,28 @@ _SEED_TEXT = [
 ]
 
 
-def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer in well under a second and wrap it as a transformers tokenizer."""
+def train_byte_level_bpe(texts: Iterable[str], special_tokens: list[str], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` in well under a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([*_SEED_TEXT, *texts], trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer in well under a second and wrap it as a transformers tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = train_byte_level_bpe([*_SEED_TEXT, *texts], SPECIAL_TOKENS, vocab_size)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",

@@ -82,21 +82,14 @@ def build_family_tokenizer(family: str, texts=(), vocab_size: int = 400):
 
     ``llama3`` adds BOS through its post-processor, as Llama 3's tokenizer does; ``chatml`` has no BOS, as Qwen's.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
+
+    from pard_train.tiny import train_byte_level_bpe
 
     bos, eos, pad, others = FAMILY_TOKENS[family]
     specials = [t for t in (bos, eos, pad, *others) if t]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(["Hello there, how are you? I am fine.", *texts], trainer=trainer)
+    tokenizer = train_byte_level_bpe(["Hello there, how are you? I am fine.", *texts], specials, vocab_size)
     if bos:
         bos_id = tokenizer.token_to_id(bos)
         tokenizer.post_processor = processors.TemplateProcessing(

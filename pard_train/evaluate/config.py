@@ -9,7 +9,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pard_train.config import ConfigError
+from pard_train.config import ConfigError, require
 
 
 class Mode(str, Enum):
@@ -28,11 +28,6 @@ class DType(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass
@@ -73,13 +68,13 @@ class EvalConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
-        _require(len(self.modes) > 0, "modes", "give at least one of target, ar, pard")
+        require(len(self.modes) > 0, "modes", "give at least one of target, ar, pard")
         needs_draft = Mode.pard in self.modes or (Mode.ar in self.modes and not self.ar_draft)
-        _require(not needs_draft or bool(self.draft), "draft", "set draft=DIR (the pard and ar modes need a draft)")
-        _require(self.num_draft_tokens is None or self.num_draft_tokens >= 1, "num_draft_tokens", "must be >= 1")
-        _require(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark name or JSONL path")
-        _require(self.num_prompts is None or self.num_prompts >= 1, "num_prompts", "must be >= 1 or null")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(not needs_draft or bool(self.draft), "draft", "set draft=DIR (the pard and ar modes need a draft)")
+        require(self.num_draft_tokens is None or self.num_draft_tokens >= 1, "num_draft_tokens", "must be >= 1")
+        require(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark name or JSONL path")
+        require(self.num_prompts is None or self.num_prompts >= 1, "num_prompts", "must be >= 1 or null")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 
 
 def register_configs() -> None:
