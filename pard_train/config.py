@@ -345,19 +345,27 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="pard_schema", node=Config)
 
 
-def to_config(cfg: DictConfig) -> Config:
-    """Convert a composed config into the dataclass tree, once. Raises ConfigError with one actionable line."""
+def to_dataclass(cfg: DictConfig, schema: type, hint: str):
+    """Convert a composed config into its ``schema`` dataclass tree, once (``__post_init__`` checks run here).
+
+    Raises ConfigError with one actionable line: the first missing key (``hint`` says how to set it) or the first
+    line of OmegaConf's or ``__post_init__``'s complaint."""
     cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{missing[0]}: required; pick a preset (+config=NAME) or set {missing[0]}=...")
+        raise ConfigError(f"{missing[0]}: required; {hint} or set {missing[0]}=...")
     try:
         config = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
-    except Exception as error:  # omegaconf wraps __post_init__ errors and missing values
+    except Exception as error:  # omegaconf wraps __post_init__ errors
         cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
         raise ConfigError(str(cause).splitlines()[0]) from error
-    if not isinstance(config, Config):
-        raise ConfigError("the composed config does not follow the pard_train schema")
+    if not isinstance(config, schema):
+        raise ConfigError(f"the composed config does not follow the {schema.__name__} schema")
     return config
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The training config tree (``python -m pard_train``)."""
+    return to_dataclass(cfg, Config, "pick a preset (+config=NAME)")

@@ -70,6 +70,8 @@ def test_presets_compose_and_bad_settings_name_their_key():
         compose("target=t")
     with pytest.raises(ConfigError, match="max_new_tokens"):
         compose("target=t", "draft=d", "max_new_tokens=0")
+    with pytest.raises(ConfigError, match=r"^target: required; pick a preset \(\+evaluate=NAME\)"):
+        compose("draft=d")
 
 
 def test_measure_acceptance_in_pard_mode():

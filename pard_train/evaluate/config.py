@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from pard_train.config import ConfigError, require
+from pard_train.config import require, to_dataclass
 
 
 class Mode(str, Enum):
@@ -82,13 +82,5 @@ def register_configs() -> None:
 
 
 def to_config(cfg: DictConfig) -> EvalConfig:
-    """Convert the composed config once into the dataclass; one actionable line on error."""
-    cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
-    try:
-        config = OmegaConf.to_object(cfg)
-    except Exception as error:  # omegaconf wraps __post_init__ errors and missing values
-        cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else error
-        raise ConfigError(str(cause).splitlines()[0]) from error
-    if not isinstance(config, EvalConfig):
-        raise ConfigError("the composed config does not follow the evaluate schema")
-    return config
+    """The evaluation config (``python -m pard_train.evaluate``)."""
+    return to_dataclass(cfg, EvalConfig, "pick a preset (+evaluate=NAME)")
