@@ -1,4 +1,5 @@
-"""Directories that appear whole or not at all: write into a sibling staging directory, then rename it into place."""
+"""Files and directories that appear whole or not at all: write a sibling staging copy, flush it to disk, then
+rename it into place. Every file or model directory the package writes goes through these helpers."""
 
 from __future__ import annotations
 
@@ -29,3 +30,38 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     if path.exists():
         shutil.rmtree(path)
     os.replace(staging, path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never a part.
+
+    The staging file is fsynced before the rename and the directory after it, so the new file survives a power cut;
+    on any error the staging file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(staging, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Flush a directory entry (a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -7,19 +7,11 @@ is never handed to ``eager`` attention, which would add it to the scores instead
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
+from pard_train.config import AttentionBackend
+from pard_train.errors import ConfigError
 from pard_train.layout import PardBatch, can_attend, dense_attention_mask
-
-
-class AttentionBackend(str, Enum):
-    """How the attention rule reaches the model. ``auto`` picks ``flex`` on CUDA/ROCm and ``sdpa`` elsewhere."""
-
-    auto = "auto"
-    flex = "flex"
-    sdpa = "sdpa"
 
 
 def resolve_backend(backend: AttentionBackend, device: torch.device, training: bool = True) -> AttentionBackend:
@@ -27,7 +19,7 @@ def resolve_backend(backend: AttentionBackend, device: torch.device, training: b
     if backend == AttentionBackend.auto:
         return AttentionBackend.flex if device.type == "cuda" else AttentionBackend.sdpa
     if backend == AttentionBackend.flex and training and device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             f"model.attention=flex cannot train on {device.type}: FlexAttention has no backward pass there; "
             "use model.attention=sdpa (or auto)"
         )

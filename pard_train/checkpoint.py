@@ -21,15 +21,13 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pard_train.config import Config, ConfigError
+from pard_train.atomic import atomic_write_text, fsync_directory
+from pard_train.config import Config
+from pard_train.errors import ResumeError  # noqa: F401 - re-exported
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "train_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class ResumeError(ConfigError):
-    """The run directory holds a checkpoint this configuration must not continue from; the message says why."""
 
 
 @dataclass
@@ -119,13 +117,13 @@ class Checkpoints:
         acc.save_state(str(staging))
         acc.wait_for_everyone()  # every rank's shards and RNG state are on disk
         if acc.is_main_process:
-            _write_atomically(staging / STATE_FILE, json.dumps(asdict(state), indent=1))
-            _write_atomically(staging / "config.yaml", config_yaml)
-            _write_atomically(staging / COMPLETE, f"{state.step}\n")
+            atomic_write_text(staging / STATE_FILE, json.dumps(asdict(state), indent=1))
+            atomic_write_text(staging / "config.yaml", config_yaml)
+            atomic_write_text(staging / COMPLETE, f"{state.step}\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
-            _fsync_dir(self.root)
+            fsync_directory(self.root)
             self._prune()
         acc.wait_for_everyone()
         self.last_step = state.step
@@ -163,23 +161,6 @@ class Checkpoints:
 
 def read_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StopSignals:

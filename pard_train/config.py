@@ -13,11 +13,15 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pard_train.attention import AttentionBackend
+from pard_train.errors import ConfigError  # noqa: F401 - re-exported
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the key and what to do."""
+class AttentionBackend(str, Enum):
+    """How the attention rule reaches the model. ``auto`` picks ``flex`` on CUDA/ROCm and ``sdpa`` elsewhere."""
+
+    auto = "auto"
+    flex = "flex"
+    sdpa = "sdpa"
 
 
 class Precision(str, Enum):
@@ -280,7 +284,7 @@ class TrackingConfig:
 
 
 @dataclass
-class EvalConfig:
+class HeldOutEvalConfig:
     """Held-out loss and top-1 accuracy per depth during training; the best checkpoint is chosen by estimated AL."""
 
     every_steps: int = 0
@@ -336,7 +340,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: HeldOutEvalConfig = field(default_factory=HeldOutEvalConfig)
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
 

@@ -19,14 +19,11 @@ from pathlib import Path
 import torch
 
 from pard_train.atomic import atomic_directory
-from pard_train.mask_token import MaskTokenError, validate_mask_token
+from pard_train.errors import ExportError, PardTrainError
+from pard_train.mask_token import validate_mask_token
 from pard_train.model import mark_as_pard
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-class ExportError(ValueError):
-    """The export cannot be written as asked; the message says what to change."""
 
 
 def _text_config(config):
@@ -291,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             target=args.target,
             overwrite=args.overwrite,
         )
-    except (ExportError, MaskTokenError, OSError) as error:
+    except (PardTrainError, OSError) as error:
         print(f"pard_train.export: error: {error}", file=sys.stderr)
         return 2
     print(f"exported {out} (K={num_draft_tokens}, mask token {mask_token_id}, {str(dtype).removeprefix('torch.')})")

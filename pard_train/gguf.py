@@ -12,11 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from pard_train.atomic import atomic_directory
-from pard_train.model import ModelNotFoundError
-
-
-class GgufPackageError(ModelNotFoundError):
-    """The package is not installed or holds no GGUF file."""
+from pard_train.errors import GgufPackageError, PardTrainError
 
 
 def find_gguf(package: str) -> Path:
@@ -63,5 +59,5 @@ if __name__ == "__main__":
         sys.exit("usage: python -m pard_train.gguf PACKAGE DIRECTORY")
     try:
         print(ensure_converted(sys.argv[1], sys.argv[2]))
-    except GgufPackageError as error:
+    except PardTrainError as error:
         sys.exit(f"pard_train.gguf: error: {error}")

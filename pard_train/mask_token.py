@@ -8,15 +8,13 @@ vocabulary (Qwen pads its embedding to a multiple of 128). Known ids per family 
 
 from __future__ import annotations
 
+from pard_train.errors import MaskTokenError  # noqa: F401 - re-exported
+
 SAMPLE_CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write a function that adds two numbers. <think> maybe </think>"},
     {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
 ]
-
-
-class MaskTokenError(ValueError):
-    """The mask id cannot be used; the message says why and what to choose instead."""
 
 
 def _template_ids(tokenizer) -> set[int]:

@@ -9,11 +9,8 @@ import torch
 
 from pard_train.attention import AttentionBackend, transformers_attn_implementation
 from pard_train.config import ModelConfig
+from pard_train.errors import ModelNotFoundError  # noqa: F401 - re-exported
 from pard_train.mask_token import choose_mask_token
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model is neither a local directory nor reachable on the hub."""
 
 
 def _hub_unreachable_message(path: str, error: Exception) -> str:

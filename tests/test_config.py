@@ -8,8 +8,7 @@ import sys
 import pytest
 from conftest import CONFIG_DIR, REPO, compose
 
-from pard_train.attention import AttentionBackend
-from pard_train.config import Config, ConfigError, LossOn, Precision, to_config
+from pard_train.config import AttentionBackend, Config, ConfigError, LossOn, Precision, to_config
 
 PRESETS = sorted(path.stem for path in (CONFIG_DIR / "config").glob("*.yaml"))
 REFERENCE = {  # preset: (model, mask id, lr, max length) from the PARD reference recipe
@@ -85,17 +84,35 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_reports_an_impossible_value_in_one_line():
-    result = _cli("+config=tiny", "pard.num_draft_tokens=0")
-    assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if line.startswith("pard_train: error:")]
-    assert errors == ["pard_train: error: pard.num_draft_tokens: must be >= 1, got 0"]
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["+config=tiny", "pard.num_draft_tokens=0"], "pard.num_draft_tokens: must be >= 1, got 0"),
+        (["+config=tiny", "train.lr=fast"], "train.lr: Value 'fast' of type 'str' could not be converted to Float"),
+        (["+config=tiny", "train.no_such_key=1"], "train.no_such_key: Key 'no_such_key' not in 'TrainConfig'"),
+        (["data.train_files=[x.jsonl]"], "model.path: required; pick a preset (+config=NAME) or set model.path=..."),
+    ],
+)
+def test_cli_reports_a_mistake_in_one_line_and_exit_2(args, line):
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"pard_train: error: {line}"]
 
 
-def test_cli_rejects_an_unknown_preset_naming_it():
-    result = _cli("+config=no_such_preset")
-    assert result.returncode != 0
-    assert "Could not find 'config/no_such_preset'" in result.stderr
+def test_cli_rejects_an_unknown_preset_listing_the_presets():
+    result = _cli("+config=llama9_1b")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"pard_train: error: unknown preset 'llama9_1b' for +config=; presets: {', '.join(PRESETS)}"
+    ]
+
+
+def test_family_presets_hold_only_their_deltas():
+    """The shared recipe lives in configs/recipe/pard_reference.yaml; a family preset sets model, mask, LR, name."""
+    for preset in REFERENCE:
+        text = (CONFIG_DIR / "config" / f"{preset}.yaml").read_text()
+        assert "/recipe/pard_reference" in text
+        assert "drop_ratio" not in text and "epochs" not in text and "micro_batch_size" not in text, preset
 
 
 def test_cli_explains_a_model_missing_offline(tmp_path):

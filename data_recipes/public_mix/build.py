@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
+from pard_train.atomic import atomic_write_text  # noqa: E402
 from pard_train.config import DataFormat  # noqa: E402
 from pard_train.data.formats import BadRow, to_messages  # noqa: E402
 
@@ -86,12 +87,7 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     rows = [row for source in MIX for row in rows_of(source, args.max_per_source, args.seed)]
     random.Random(args.seed).shuffle(rows)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    staging = args.output.with_name(f"{args.output.name}.partial-{os.getpid()}")
-    with staging.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    staging.replace(args.output)
+    atomic_write_text(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     print(f"public_mix: wrote {len(rows)} conversations to {args.output}")
     return args.output
 

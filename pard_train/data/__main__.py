@@ -15,7 +15,7 @@ import sys
 
 from pard_train.config import DataConfig, LossOn, Truncation
 from pard_train.data.dataset import build_data
-from pard_train.data.sources import DataError
+from pard_train.errors import PardTrainError
 
 
 def main(argv=None) -> dict:
@@ -47,22 +47,24 @@ def main(argv=None) -> dict:
         pack=not args.no_pack,
         max_bad_fraction=args.max_bad_fraction,
     )
-    if args.tiny:
-        from pard_train.data.dataset import expand_files
-        from pard_train.tiny import build_tiny_tokenizer
-
-        tokenizer = build_tiny_tokenizer([p.read_text(encoding="utf-8") for p in expand_files(args.files)])
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     try:
-        stats = build_data(config, tokenizer).stats
-    except (DataError, ValueError) as error:
+        stats = build_data(config, _tokenizer(args)).stats
+    except PardTrainError as error:
         sys.exit(f"pard_train.data: error: {error}")
     if args.json:
         print(json.dumps(stats, indent=1))
     return stats
+
+
+def _tokenizer(args):
+    if args.tiny:
+        from pard_train.data.dataset import expand_files
+        from pard_train.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer([p.read_text(encoding="utf-8") for p in expand_files(args.files)])
+    from pard_train.model import load_tokenizer
+
+    return load_tokenizer(args.tokenizer)
 
 
 if __name__ == "__main__":

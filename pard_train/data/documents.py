@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pard_train.atomic import atomic_directory, atomic_write_text
 from pard_train.config import DataConfig, DataFormat, LossOn, Truncation
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.render import render, special_strings
@@ -164,11 +164,9 @@ def _build_quietly(source: Source, tokenizer, config: DataConfig, destination: P
     report.tokens, report.supervised_tokens = lengths["tokens"], lengths["supervised"]
     report.seconds = time.perf_counter() - started
     if destination is not None:
-        staging = destination.with_name(f"{destination.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        documents.save_to_disk(str(staging / "documents"))
-        (staging / "report.json").write_text(json.dumps(report.__dict__, indent=1))
-        staging.replace(destination)
+        with atomic_directory(destination) as staging:  # removed on error: no half-written cache is ever read
+            documents.save_to_disk(str(staging / "documents"))
+            atomic_write_text(staging / "report.json", json.dumps(report.__dict__, indent=1))
     return documents, report
 
 

@@ -16,15 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pard_train.config import DataFormat, DataSource
+from pard_train.errors import DataError  # noqa: F401 - re-exported
 
 MALFORMED = "\x00malformed JSON: "
 """Prefix of a ``raw`` value that could not be parsed (the rest is the parser's message)."""
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
-
-
-class DataError(ValueError):
-    """The training data cannot be used; the message says which file and why, in one line."""
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ plots into ``output_dir``; every key is documented in pard_train/evaluate/config
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
+from pard_train.cli import run_hydra, user_errors
 from pard_train.evaluate.config import register_configs
 
 register_configs()
@@ -20,24 +19,17 @@ register_configs()
 
 @hydra.main(config_path="../../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from pard_train.config import ConfigError
-    from pard_train.evaluate.benchmarks import BenchmarkError
     from pard_train.evaluate.config import to_config
     from pard_train.evaluate.report import write_report
     from pard_train.evaluate.runner import evaluate
-    from pard_train.mask_token import MaskTokenError
-    from pard_train.model import ModelNotFoundError
 
-    try:
+    with user_errors("pard_train.evaluate"):
         config = to_config(cfg)
         report = evaluate(config)
-    except (ConfigError, BenchmarkError, MaskTokenError, ModelNotFoundError) as error:
-        print(f"pard_train.evaluate: error: {error}", file=sys.stderr)
-        sys.exit(2)
     out = write_report(report, config.output_dir)
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.json, report.md, acceptance_length.png, acceptance_by_position.png")
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main, "pard_train.evaluate")

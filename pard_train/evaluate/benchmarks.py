@@ -6,13 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pard_train.errors import BenchmarkError  # noqa: F401 - re-exported
+
 BENCHMARK_DIR = Path(__file__).parent / "benchmarks"
 BUILTIN = ("humaneval", "gsm8k", "math_500", "mt_bench")
 PROMPT_KEYS = ("data", "prompt", "question", "instruction", "text")
-
-
-class BenchmarkError(ValueError):
-    """A benchmark that cannot be read; the message names the file and line."""
 
 
 @dataclass

@@ -5,8 +5,9 @@ position). Every file is written to a temp name and renamed, so a report is neve
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from pard_train.atomic import atomic_write_bytes
 
 MODE_ORDER = ("target", "ar", "pard")
 
@@ -57,12 +58,6 @@ def markdown_report(report: dict) -> str:
         "",
     ]
     return "\n".join(header) + markdown_table(report)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    staging.write_bytes(data)
-    os.replace(staging, path)
 
 
 def plot_acceptance_length(report: dict, path: Path) -> None:
@@ -122,15 +117,15 @@ def _save(figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_report(report: dict, output_dir: str | Path) -> Path:
     """Write report.json, report.md and the two plots into ``output_dir``; returns the directory."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(output_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    _atomic_write(output_dir / "report.md", markdown_report(report).encode())
+    atomic_write_bytes(output_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(output_dir / "report.md", markdown_report(report).encode())
     plot_acceptance_length(report, output_dir / "acceptance_length.png")
     plot_acceptance_by_position(report, output_dir / "acceptance_by_position.png")
     return output_dir

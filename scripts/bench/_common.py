@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pard_train.atomic import atomic_write_text
 from pard_train.layout import PardBatch, can_attend
 
 GIB = 1024**3
@@ -53,10 +54,7 @@ def _cpu_model() -> str:
 
 def write_json(path: Path, payload: dict) -> Path:
     """Write ``payload`` to ``path`` atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    staging.write_text(json.dumps(payload, indent=2))
-    os.replace(staging, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
     print(f"\nwrote {path}", file=sys.stderr)
     return path
 
