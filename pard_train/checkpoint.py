@@ -1,10 +1,11 @@
-"""Train-state checkpoints (save, find, resume, retention, best) and atomic model directories.
+"""Train-state checkpoints: when to save, how (atomically, collectively), what to resume from, which one is best.
 
 Layout of a run directory (shared by all ranks, on a filesystem every node sees)::
 
     <run>/checkpoints/step_00000040/   accelerate's save_state (model, optimizer, scheduler, RNG of every rank;
                                         DeepSpeed shards under DeepSpeed) + train_state.json + config.yaml + COMPLETE
-    <run>/checkpoints/best -> step_...  the checkpoint with the highest held-out estimated AL
+    <run>/checkpoints/best -> step_...  the checkpoint with the best score of the evaluator that selects it
+                                        (measured AL when measured, else held-out estimated AL)
     <run>/final/                        the trained draft as a Hugging Face checkpoint
 
 All ranks write into ``.step_N.partial``; after a barrier rank 0 writes ``COMPLETE`` and renames it into place. A
@@ -17,13 +18,13 @@ import json
 import os
 import re
 import shutil
-import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pard_train.atomic import atomic_write_text, fsync_directory
-from pard_train.config import Config
-from pard_train.errors import ResumeError  # noqa: F401 - re-exported
+from pard_train.config import CheckpointConfig, Config
+from pard_train.errors import ResumeError
+from pard_train.model import DraftSpec
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "train_state.json"
@@ -45,14 +46,14 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-def method_settings(config: Config, mask_token_id: int) -> dict:
+def method_settings(config: Config, spec: DraftSpec) -> dict:
     """The settings that define the PARD method of a run: a checkpoint made with other values is another model."""
     return {
         "pard.num_draft_tokens": config.pard.num_draft_tokens,
         "pard.drop_tokens": config.pard.drop_tokens,
         "pard.drop_ratio": config.pard.drop_ratio,
         "pard.drop_ratio_min": config.pard.drop_ratio_min,
-        "model.mask_token_id (resolved)": mask_token_id,
+        "model.mask_token_id (resolved)": spec.mask_token_id,
         "model.path": config.model.path,
     }
 
@@ -82,13 +83,60 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path, deepspe
 
 
 class Checkpoints:
-    """Save, find and load train-state checkpoints of one run directory, collectively over all ranks."""
+    """Save, find and load train-state checkpoints of one run directory, collectively over all ranks.
 
-    def __init__(self, run_dir: str | Path, accelerator, keep_last: int):
+    It decides its own cadence (:meth:`maybe_save`), keeps the best one (:meth:`offer_best`) and resumes
+    (:meth:`resume`), so the training loop only tells it where training is."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        accelerator,
+        keep_last: int,
+        *,
+        every_steps: int = 0,
+        config_yaml: str = "",
+    ):
         self.root = Path(run_dir) / "checkpoints"
         self.accelerator, self.keep_last = accelerator, keep_last
+        self.every_steps, self.config_yaml = every_steps, config_yaml
         self.last_step: int | None = None
         """Step of the checkpoint this process last wrote or loaded."""
+
+    @classmethod
+    def build(cls, config: CheckpointConfig, run_dir: str | Path, accelerator, config_yaml: str) -> Checkpoints:
+        return cls(run_dir, accelerator, config.keep_last, every_steps=config.every_steps, config_yaml=config_yaml)
+
+    def resume(self, state: TrainState, deepspeed: bool) -> TrainState:
+        """Restore the newest complete checkpoint if there is one (refusing one made with other method settings);
+        return the state to continue from."""
+        latest = self.latest()
+        if latest is None:
+            return state
+        check_resumable(read_state(latest), state, latest, deepspeed)
+        loaded = self.load(latest)
+        if self.accelerator.is_main_process:
+            print(f"resuming from {latest} (step {loaded.step})", flush=True)
+        return replace(state, step=loaded.step, best_al=loaded.best_al)
+
+    def maybe_save(self, state: TrainState, last_step: int) -> None:
+        """Save every ``every_steps`` steps; the last step is exported instead (collective)."""
+        if self.every_steps > 0 and state.step % self.every_steps == 0 and state.step < last_step:
+            self.save_unless_saved(state)
+
+    def save_unless_saved(self, state: TrainState) -> None:
+        """Checkpoint ``state`` unless that step is already saved (collective: every rank decides alike)."""
+        if state.step > 0 and self.last_step != state.step:
+            self.save(state)
+
+    def offer_best(self, state: TrainState, score: float) -> TrainState:
+        """A new best score is checkpointed (if not already) and becomes ``checkpoints/best`` (collective)."""
+        if state.best_al is not None and score <= state.best_al:
+            return state
+        state = replace(state, best_al=score)
+        self.save_unless_saved(state)
+        self.mark_best(state.step)
+        return state
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -104,7 +152,7 @@ class Checkpoints:
     def path_for(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
-    def save(self, state: TrainState, config_yaml: str) -> Path:
+    def save(self, state: TrainState) -> Path:
         """Write the checkpoint of ``state.step`` atomically; every rank must call this."""
         acc = self.accelerator
         final = self.path_for(state.step)
@@ -118,7 +166,7 @@ class Checkpoints:
         acc.wait_for_everyone()  # every rank's shards and RNG state are on disk
         if acc.is_main_process:
             atomic_write_text(staging / STATE_FILE, json.dumps(asdict(state), indent=1))
-            atomic_write_text(staging / "config.yaml", config_yaml)
+            atomic_write_text(staging / "config.yaml", self.config_yaml)
             atomic_write_text(staging / COMPLETE, f"{state.step}\n")
             if final.exists():
                 shutil.rmtree(final)
@@ -161,33 +209,3 @@ class Checkpoints:
 
 def read_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
-
-
-class StopSignals:
-    """Record SIGTERM/SIGUSR1 (SLURM preemption, time limit, ``scancel``) so the loop can save and exit cleanly.
-
-    The handler only sets a flag; the trainer agrees on it across ranks in the all-reduce it already does each step,
-    so every rank stops after the same step.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None

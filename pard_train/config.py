@@ -164,7 +164,10 @@ class DataConfig:
     num_proc: int | None = None
     """Processes that tokenise; null: up to 8 (CPU count) for large sources, 1 for small ones."""
     group_by_length: bool = False
-    """Without packing, batch conversations of similar length together (less padding)."""
+    """Order each epoch so that micro-batches hold rows of similar length (less padding; useful with pack=false)."""
+    loader_workers: int | None = None
+    """DataLoader worker processes that build the next steps' layouts while the model trains; null: 2 on GPUs, 0
+    (in the training process) on CPU, where a worker would compete for the same cores."""
     seed: int = 0
     """Seeds the mixture sampling and the validation hold-out."""
     max_length: int = 512
@@ -182,6 +185,7 @@ class DataConfig:
         require(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
         require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in [0, 1]")
         require(self.num_proc is None or self.num_proc >= 1, "data.num_proc", "must be >= 1 or null")
+        require(self.loader_workers is None or self.loader_workers >= 0, "data.loader_workers", "must be >= 0 or null")
 
 
 @dataclass

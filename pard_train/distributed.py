@@ -91,6 +91,35 @@ def shutdown(accelerator: Accelerator) -> None:
     GradientState._reset_state()
 
 
+def clip_grad_norm(accelerator: Accelerator, model, max_norm: float) -> float:
+    """Clip the global gradient norm and return it before clipping (NaN when clipping is off)."""
+    if is_deepspeed(accelerator):  # the engine clipped already (``gradient_clipping``); this reads its norm
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return float("nan") if norm is None else float(norm)
+    if max_norm <= 0:
+        return float("nan")
+    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+
+
+def check_replicas_agree(accelerator: Accelerator, model) -> None:
+    """Data-parallel replicas must hold identical weights: an all-gather of a float64 checksum catches divergence
+    (nondeterministic kernels, a rank that skipped a step). ZeRO-3 keeps one sharded copy: nothing to compare.
+
+    The checksum is summed parameter by parameter, so at most one parameter's float64 copy exists at a time."""
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.num_processes == 1 or (plugin is not None and plugin.zero_stage == 3):
+        return
+    local = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for parameter in accelerator.unwrap_model(model).parameters():
+        value = parameter.detach().double()
+        local += torch.stack([value.sum(), value.square().sum()])
+        del value
+    gathered = accelerator.gather(local[None]).cpu()
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"data-parallel replicas diverged: parameter checksums per rank {gathered.tolist()}")
+    print0(accelerator, f"replicas agree: {accelerator.num_processes} processes hold identical parameters")
+
+
 def print0(accelerator: Accelerator, *args) -> None:
     """Print on the main process only."""
     if accelerator.is_main_process:

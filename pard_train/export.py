@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pard_train.atomic import atomic_directory
+from pard_train.atomic import atomic_directory, atomic_write_text
 from pard_train.errors import ExportError, PardTrainError
 from pard_train.mask_token import validate_mask_token
-from pard_train.model import mark_as_pard
+from pard_train.model import DraftSpec, embedding_rows, mark_as_pard
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -66,108 +67,138 @@ def check_vocabulary(draft_rows: int, draft_tokenizer, target) -> None:
             )
 
 
+def _speculative_config(path: str, num_draft_tokens: int) -> dict:
+    return {
+        "model": path,
+        "method": "draft_model",
+        "parallel_drafting": True,
+        "num_speculative_tokens": num_draft_tokens,
+    }
+
+
 def _vllm_command(path: str, num_draft_tokens: int) -> str:
-    spec = json.dumps(
-        {"model": path, "method": "draft_model", "parallel_drafting": True, "num_speculative_tokens": num_draft_tokens}
-    )
-    return f"vllm serve TARGET_MODEL --speculative-config '{spec}'"
+    return f"vllm serve TARGET_MODEL --speculative-config '{json.dumps(_speculative_config(path, num_draft_tokens))}'"
 
 
-def model_card(
-    *,
-    name: str,
-    base_model: str,
-    num_draft_tokens: int,
-    mask_token_id: int,
-    dtype: torch.dtype,
-    recipe: dict,
-    al_table: str | None,
-) -> str:
-    """The README.md of an exported draft: what it is, how it was made, how well it drafts, how to serve it."""
-    data = recipe.get("data", {}) if isinstance(recipe.get("data"), dict) else {}
-    files = data.get("train_files") or "see the recipe below"
-    lines = [
-        "---",
-        f"base_model: {base_model}",
-        "library_name: transformers",
-        "tags: [speculative-decoding, pard, draft-model]",
-        "---",
-        "",
-        f"# {name}: a PARD parallel draft model",
-        "",
-        f"A PARD draft trained from `{base_model}`: given the accepted tokens followed by {num_draft_tokens - 1} "
-        f"copies of the mask token (id {mask_token_id}), one forward pass drafts {num_draft_tokens} tokens. "
-        "It is a plain causal LM with the base model's architecture, tokenizer and vocabulary; `config.json` carries "
-        f'`"pard_token": {mask_token_id}` and `"spd_type": "pard"`.',
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base model | `{base_model}` |",
-        f"| trained K (`num_draft_tokens`) | {num_draft_tokens} |",
-        f"| mask token id | {mask_token_id} |",
-        f"| weights dtype | {str(dtype).removeprefix('torch.')} |",
-        f"| training data | {files if isinstance(files, str) else ', '.join(f'`{f}`' for f in files)} |",
-        "",
-        "## Serve with vLLM (0.16 or later)",
-        "",
-        "Serve with a K no larger than the trained one; draft and target must share the vocabulary.",
-        "",
-        "```bash",
-        _vllm_command("PATH_TO_THIS_DIRECTORY", num_draft_tokens),
-        "```",
-        "",
-        "or in Python: `LLM(model=TARGET_MODEL, speculative_config="
-        + json.dumps(
-            {
-                "model": "PATH_TO_THIS_DIRECTORY",
-                "method": "draft_model",
-                "parallel_drafting": True,
-                "num_speculative_tokens": num_draft_tokens,
-            }
-        )
-        + ")`.",
-        "",
-        "## Measured acceptance length",
-        "",
-        al_table.strip()
-        if al_table
-        else "Not measured at export time: run `python -m pard_train.evaluate` with this draft and a target.",
-        "",
-        "## Training recipe",
-        "",
-        "```json",
-        json.dumps(recipe, indent=2, default=str),
-        "```",
-        "",
-        "Trained with `pard_train`.",
-        "",
-    ]
-    return "\n".join(lines)
+def training_recipe(config: dict, steps: int | None = None) -> dict:
+    """How a draft was trained, for its model card, from the resolved training config as a plain dict (what the
+    trainer holds, and what it saves as ``RUN_DIR/config.yaml`` for the export CLI): one shape for both."""
+    pard, data, train = config.get("pard", {}), config.get("data", {}), config.get("train", {})
+    files = list(data.get("train_files") or []) + [source.get("path") for source in data.get("sources") or []]
+    recipe = {
+        "base_model": config.get("model", {}).get("path"),
+        "num_draft_tokens": pard.get("num_draft_tokens"),
+        "drop_tokens": (
+            f"r={pard.get('drop_ratio')}, r_min={pard.get('drop_ratio_min')}" if pard.get("drop_tokens") else "off"
+        ),
+        "data": files,
+        "loss_on": data.get("loss_on"),
+        "max_length": data.get("max_length"),
+        "optimizer": (
+            f"AdamW lr={train.get('lr')} ({train.get('schedule')}, {train.get('warmup_steps')} warm-up steps), "
+            f"weight decay {train.get('weight_decay')}"
+        ),
+        "batch": f"{train.get('micro_batch_size')} rows x {train.get('grad_accum_steps')} accumulation per process",
+        "epochs": train.get("epochs"),
+        "precision": train.get("precision"),
+    }
+    if steps is not None:
+        recipe["steps"] = steps
+    return {key: value for key, value in recipe.items() if value is not None}
+
+
+@dataclass
+class ModelCard:
+    """The README.md of an exported draft: what it is, how it was made, how well it drafts, how to serve it.
+    Rendered in one place; the trainer rewrites it whole once acceptance has been measured."""
+
+    name: str
+    spec: DraftSpec
+    dtype: torch.dtype
+    recipe: dict = field(default_factory=dict)
+    al_table: str | None = None
+
+    def write(self, directory: str | Path) -> Path:
+        return atomic_write_text(Path(directory) / "README.md", self.render())
+
+    def render(self) -> str:
+        spec, k = self.spec, self.spec.num_draft_tokens
+        files = self.recipe.get("data") or []
+        lines = [
+            "---",
+            f"base_model: {spec.base_model}",
+            "library_name: transformers",
+            "tags: [speculative-decoding, pard, draft-model]",
+            "---",
+            "",
+            f"# {self.name}: a PARD parallel draft model",
+            "",
+            f"A PARD draft trained from `{spec.base_model}`: given the accepted tokens followed by {k - 1} "
+            f"copies of the mask token (id {spec.mask_token_id}), one forward pass drafts {k} tokens. "
+            "It is a plain causal LM with the base model's architecture, tokenizer and vocabulary; `config.json` "
+            f'carries `"pard_token": {spec.mask_token_id}` and `"spd_type": "pard"`.',
+            "",
+            "| | |",
+            "|---|---|",
+            f"| base model | `{spec.base_model}` |",
+            f"| trained K (`num_draft_tokens`) | {k} |",
+            f"| mask token id | {spec.mask_token_id} |",
+            f"| weights dtype | {str(self.dtype).removeprefix('torch.')} |",
+            f"| training data | {', '.join(f'`{f}`' for f in files) or 'not recorded'} |",
+            "",
+            "## Serve with vLLM (0.16 or later)",
+            "",
+            "Serve with a K no larger than the trained one; draft and target must share the vocabulary.",
+            "",
+            "```bash",
+            _vllm_command("PATH_TO_THIS_DIRECTORY", k),
+            "```",
+            "",
+            "or in Python: `LLM(model=TARGET_MODEL, speculative_config="
+            + json.dumps(_speculative_config("PATH_TO_THIS_DIRECTORY", k))
+            + ")`.",
+            "",
+            "## Measured acceptance length",
+            "",
+            self.al_table.strip()
+            if self.al_table
+            else "Not measured: run `python -m pard_train.evaluate` with this draft and a target.",
+            "",
+            "## Training recipe",
+            "",
+            "```json",
+            json.dumps(self.recipe, indent=2, default=str),
+            "```",
+            "",
+            "Trained with `pard_train`.",
+            "",
+        ]
+        return "\n".join(lines)
 
 
 def export_draft(
     model,
     tokenizer,
     output_dir: str | Path,
+    spec: DraftSpec,
     *,
-    num_draft_tokens: int,
-    mask_token_id: int,
-    base_model: str,
     dtype: torch.dtype | str | None = None,
     recipe: dict | None = None,
     al_table: str | None = None,
     target=None,
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
+) -> ModelCard:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
     ``dtype``: the weights' dtype on disk (``torch.bfloat16``, ``"bf16"``, ...; None keeps the parameters' dtype); the
-    caller's model is not modified except for the PARD fields of its config. ``target``: a model directory, config or
-    model whose vocabulary must equal the draft's (checked only when given). ``state_dict``: the weights to write
-    instead of ``model.state_dict()`` (the trainer passes the one gathered from ZeRO-3 shards). Raises ExportError
-    (existing directory without ``overwrite``, vocabulary mismatch) or MaskTokenError (unusable mask id).
+    caller's model is not modified except for the PARD fields of its config. ``recipe``: see :func:`training_recipe`.
+    ``target``: a model directory, config or model whose vocabulary must equal the draft's (checked only when given).
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (the trainer passes the one gathered from
+    ZeRO-3 shards). Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
+    Raises ExportError (existing directory without ``overwrite``, vocabulary mismatch) or MaskTokenError.
     """
+    num_draft_tokens, mask_token_id = spec.num_draft_tokens, spec.mask_token_id
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise ExportError(f"{output_dir} already exists; choose another --output or pass --overwrite to replace it")
@@ -178,8 +209,7 @@ def export_draft(
             raise ExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     dtype = dtype or next(model.parameters()).dtype
-    weight = model.get_input_embeddings().weight
-    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions the parameter; ds_shape is its real shape
+    rows = embedding_rows(model)
     validate_mask_token(tokenizer, rows, mask_token_id)
     if _text_config(model.config).vocab_size != rows:
         raise ExportError(f"config.vocab_size {model.config.vocab_size} != {rows} embedding rows; the model is corrupt")
@@ -210,17 +240,9 @@ def export_draft(
             GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(
                 staging
             )
-        card = model_card(
-            name=output_dir.name,
-            base_model=base_model,
-            num_draft_tokens=num_draft_tokens,
-            mask_token_id=mask_token_id,
-            dtype=dtype,
-            recipe=recipe or {},
-            al_table=al_table,
-        )
-        (staging / "README.md").write_text(card)
-    return output_dir
+        card = ModelCard(output_dir.name, spec, dtype, recipe or {}, al_table)
+        card.write(staging)
+    return card
 
 
 def _al_table_from(path: Path) -> str:
@@ -233,12 +255,12 @@ def _al_table_from(path: Path) -> str:
 
 
 def _recipe_from(checkpoint: Path) -> dict:
-    """The training config saved by the trainer beside the checkpoint (``RUN_DIR/config.yaml``), if any."""
+    """The recipe from the training config saved beside the checkpoint (``RUN_DIR/config.yaml``), if any."""
     for candidate in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml"):
         if candidate.exists():
             from omegaconf import OmegaConf
 
-            return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
+            return training_recipe(OmegaConf.to_container(OmegaConf.load(candidate), resolve=False))
     return {}
 
 
@@ -270,18 +292,16 @@ def main(argv: list[str] | None = None) -> int:
                 "--num-draft-tokens"
             )
         recipe = _recipe_from(checkpoint)
-        base_model = args.base_model or recipe.get("model", {}).get("path") or str(checkpoint)
+        base_model = args.base_model or recipe.get("base_model") or str(checkpoint)
         dtype = DTYPES[args.dtype] if args.dtype else getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # configs may hold the name
         model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        out = export_draft(
+        export_draft(
             model,
             tokenizer,
             args.output,
-            num_draft_tokens=num_draft_tokens,
-            mask_token_id=mask_token_id,
-            base_model=base_model,
+            DraftSpec(num_draft_tokens, mask_token_id, base_model),
             dtype=dtype,
             recipe=recipe,
             al_table=_al_table_from(args.al_table) if args.al_table else None,
@@ -291,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PardTrainError, OSError) as error:
         print(f"pard_train.export: error: {error}", file=sys.stderr)
         return 2
+    out = Path(args.output)
     print(f"exported {out} (K={num_draft_tokens}, mask token {mask_token_id}, {str(dtype).removeprefix('torch.')})")
     print(_vllm_command(str(out.resolve()), num_draft_tokens))
     return 0

@@ -106,3 +106,15 @@ def pard_loss(
             count=torch.bincount(depth, minlength=num_depths).float(),
         )
     return token_loss.sum() / normalizer, stats
+
+
+class PardObjective(torch.nn.Module):
+    """The draft and its PARD loss as one module. DDP and DeepSpeed attach their gradient machinery in ``forward``,
+    so the loss (which runs the decoder and the LM head separately) must be computed inside it."""
+
+    def __init__(self, draft, backend: AttentionBackend, num_depths: int):
+        super().__init__()
+        self.draft, self.backend, self.num_depths = draft, backend, num_depths
+
+    def forward(self, batch: PardBatch, normalizer: float) -> tuple[Tensor, DepthStats]:
+        return pard_loss(self.draft, batch, self.backend, self.num_depths, normalizer)

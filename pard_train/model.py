@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,11 +56,25 @@ def mark_as_pard(model, mask_token_id: int, num_draft_tokens: int) -> None:
     model.config.num_draft_tokens = num_draft_tokens
 
 
-def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens: int, build_texts=()):
-    """Load (or build, for ``build_tiny``) the draft model and tokenizer, choose and validate the mask token.
+@dataclass(frozen=True)
+class DraftSpec:
+    """What makes a model a PARD draft, decided once when it is loaded and passed to everything downstream (layout,
+    checkpoints, export, acceptance): K, the mask row, and the AR model it was trained from."""
 
-    Returns ``(model, tokenizer, mask_token_id)``; the model is in float32 (mixed precision casts on the fly).
-    """
+    num_draft_tokens: int
+    mask_token_id: int
+    base_model: str
+
+
+def embedding_rows(model) -> int:
+    """Rows of the input embedding; under ZeRO-3 the parameter is a partitioned stub and ``ds_shape`` is its shape."""
+    weight = model.get_input_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+def prepare_model_files(config: ModelConfig, build_texts=()) -> None:
+    """Write what ``model.path`` must hold before it can be loaded: the tiny preset's random checkpoint, or the GGUF
+    package's conversion. Run it on one process first (``main_process_first``); loading is collective."""
     if config.gguf_package:
         from pard_train.gguf import ensure_converted
 
@@ -68,12 +83,20 @@ def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens:
         from pard_train.tiny import ensure_tiny_checkpoint
 
         ensure_tiny_checkpoint(config.path, texts=build_texts)
+
+
+def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens: int):
+    """Load the draft model and tokenizer, choose and validate the mask token.
+
+    Every process must call this together: under ZeRO-3, ``from_pretrained`` partitions the weights as it loads,
+    which is a collective. Returns ``(model, tokenizer, DraftSpec)``; the model is in float32 (mixed precision casts
+    on the fly).
+    """
     tokenizer = load_tokenizer(config.path, config.trust_remote_code)
     model = load_causal_lm(config.path, backend, trust_remote_code=config.trust_remote_code)
-    rows = model.get_input_embeddings().weight.shape[0]
-    mask_token_id = choose_mask_token(tokenizer, rows, config.mask_token_id)
+    mask_token_id = choose_mask_token(tokenizer, embedding_rows(model), config.mask_token_id)
     mark_as_pard(model, mask_token_id, num_draft_tokens)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model, tokenizer, mask_token_id
+    return model, tokenizer, DraftSpec(num_draft_tokens, mask_token_id, config.path)

@@ -8,10 +8,16 @@ needs no network; the run id is kept in the run directory so a resumed run conti
 from __future__ import annotations
 
 import json
+import math
+import resource
+import time
 import uuid
 from pathlib import Path
 
+import torch
+
 from pard_train.config import Config, TrackerKind
+from pard_train.loss import DepthStats
 
 
 class Tracker:
@@ -122,3 +128,57 @@ def peak_flops(device_name: str) -> float | None:
     name = device_name.upper().replace(" ", "")
     matches = [flops for key, flops in PEAK_BF16_FLOPS.items() if key in name]
     return max(matches) if matches else None
+
+
+def count_parameters(model) -> int:
+    """Parameters that do a multiply per token (the input embedding is a lookup); ZeRO-3 stubs report ``ds_numel``."""
+    embedding = model.get_input_embeddings().weight
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not embedding)
+
+
+class MetricsWindow:
+    """Metrics accumulated between log lines, reduced over processes when flushed: loss and accuracy per depth,
+    estimated AL, grad norm, labelled tokens/s, samples/s, layout tokens/s, memory, MFU on known GPUs."""
+
+    def __init__(self, num_depths: int, draft, accelerator, log_every: int):
+        self.num_depths, self.accelerator, self.log_every = num_depths, accelerator, log_every
+        self.num_params = count_parameters(draft)
+        on_gpu = accelerator.device.type == "cuda"
+        self.peak = peak_flops(torch.cuda.get_device_name(accelerator.device)) if on_gpu else None
+        self._reset()
+
+    def should_log(self, step: int, last_step: int) -> bool:
+        return step % self.log_every == 0 or step == last_step
+
+    def _reset(self):
+        self.stats, self.grad_norms, self.started = None, [], time.perf_counter()
+        self.counts = torch.zeros(2)  # packed rows, real (non-padding) layout tokens of this rank
+
+    def add(self, stats: DepthStats, grad_norm: float, micro_batches) -> None:
+        self.stats = stats if self.stats is None else self.stats + stats
+        self.grad_norms.append(grad_norm)
+        rows = sum(len(b.input_ids) for b in micro_batches)
+        tokens = sum(int((b.document >= 0).sum()) for b in micro_batches)
+        self.counts += torch.tensor([rows, tokens], dtype=torch.float)
+
+    def flush(self, step: int, epoch: int, lr: float) -> dict:
+        acc = self.accelerator
+        total = DepthStats.from_tensor(acc.reduce(self.stats.as_tensor(), reduction="sum"))
+        rows, tokens = acc.reduce(self.counts.to(acc.device), reduction="sum").tolist()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        record = {"step": step, "epoch": epoch, "lr": lr, **total.summary()}
+        record["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        record["labelled_tokens_per_s"] = float(total.count.sum()) / elapsed
+        record["labelled_tokens"] = int(total.count.sum())
+        record["samples_per_s"] = rows / elapsed
+        record["layout_tokens_per_s"] = tokens / elapsed
+        if acc.device.type == "cuda":
+            record["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        else:  # peak resident memory of this process (Linux reports KiB)
+            record["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if self.peak:  # 6 N FLOPs per real layout token (forward + backward), over every device's peak
+            record["mfu"] = 6 * self.num_params * tokens / elapsed / (self.peak * acc.num_processes)
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
+        self._reset()
+        return record

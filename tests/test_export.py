@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pard_train.evaluate.tiny_pair import build_pair, ensure_tiny_pair
 from pard_train.export import ExportError, export_draft
 from pard_train.mask_token import MaskTokenError
+from pard_train.model import DraftSpec
 from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
 
 K = 4
@@ -23,11 +24,11 @@ def pair():
     return build_pair(num_draft_tokens=K)
 
 
-def export(pair, path, **kwargs):
+def export(pair, path, mask_token_id=None, **kwargs):
     _, draft, tokenizer, mask_id = pair
-    options = dict(num_draft_tokens=K, mask_token_id=mask_id, base_model="tiny-llama", recipe={"pard": {"K": K}})
-    options.update(kwargs)
-    return export_draft(draft, tokenizer, path, **options)
+    spec = DraftSpec(K, mask_id if mask_token_id is None else mask_token_id, "tiny-llama")
+    export_draft(draft, tokenizer, path, spec, **{"recipe": {"num_draft_tokens": K, "data": ["chat.jsonl"]}, **kwargs})
+    return path
 
 
 def test_round_trip_same_logits_and_pard_fields(pair, tmp_path):
@@ -47,6 +48,7 @@ def test_round_trip_same_logits_and_pard_fields(pair, tmp_path):
     card = (out / "README.md").read_text()
     assert '"parallel_drafting": true' in card and '"num_speculative_tokens": 4' in card
     assert '"method": "draft_model"' in card and "| gsm8k | 3.1 |" in card and "base_model: tiny-llama" in card
+    assert "| training data | `chat.jsonl` |" in card
     assert not list(tmp_path.glob(".*partial*"))
 
 

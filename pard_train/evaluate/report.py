@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pard_train.atomic import atomic_write_bytes
+from pard_train.atomic import atomic_write_bytes, atomic_write_text
 
 MODE_ORDER = ("target", "ar", "pard")
 
@@ -129,3 +129,80 @@ def write_report(report: dict, output_dir: str | Path) -> Path:
     plot_acceptance_length(report, output_dir / "acceptance_length.png")
     plot_acceptance_by_position(report, output_dir / "acceptance_by_position.png")
     return output_dir
+
+
+# Acceptance around training: the untrained draft against the trained one (``pard_train.acceptance``).
+
+
+def _al(entry: dict) -> float | None:
+    return entry.get("pard", {}).get("acceptance_length")
+
+
+def before_after(before: dict, after: dict, output_dir: str | Path) -> str:
+    """A Markdown table (AL per benchmark, acceptance per draft position) and a PNG; returns the Markdown."""
+    output_dir = Path(output_dir)
+    benchmarks = [*after["benchmarks"], "all"]
+    rows = {}
+    for name in benchmarks:
+        b = before["overall"] if name == "all" else before["benchmarks"][name]
+        a = after["overall"] if name == "all" else after["benchmarks"][name]
+        rows[name] = {
+            "before": _al(b),
+            "after": _al(a),
+            "before_by_position": b["pard"]["conditional_acceptance"],
+            "after_by_position": a["pard"]["conditional_acceptance"],
+        }
+    k = after["num_draft_tokens"]
+    lines = [
+        "| benchmark | AL before | AL after | gain |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
+            for name, r in rows.items()
+        ),
+        "",
+        "Conditional acceptance per draft position (all benchmarks): P(position i accepted | positions < i accepted)",
+        "",
+        "| position | " + " | ".join(str(i + 1) for i in range(k)) + " |",
+        "|---|" + "---|" * k,
+        "| before | " + " | ".join(_pct(v) for v in rows["all"]["before_by_position"]) + " |",
+        "| after | " + " | ".join(_pct(v) for v in rows["all"]["after_by_position"]) + " |",
+    ]
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(output_dir / "before_after.md", markdown)
+    atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
+    _plot_before_after(rows, k, output_dir / "before_after.png")
+    return markdown
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _plot_before_after(rows: dict, k: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(rows)
+    width = 0.38
+    for offset, key in ((-width / 2, "before"), (width / 2, "after")):
+        left.bar([i + offset for i in range(len(names))], [rows[n][key] or 0 for n in names], width, label=key)
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("acceptance length (tokens per target forward)")
+    left.set_title("PARD acceptance length")
+    left.legend(loc="lower right")
+    positions = range(1, k + 1)
+    for key in ("before_by_position", "after_by_position"):
+        values = [v if v is not None else float("nan") for v in rows["all"][key]]
+        right.plot(positions, values, marker="o", label=key.split("_")[0])
+    right.set_xticks(list(positions))
+    right.set_ylim(0, 1)
+    right.set_xlabel("draft position")
+    right.set_ylabel("conditional acceptance")
+    right.set_title("Acceptance per draft position (all benchmarks)")
+    right.legend()
+    figure.tight_layout()
+    _save(figure, path)

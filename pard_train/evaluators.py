@@ -1,0 +1,150 @@
+"""Evaluation during training: each evaluator decides when it runs and whether its score picks the best checkpoint.
+
+- :class:`HeldOut`: loss and top-1 accuracy per depth on the validation split (``eval.every_steps``); its score is
+  the estimated acceptance length.
+- :class:`MeasuredAcceptance`: acceptance length measured by the speculative-decoding harness with a real target
+  (``acceptance.every_steps``); its score is the number a server sees, so when it runs it picks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Protocol
+
+import torch
+
+from pard_train.checkpoint import Checkpoints, TrainState
+from pard_train.config import Config, ConfigError
+from pard_train.data import PardCollator
+from pard_train.loss import DepthStats
+from pard_train.model import DraftSpec
+
+
+class Evaluator(Protocol):
+    every: int
+    """Run every this many optimizer steps, and at the last one."""
+    selects_best: bool
+    """Whether :attr:`score_key` of its record chooses ``checkpoints/best``."""
+    score_key: str
+
+    def run(self, model) -> dict[str, float]:
+        """Collective: every rank calls it and gets the same record."""
+        ...
+
+
+def build_evaluators(
+    config: Config, validation, collate: PardCollator, tokenizer, spec: DraftSpec, accelerator
+) -> list[Evaluator]:
+    evaluators: list[Evaluator] = []
+    measured = config.acceptance.every_steps > 0
+    if config.eval.every_steps:
+        evaluators.append(HeldOut.build(config, validation, collate, accelerator, selects_best=not measured))
+    if measured:
+        if config.deepspeed.enabled and config.deepspeed.zero_stage == 3:
+            raise ConfigError("acceptance.every_steps needs whole weights on one process; not available with ZeRO-3")
+        evaluators.append(MeasuredAcceptance(config, tokenizer, spec, accelerator))
+    return evaluators
+
+
+def run_due(
+    evaluators: list[Evaluator], model, state: TrainState, last_step: int, checkpoints: Checkpoints, tracker
+) -> TrainState:
+    """Run the evaluators due at ``state.step``, log their records, and offer the selecting one's score as best."""
+    for evaluator in evaluators:
+        if state.step % evaluator.every and state.step != last_step:
+            continue
+        record = evaluator.run(model)
+        tracker.log({f"eval/{key}": value for key, value in record.items()}, state.step)
+        if evaluator.selects_best:
+            state = checkpoints.offer_best(state, record[evaluator.score_key])
+    return state
+
+
+class HeldOut:
+    """Loss and top-1 accuracy per depth on held-out rows, each rank scoring its own share, summed over ranks."""
+
+    score_key = "estimated_al"
+
+    def __init__(self, rows, collate: PardCollator, accelerator, micro_batch_size: int, every: int, selects_best: bool):
+        self.rows, self.collate, self.accelerator = rows, collate, accelerator
+        self.micro, self.every, self.selects_best = micro_batch_size, every, selects_best
+        self.num_depths = collate.num_depths
+
+    @classmethod
+    def build(cls, config: Config, rows, collate: PardCollator, accelerator, selects_best: bool) -> HeldOut:
+        if not rows:
+            raise ConfigError(
+                "eval.every_steps: the data has no validation split; set data.validation_files or "
+                "data.validation_fraction, or eval.every_steps=0"
+            )
+        rows = rows[: config.eval.max_rows]
+        # Its own collator: fixed layouts (epoch 0, another seed), independent of the training epoch.
+        held_out = replace(collate, seed=collate.seed + 1_000_003, epoch=0)
+        return cls(rows, held_out, accelerator, config.train.micro_batch_size, config.eval.every_steps, selects_best)
+
+    @torch.no_grad()
+    def run(self, model) -> dict[str, float]:
+        acc = self.accelerator
+        mine = list(range(acc.process_index, len(self.rows), acc.num_processes))
+        # Every rank runs the same number of forwards (ZeRO-3 gathers parameters in each, collectively): a rank with
+        # fewer rows scores a filler batch and discards it.
+        num_batches = math.ceil(math.ceil(len(self.rows) / acc.num_processes) / self.micro)
+        stats = DepthStats(*(torch.zeros(self.num_depths, device=acc.device) for _ in range(3)))
+        was_training = model.training
+        model.eval()
+        for index in range(num_batches):
+            chunk = mine[index * self.micro : (index + 1) * self.micro]
+            batch = self.collate([(i, self.rows[i]) for i in chunk or [0]])
+            with acc.autocast():
+                _, batch_stats = model(batch.to(acc.device), 1.0)
+            if chunk:
+                stats = stats + batch_stats
+        model.train(was_training)
+        return DepthStats.from_tensor(acc.reduce(stats.as_tensor(), reduction="sum")).summary()
+
+
+class MeasuredAcceptance:
+    """The harness in PARD mode on the main process, with the model being trained as draft and the configured target;
+    every rank gets the record (choosing the best checkpoint is collective)."""
+
+    score_key = "acceptance_length"
+    selects_best = True
+
+    def __init__(self, config: Config, tokenizer, spec: DraftSpec, accelerator):
+        from pard_train.config import AttentionBackend
+        from pard_train.evaluate.benchmarks import load_prompts
+        from pard_train.model import load_causal_lm
+
+        self.config, self.tokenizer, self.spec, self.accelerator = config, tokenizer, spec, accelerator
+        self.every = config.acceptance.every_steps
+        self.target, self.prompts = None, []
+        if accelerator.is_main_process:
+            settings = config.acceptance
+            target = load_causal_lm(settings.target or config.model.path, AttentionBackend.sdpa)
+            self.target = target.to(accelerator.device).eval()
+            for name in settings.benchmarks:
+                self.prompts += [prompt.turns[0] for prompt in load_prompts(name, settings.num_prompts)[1]]
+
+    def run(self, model) -> dict[str, float]:
+        from accelerate.utils import broadcast_object_list
+
+        from pard_train.evaluate import measure_acceptance
+
+        result = [None]
+        if self.accelerator.is_main_process:
+            summary = measure_acceptance(
+                self.accelerator.unwrap_model(model).draft,
+                self.target,
+                self.tokenizer,
+                self.prompts,
+                num_draft_tokens=self.spec.num_draft_tokens,
+                mask_token_id=self.spec.mask_token_id,
+                max_new_tokens=self.config.acceptance.max_new_tokens,
+            )
+            record = {"acceptance_length": summary["acceptance_length"]}
+            for position, value in enumerate(summary["conditional_acceptance"], start=1):
+                record[f"acceptance/position_{position}"] = value if value is not None else float("nan")
+            result = [record]
+        broadcast_object_list(result, from_process=0)
+        return result[0]
