@@ -83,9 +83,11 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
 
 def shutdown(accelerator: Accelerator) -> None:
     """Leave the process group cleanly (gloo otherwise warns, and a later run in the same process cannot start)."""
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if is_deepspeed(accelerator) and torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, so it can start again
+    accelerator.end_training()  # leaves the process group (when DeepSpeed has not already)
     # accelerate keeps process-wide singletons; reset them so a later train() in this process starts fresh.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

@@ -72,17 +72,20 @@ def embedding_rows(model) -> int:
     return getattr(weight, "ds_shape", weight.shape)[0]
 
 
-def prepare_model_files(config: ModelConfig, build_texts=()) -> None:
-    """Write what ``model.path`` must hold before it can be loaded: the tiny preset's random checkpoint, or the GGUF
-    package's conversion. Run it on one process first (``main_process_first``); loading is collective."""
+def prepare_model_files(config: ModelConfig, train_files: list[str]) -> None:
+    """Write what ``model.path`` must hold before it can be loaded: the tiny preset's random checkpoint (its BPE
+    tokenizer trained on the training files), or the GGUF package's conversion. Run it on one process first
+    (``main_process_first``); loading is collective."""
     if config.gguf_package:
         from pard_train.gguf import ensure_converted
 
         ensure_converted(config.gguf_package, config.path)
     if config.build_tiny:
+        from pard_train.data.dataset import expand_files
         from pard_train.tiny import ensure_tiny_checkpoint
 
-        ensure_tiny_checkpoint(config.path, texts=build_texts)
+        texts = [path.read_text(encoding="utf-8") for path in expand_files(train_files)]
+        ensure_tiny_checkpoint(config.path, texts=texts)
 
 
 def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens: int):

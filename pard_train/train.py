@@ -61,7 +61,7 @@ class Trainer:
         self.run_dir = Path(config.run.path)
         self.backend = resolve_backend(config.model.attention, acc.device)
         with acc.main_process_first():  # rank 0 builds or converts the model files, the others then find them
-            prepare_model_files(config.model, _texts_for_tiny_tokenizer(config) if config.model.build_tiny else ())
+            prepare_model_files(config.model, config.data.train_files)
         # Every rank loads together: under ZeRO-3 loading partitions the weights, a collective.
         draft, self.tokenizer, self.spec = load_draft(config.model, self.backend, config.pard.num_draft_tokens)
         print0(acc, f"draft {config.model.path}: mask token {self.spec.mask_token_id}, K={self.spec.num_draft_tokens}")
@@ -118,13 +118,11 @@ class Trainer:
         if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.tracker.log_config(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
-            self.tracker.log_config({"data_stats": {k: v for k, v in self.data_stats.items() if _is_number(v)}})
+            numbers = {key: value for key, value in self.data_stats.items() if isinstance(value, (int, float))}
+            self.tracker.log_config({"data_stats": numbers})
 
         steps = StepBatches(self.rows, self.schedule, self.collate, self.state.step + 1, self.last_step)
-        workers = config.data.loader_workers
-        workers = (2 if acc.device.type == "cuda" else 0) if workers is None else workers
-        loader = iter(step_loader(steps, workers, pin_memory=acc.device.type == "cuda"))
-        self.teardown.callback(_close_loader, loader)
+        loader = self.teardown.enter_context(step_loader(steps, config.data.loader_workers, acc.device))
         progress = tqdm(
             total=self.last_step,
             initial=self.state.step,
@@ -185,8 +183,9 @@ class Trainer:
         acc, config = self.accelerator, self.config
         check_replicas_agree(acc, self.model)
         final_dir = self.run_dir / "final"
-        # Collective: ZeRO-3 gathers its shards here; elsewhere the state dict is the model's own.
-        state_dict = {name.removeprefix("draft."): value for name, value in acc.get_state_dict(self.model).items()}
+        # Collective: ZeRO-3 gathers its shards onto rank 0 (the others get None); elsewhere it is the model's own.
+        gathered = acc.get_state_dict(self.model) or {}
+        state_dict = {name.removeprefix("draft."): value for name, value in gathered.items()}
         if acc.is_main_process:
             card = export_draft(
                 acc.unwrap_model(self.model).draft,
@@ -206,21 +205,3 @@ class Trainer:
                 self.tracker.log(record, self.state.step)
         acc.wait_for_everyone()
         return final_dir
-
-
-def _texts_for_tiny_tokenizer(config: Config) -> list[str]:
-    """Text to train the tiny preset's BPE tokenizer on: the training files themselves."""
-    from pard_train.data.dataset import expand_files
-
-    return [path.read_text(encoding="utf-8") for path in expand_files(config.data.train_files)]
-
-
-def _close_loader(loader) -> None:
-    """Stop a DataLoader's worker processes now rather than at garbage collection."""
-    shutdown_workers = getattr(loader, "_shutdown_workers", None)
-    if shutdown_workers is not None:
-        shutdown_workers()
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float))

@@ -43,7 +43,9 @@ def test_tiny_run_measures_acceptance_before_after_and_periodically(tmp_path, ti
     assert rows["all"]["before"] == pytest.approx(before["overall"]["pard"]["acceptance_length"])
     assert rows["all"]["after"] == pytest.approx(after["overall"]["pard"]["acceptance_length"])
     assert "| all |" in (run / "acceptance" / "before_after.md").read_text()
-    assert "Acceptance length measured after training" in (final / "README.md").read_text()
+    card = (final / "README.md").read_text()  # written once more, whole, with the measured comparison in place
+    assert card.count("## Measured acceptance length") == 1 and "Not measured" not in card
+    assert (run / "acceptance" / "before_after.md").read_text().strip() in card
 
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
     assert [e["step"] for e in evals] == [3, 6]

@@ -39,6 +39,9 @@ def test_shortened_demo_reports_acceptance_before_and_after(tmp_path):
     assert rows["all"]["before_by_position"][0] == 1.0
     assert (run / "acceptance" / "before_after.png").stat().st_size > 0
     card = (run / "final" / "README.md").read_text()
-    assert "Acceptance length measured after training" in card and "num_speculative_tokens" in card
+    assert (
+        "## Measured acceptance length\n\n| benchmark | AL before | AL after | gain |" in card
+        and "num_speculative_tokens" in card
+    )
     exported = json.loads((run / "final" / "config.json").read_text())
     assert exported["pard_token"] == 16 and exported["spd_type"] == "pard" and exported["num_draft_tokens"] == 4

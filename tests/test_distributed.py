@@ -1,6 +1,7 @@
-"""Two CPU processes (gloo) under torchrun with DeepSpeed ZeRO-2: loss falls, both ranks end with identical
-parameters, and the loss normalisation by the labelled tokens of the whole global batch is exact: every step matches
-a single process that trains on the same global batch (as 2 accumulated micro-batches)."""
+"""Two CPU processes (gloo) under torchrun with DeepSpeed ZeRO-2 and ZeRO-3: loss falls, the loss normalisation by
+the labelled tokens of the whole global batch is exact (every step matches a single process that trains on the same
+global batch as 2 accumulated micro-batches), a stopped run continues on the same trajectory, and the export holds
+the full weights."""
 
 from __future__ import annotations
 
@@ -14,34 +15,55 @@ from safetensors.torch import load_file
 from pard_train.config import DeepSpeedConfig
 from pard_train.distributed import deepspeed_config
 
-STEPS = ["train.max_steps=6", "checkpoint.every_steps=0", "train.max_grad_norm=0.5"]
+# A constant LR, so that a run stopped early and continued follows the same trajectory as an uninterrupted one.
+STEPS = ["checkpoint.every_steps=0", "train.max_grad_norm=0.5", "train.schedule=constant", "train.warmup_steps=0"]
+
+
+def _train(overrides, log, nproc=2) -> None:
+    rc = run(overrides, nproc=nproc, log=log, timeout=500)
+    assert rc == 0, log.read_text()[-3000:]
 
 
 @pytest.mark.slow
-def test_zero2_two_processes_match_one_process_on_the_global_batch(tiny_checkpoint, tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
-    log = tmp_path / "zero2.txt"
-    rc = run(tiny_overrides(tiny_checkpoint, two, *STEPS, "deepspeed=zero2"), nproc=2, log=log, timeout=500)
-    assert rc == 0, log.read_text()[-3000:]
-    assert "replicas agree: 2 processes hold identical parameters" in log.read_text()
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_processes_match_one_process_resume_and_export(stage, tiny_checkpoint, tmp_path):
+    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+    log = tmp_path / f"{stage}.txt"
+    _train(tiny_overrides(tiny_checkpoint, two, *STEPS, "train.max_steps=6", f"deepspeed={stage}"), log)
+    if stage == "zero2":
+        assert "replicas agree: 2 processes hold identical parameters" in log.read_text()
     # Same rows per optimizer step: 2 ranks x 1 micro-batch of 2 rows == 1 rank x 2 accumulated micro-batches.
-    rc = run(tiny_overrides(tiny_checkpoint, one, *STEPS, "train.grad_accum_steps=2"), log=tmp_path / "one.txt")
-    assert rc == 0, (tmp_path / "one.txt").read_text()[-3000:]
+    single = [*STEPS, "train.max_steps=6", "train.grad_accum_steps=2"]
+    _train(tiny_overrides(tiny_checkpoint, one, *single), tmp_path / "one.txt", nproc=1)
 
-    distributed, single = records(two / "tiny"), records(one / "tiny")
-    assert [r["step"] for r in distributed] == [r["step"] for r in single] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(distributed, single):
+    distributed, reference = records(two / "tiny"), records(one / "tiny")
+    assert [r["step"] for r in distributed] == [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(distributed, reference):
         assert a["labelled_tokens"] == b["labelled_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
         # Adam hides a constant gradient scale; the pre-clip gradient norm does not.
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"], b["grad_norm"])
     assert distributed[-1]["loss"] < distributed[0]["loss"] - 0.1
 
-    a = load_file(str(two / "tiny" / "final" / "model.safetensors"))
-    b = load_file(str(one / "tiny" / "final" / "model.safetensors"))
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
-    assert json.loads((two / "tiny" / "final" / "config.json").read_text())["spd_type"] == "pard"
+    # Stopped after step 3 (checkpoints at 2), then the same command continues from step 2 to 6, resharded alike.
+    stopped = [*STEPS[1:], "checkpoint.every_steps=2", f"deepspeed={stage}"]
+    _train(tiny_overrides(tiny_checkpoint, resumed, *stopped, "train.max_steps=3"), tmp_path / "first.txt")
+    _train(tiny_overrides(tiny_checkpoint, resumed, *stopped, "train.max_steps=6"), tmp_path / "second.txt")
+    assert "resuming from" in (tmp_path / "second.txt").read_text()
+    continued = records(resumed / "tiny")[-4:]
+    assert [r["step"] for r in continued] == [3, 4, 5, 6]
+    for a, b in zip(continued, distributed[2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+
+    # The export holds the full weights (gathered from ZeRO-3 shards), equal to the single process's.
+    reference_weights = load_file(str(one / "tiny" / "final" / "model.safetensors"))
+    for run_dir in (two, resumed):
+        weights = load_file(str(run_dir / "tiny" / "final" / "model.safetensors"))
+        assert weights.keys() == reference_weights.keys()
+        for name, value in weights.items():
+            assert value.shape == reference_weights[name].shape, name
+            torch.testing.assert_close(value, reference_weights[name], rtol=1e-3, atol=1e-4, msg=name)
+        assert json.loads((run_dir / "tiny" / "final" / "config.json").read_text())["spd_type"] == "pard"
 
 
 def test_deepspeed_json_follows_the_typed_config(tiny_checkpoint, tmp_path):

@@ -2,12 +2,11 @@
 
 from pard_train.data.collator import PardCollator
 from pard_train.data.dataset import TrainingData, build_data, build_packed_rows
-from pard_train.data.packing import LengthGroupedSampler, PackedRow, length_grouped_order
+from pard_train.data.packing import PackedRow, length_grouped_order
 from pard_train.data.sources import DataError
 
 __all__ = [
     "DataError",
-    "LengthGroupedSampler",
     "PackedRow",
     "PardCollator",
     "TrainingData",

@@ -79,19 +79,3 @@ def length_grouped_order(lengths: list[int], group_size: int, seed: int, megabat
     for begin in range(0, len(permutation), size):
         order += sorted(permutation[begin : begin + size], key=lambda i: -lengths[i])
     return order
-
-
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """``length_grouped_order`` as a sampler for a ``DataLoader``; call ``set_epoch`` each epoch."""
-
-    def __init__(self, lengths: list[int], group_size: int, seed: int = 0):
-        self.lengths, self.group_size, self.seed, self.epoch = lengths, group_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        return iter(length_grouped_order(self.lengths, self.group_size, self.seed * 1000 + self.epoch))

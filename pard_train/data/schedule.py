@@ -7,6 +7,8 @@ in a DataLoader worker, in any number of workers, before or after a resume.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -108,13 +110,24 @@ class StepBatches(Dataset):
         return StepBatch(step, epoch, batches)
 
 
-def step_loader(dataset: StepBatches, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Steps in order; with workers, layouts are built and collated in other processes while the model trains."""
-    return DataLoader(
+@contextmanager
+def step_loader(dataset: StepBatches, num_workers: int | None, device: torch.device) -> Iterator[Iterator[StepBatch]]:
+    """Steps in order; with workers (null: 2 on GPUs, 0 on CPU, where they would compete with training for the
+    cores), layouts are built and collated in other processes while the model trains. The workers stop on exit."""
+    on_gpu = device.type == "cuda"
+    num_workers = (2 if on_gpu else 0) if num_workers is None else num_workers
+    loader = DataLoader(
         dataset,
         batch_size=None,  # an item is already a whole step
         shuffle=False,
         num_workers=num_workers,
         prefetch_factor=4 if num_workers else None,
-        pin_memory=pin_memory,
+        pin_memory=on_gpu,
     )
+    steps = iter(loader)
+    try:
+        yield steps
+    finally:
+        shutdown = getattr(steps, "_shutdown_workers", None)  # now, not whenever the iterator is collected
+        if shutdown is not None:
+            shutdown()
