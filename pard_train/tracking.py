@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pard_train.atomic import atomic_write_text
 from pard_train.config import Config, TrackerKind
 from pard_train.loss import DepthStats
 
@@ -67,7 +68,7 @@ class WandbTracker(Tracker):
 
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id + "\n")
+        atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
             project=config.tracking.project,
             entity=config.tracking.entity,

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from pard_train import acceptance
+from pard_train.atomic import atomic_write_text
 from pard_train.attention import resolve_backend
 from pard_train.checkpoint import Checkpoints, TrainState, method_settings
 from pard_train.config import Config
@@ -116,7 +117,7 @@ class Trainer:
                 acceptance.measure(config, config.model.path, self.spec, "before")
             acc.wait_for_everyone()
         if acc.is_main_process:
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
             self.tracker.log_config(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
             numbers = {key: value for key, value in self.data_stats.items() if isinstance(value, (int, float))}
             self.tracker.log_config({"data_stats": numbers})
