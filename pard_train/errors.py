@@ -41,3 +41,11 @@ class ExportError(PardTrainError, ValueError):
 
 class BenchmarkError(PardTrainError, ValueError):
     """A prompt set that cannot be loaded: unknown name, missing file or malformed row."""
+
+
+class RunLockedError(PardTrainError):
+    """The run directory belongs to another live run (or its lock cannot be written); the message names the owner."""
+
+
+class CheckpointSaveError(PardTrainError):
+    """A checkpoint could not be written (no space, no permission, read-only); the previous one is untouched."""

@@ -42,6 +42,7 @@ from pard_train.export import export_draft, training_recipe
 from pard_train.layout import DropTokenSchedule, PardBatch
 from pard_train.loss import DepthStats, PardObjective
 from pard_train.model import load_draft, prepare_model_files
+from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals
 from pard_train.tracking import MetricsWindow, build_tracker
 
@@ -60,6 +61,7 @@ class Trainer:
         self.accelerator = acc = build_accelerator(config)
         teardown.callback(shutdown, acc)
         self.run_dir = Path(config.run.path)
+        teardown.enter_context(hold_run_lock(self.run_dir, acc))  # before anything is written into the run dir
         self.backend = resolve_backend(config.model.attention, acc.device)
         with acc.main_process_first():  # rank 0 builds or converts the model files, the others then find them
             prepare_model_files(config.model, config.data.train_files)
@@ -97,12 +99,12 @@ class Trainer:
         # Not prepared by accelerate: it would step the schedule once per process; we step it once per optimizer step.
         self.scheduler = get_scheduler(train.schedule.value, optimizer, train.warmup_steps, self.last_step)
         self.model, self.optimizer = acc.prepare(PardObjective(draft, self.backend, pard.num_draft_tokens), optimizer)
-        acc.register_for_checkpointing(self.scheduler)
         self.model.train()
 
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
-        self.checkpoints = Checkpoints.build(config.checkpoint, self.run_dir, acc, self.config_yaml)
+        self.checkpoints = Checkpoints.build(config.checkpoint, self.run_dir, acc, self.config_yaml, self.scheduler)
         state = TrainState(0, method_settings(config, self.spec), self.schedule.rows_per_step, acc.num_processes)
+        state = replace(state, data=data.fingerprint)
         self.state = self.checkpoints.resume(state, is_deepspeed(acc)) if config.checkpoint.resume else state
         self.tracker = build_tracker(config, self.run_dir, acc.is_main_process)
         teardown.callback(self.tracker.close)

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,22 @@ class TrainingData:
     validation: list[PackedRow]
     stats: dict = field(default_factory=dict)
     """Flat numbers for logging (``data/...`` keys) plus ``sources``: one report per source."""
+    fingerprint: str = ""
+    """:func:`rows_fingerprint` of ``train``: a resume compares it, since steps map onto rows by position."""
+
+
+def rows_fingerprint(rows: list[PackedRow]) -> str:
+    """sha256 of every training row's tokens, document ids and loss mask, in order (24 hex digits).
+
+    Content, not file names or times: a copied, moved or touched data file keeps it, while any change to what is
+    trained on (a file, the tokenizer, a template, max_length, max_samples, the mixture) changes it."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(len(row.input_ids).to_bytes(8, "little"))
+        digest.update(array("q", row.input_ids).tobytes())
+        digest.update(array("q", row.document).tobytes())
+        digest.update(bytes(row.supervised))
+    return digest.hexdigest()[:24]
 
 
 def _documents(dataset) -> list[Document]:
@@ -105,7 +123,7 @@ def build_data(config: DataConfig, tokenizer, accelerator=None, is_main: bool | 
     if is_main:
         for line in describe(stats):
             log(line)
-    return TrainingData(train_rows, validation_rows, stats)
+    return TrainingData(train_rows, validation_rows, stats, rows_fingerprint(train_rows))
 
 
 def expand_files(patterns: list[str]) -> list[Path]:
