@@ -340,8 +340,6 @@ class _Together:
         self.accelerator, self.what, self.staging, self.previous = accelerator, what, staging, previous
 
     def __call__(self, action: Callable, main_only: bool = False) -> list:
-        from accelerate.utils import gather_object
-
         acc = self.accelerator
         result, error = None, None
         if acc.is_main_process or not main_only:
@@ -349,7 +347,7 @@ class _Together:
                 result = action()
             except _save_errors() as failure:
                 error = _cause(failure)
-        gathered = gather_object([(error, result)])
+        gathered = _gather(acc, (error, result))
         failed = [(rank, error) for rank, (error, _) in enumerate(gathered) if error]
         if failed:
             if acc.is_main_process:
@@ -367,6 +365,15 @@ class _Together:
         return [result for _, result in gathered]
 
 
+def _gather(accelerator, value) -> list:
+    """Every rank's ``value``, in rank order, on every rank (a collective, so also a barrier)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
 def _cause(error: BaseException) -> str:
     if isinstance(error, OSError):
         text = error.strerror or str(error)
@@ -377,15 +384,16 @@ def _cause(error: BaseException) -> str:
 
 def _from_main(accelerator, read: Callable, what: str):
     """``read()`` on rank 0, its result on every rank; a failure there becomes a ResumeError everywhere."""
-    from accelerate.utils import broadcast_object_list
-
     box = [None]
     if accelerator.is_main_process:
         try:
             box = [(read(), None)]
         except OSError as error:
             box = [(None, f"{what}: {_cause(error)}")]
-    broadcast_object_list(box)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box)
     result, error = box[0]
     if error:
         raise ResumeError(error)
@@ -431,11 +439,9 @@ def _digest(path: Path, expected_size: int | None = None, strict: bool = False) 
 
 def _hash_together(accelerator, directory: Path, sizes: dict[str, int]) -> dict[str, tuple]:
     """``_digest`` of every file, each rank reading a share; every rank gets all (collective)."""
-    from accelerate.utils import gather_object
-
     share = _shares(sizes, accelerator.num_processes)[accelerator.process_index]
     found = {}
-    for part in gather_object([{name: _digest(directory / name, sizes[name]) for name in share}]):
+    for part in _gather(accelerator, {name: _digest(directory / name, sizes[name]) for name in share}):
         found.update(part)
     return found
 

@@ -176,8 +176,6 @@ def hold_run_lock(run_dir: str | Path, accelerator) -> Iterator[None]:
 
     The outcome is broadcast, so ranks on other nodes neither race for the lock nor wait forever at a later
     collective when the main process refuses to start."""
-    from accelerate.utils import broadcast_object_list
-
     lock = RunLock(run_dir) if accelerator.is_main_process else None
     outcome = [None]
     if lock is not None:
@@ -187,7 +185,10 @@ def hold_run_lock(run_dir: str | Path, accelerator) -> Iterator[None]:
             outcome = [str(error)]
         except OSError as error:  # a read-only or inaccessible run directory
             outcome = [f"{run_dir}: cannot write the run lock {lock.path} ({error.strerror or error})"]
-    broadcast_object_list(outcome)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
     if outcome[0] is not None:
         raise RunLockedError(outcome[0])
     try:
