@@ -346,7 +346,7 @@ class _Together:
             try:
                 result = action()
             except _save_errors() as failure:
-                error = _cause(failure)
+                error = _cause(failure, self.staging.parent)
         gathered = _gather(acc, (error, result))
         failed = [(rank, error) for rank, (error, _) in enumerate(gathered) if error]
         if failed:
@@ -374,12 +374,22 @@ def _gather(accelerator, value) -> list:
     return gather_object([value])
 
 
-def _cause(error: BaseException) -> str:
+def _cause(error: BaseException, directory: Path | None = None) -> str:
+    """One line: the OS error and its file, or a wrapped one with what the filesystem says (torch.save reports a
+    full disk as "unexpected pos ...", safetensors as "IoError(...)")."""
     if isinstance(error, OSError):
         text = error.strerror or str(error)
         return f"{text} ({error.filename})" if error.filename else text
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    text = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    if directory is not None:
+        try:
+            free = shutil.disk_usage(directory).free
+            writable = os.access(directory, os.W_OK)
+            text += f" ({free / 2**20:.1f} MiB free{'' if writable else ', not writable'} in {directory})"
+        except OSError:
+            pass
+    return text
 
 
 def _from_main(accelerator, read: Callable, what: str):

@@ -167,7 +167,10 @@ class RunLock:
         """Remove the lock if it is still ours (a takeover by a requeued job must not be undone by the old one)."""
         holder = _read(self.path)
         if holder is not None and holder.token == self.owner.token:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as error:  # a read-only run dir: keep the real error; the next launch takes it over
+                self.log(f"run lock: could not remove {self.path} ({error.strerror or error})")
 
 
 @contextmanager
