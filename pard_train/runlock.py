@@ -5,7 +5,8 @@ count, a random token). It is taken by creating it with ``os.link`` from a priva
 and fails with EEXIST on every POSIX filesystem, NFS included (NFSv2 ``O_EXCL`` was not; ``flock`` is emulated with
 byte-range locks on NFS and refused on Lustre without ``-o flock``), and the lock appears with its content already
 written, so a reader never sees an empty lock. An NFS retransmission can report EEXIST for a link that did succeed;
-the temporary file then has two links, which is checked.
+the temporary file then has two links, which is checked. Where hard links are not supported, ``O_EXCL`` creation
+(atomic on NFSv3 and later) is used instead.
 
 A lock whose owner is gone is taken over with a message: the same host and a PID that no longer runs (or now runs
 another process, told by its start time), or the same SLURM job id with another ``SLURM_RESTART_COUNT`` (SLURM runs
@@ -20,6 +21,7 @@ so a job never locks itself out and every rank fails alike when the directory is
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -144,8 +146,24 @@ class RunLock:
             return True
         except FileExistsError:
             return os.stat(temp).st_nlink == 2  # an NFS retransmitted link that did succeed
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            return self._create_exclusive()  # a filesystem without hard links (some FUSE and SMB mounts)
         finally:
             temp.unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
+        """``O_EXCL`` creation, then the content: a reader in between sees an unreadable lock and refuses."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(asdict(self.owner)))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
 
     def _take_over(self, stale: Owner) -> bool:
         aside = self.path.with_name(f".{LOCK_FILE}.stale.{self.owner.token[:8]}")

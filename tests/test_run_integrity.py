@@ -199,6 +199,19 @@ def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch):
     assert f"pid {os.getppid()} is now another process" in said[0]
 
 
+def test_lock_without_hard_links(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr("pard_train.runlock.os.link", no_links)
+    with RunLock(tmp_path):
+        # Same host, this live process, another token: only a live other process could look like this.
+        monkeypatch.setattr("pard_train.runlock.Owner.gone_because", lambda self, me: None)
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
 class FakeAccelerator:
     """One process: ``save_state`` writes a weights file, then raises ``fail`` if set."""
 
