@@ -188,6 +188,7 @@ def export_draft(
     target=None,
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    method_files: tuple[dict, dict[str, dict]] = ({}, {}),
 ) -> ModelCard:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
@@ -195,7 +196,8 @@ def export_draft(
     caller's model is not modified except for the PARD fields of its config. ``recipe``: see :func:`training_recipe`.
     ``target``: a model directory, config or model whose vocabulary must equal the draft's (checked only when given).
     ``state_dict``: the weights to write instead of ``model.state_dict()`` (the trainer passes the one gathered from
-    ZeRO-3 shards). Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
+    ZeRO-3 shards). ``method_files``: config fields and extra weight files of the training method (PARD-2's W).
+    Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
     Raises ExportError (existing directory without ``overwrite``, vocabulary mismatch) or MaskTokenError.
     """
     num_draft_tokens, mask_token_id = spec.num_draft_tokens, spec.mask_token_id
@@ -233,6 +235,10 @@ def export_draft(
         config = json.loads(config_path.read_text())
         # A server reads these: the weights' real dtype, and the KV cache on (training turns it off).
         config.update(dtype=str(dtype).removeprefix("torch."), use_cache=True)
+        extra_fields, extra_files = method_files
+        config.update(extra_fields)
+        for name, tensors in extra_files.items():
+            torch.save({key: value.detach().to("cpu", dtype) for key, value in tensors.items()}, staging / name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not (staging / "generation_config.json").exists():
             from transformers import GenerationConfig

@@ -13,10 +13,14 @@ from pard_train.attention import AttentionBackend, attention_mask_for
 from pard_train.layout import IGNORE_INDEX, PardBatch
 
 
-def labelled_hidden(model, batch: PardBatch, backend: AttentionBackend) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the decoder on the layout; return (hidden states, labels, depth) of the labelled tokens only."""
+def labelled_hidden(
+    model, batch: PardBatch, backend: AttentionBackend, inputs_embeds: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the decoder on the layout; return (hidden states, labels, depth) of the labelled tokens only.
+    ``inputs_embeds`` replaces the embedding of ``batch.input_ids`` (PARD-2 adds target features to it)."""
     hidden = model.get_decoder()(
-        input_ids=batch.input_ids,
+        input_ids=None if inputs_embeds is not None else batch.input_ids,
+        inputs_embeds=inputs_embeds,
         position_ids=batch.position_ids,
         attention_mask=attention_mask_for(batch, backend),
         use_cache=False,

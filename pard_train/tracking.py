@@ -164,7 +164,7 @@ class MetricsWindow:
 
     def flush(self, step: int, epoch: int, lr: float) -> dict:
         acc = self.accelerator
-        total = DepthStats.from_tensor(acc.reduce(self.stats.as_tensor(), reduction="sum"))
+        total = type(self.stats).from_tensor(acc.reduce(self.stats.as_tensor(), reduction="sum"))
         rows, tokens = acc.reduce(self.counts.to(acc.device), reduction="sum").tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {"step": step, "epoch": epoch, "lr": lr, **total.summary()}
