@@ -225,3 +225,52 @@ def test_feature_drop_is_per_document_and_seeded():
             tokens = batch.document[b] == doc
             if not keep[b, doc]:
                 assert not features[b, tokens].any()
+
+
+def test_target_dependent_harness_equals_the_training_layout_and_stays_lossless():
+    """For every labelled token, the TD drafter's logits at (anchor, depth) equal the training layout's (1e-5), with
+    features from the teacher's full forward; then a whole speculative generation is lossless and the features the
+    verification loop hands the drafter equal the teacher's."""
+    from pard_train.evaluate.pard2_drafter import Pard2Drafter
+    from pard_train.evaluate.speculative import speculative_generate
+
+    draft, teacher = _models()
+    draft.eval()
+    projection = torch.nn.Linear(3 * 96, 64, bias=False)
+    torch.nn.init.normal_(projection.weight, std=0.5)
+    scale, keep = 0.7, torch.ones(1, 1, dtype=torch.bool)
+    batch = _batch(seed=5, lengths=(21,), drop=False)
+    batch = collate_rows(
+        [build_row(batch.input_ids[0, :21], MASK, K, drop_tokens=None)], pad_token_id=0
+    )  # one document: the harness decodes one sequence
+    signals = teacher(batch)
+    embeds = draft.get_input_embeddings()(batch.input_ids)
+    embeds = embeds + scale * anchor_features(batch, projection(signals.features), keep)
+    with torch.no_grad():
+        layout = draft(
+            inputs_embeds=embeds, position_ids=batch.position_ids, attention_mask=dense_attention_mask(batch)
+        ).logits[0]
+
+    drafter = Pard2Drafter(draft, MASK, projection, scale, [-1, -2, -4])
+    drafter.observe_target(signals.features[0], 0)
+    tokens = batch.input_ids[0, :21].tolist()
+    checked = 0
+    for a in range(21):  # growing prefixes: the drafter's cache path, as in decoding
+        drafter.propose(tokens[: a + 1], K)
+        for t in ((batch.anchor[0] == a) & (batch.labels[0] != IGNORE_INDEX)).nonzero().flatten().tolist():
+            d = int(batch.depth[0, t])
+            torch.testing.assert_close(drafter.last_logits[d], layout[t].float(), rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked > 40
+
+    target = teacher.model
+    prompt = tokens[:6]
+    plain = speculative_generate(target, prompt, drafter=None, num_draft_tokens=K, max_new_tokens=24)
+    result = speculative_generate(target, prompt, drafter=drafter, num_draft_tokens=K, max_new_tokens=24)
+    assert result.tokens == plain.tokens
+    sequence = torch.tensor([prompt + result.tokens])
+    full = torch.cat(
+        [h[0] for h in (target(sequence, output_hidden_states=True).hidden_states[i] for i in (-1, -2, -4))], -1
+    )
+    verified = len(prompt) + len(result.tokens) - 1  # the last token is still pending
+    torch.testing.assert_close(drafter.features[:verified], full[:verified], rtol=1e-4, atol=1e-5)

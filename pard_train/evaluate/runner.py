@@ -157,21 +157,27 @@ def build_drafters(config: EvalConfig, target, tokenizer, device, dtype) -> tupl
         if mode == Mode.target:
             drafters[mode] = None
             continue
-        model = draft if mode == Mode.pard or not config.ar_draft else _load(config.ar_draft, config, device, dtype)
+        model = draft if mode != Mode.ar or not config.ar_draft else _load(config.ar_draft, config, device, dtype)
         path = config.draft if model is draft else config.ar_draft
         if model.get_input_embeddings().weight.shape[0] != rows:
             raise ConfigError(
                 f"{mode.value} draft {path} has {model.get_input_embeddings().weight.shape[0]} embedding rows but the "
                 f"target has {rows}: draft and target must share the vocabulary"
             )
-        if mode == Mode.pard:
+        if mode in (Mode.pard, Mode.pard2):
             if mask_id is None:
                 raise ConfigError(
                     f"mask_token_id: {config.draft}/config.json has no pard_token; set mask_token_id=ID "
                     "(is this a PARD draft?)"
                 )
             validate_mask_token(tokenizer, rows, mask_id)
-            drafters[mode] = PardDrafter(model, mask_id)
+            if mode == Mode.pard2:
+                from pard_train.evaluate.pard2_drafter import load_pard2_drafter
+
+                width = target.config.get_text_config().hidden_size
+                drafters[mode] = load_pard2_drafter(model, config.draft, mask_id, width)
+            else:
+                drafters[mode] = PardDrafter(model, mask_id)
         else:
             drafters[mode] = ArDrafter(model)
     return drafters, k
