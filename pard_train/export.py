@@ -270,6 +270,21 @@ def _recipe_from(checkpoint: Path) -> dict:
     return {}
 
 
+PARD2_FILES = ("warp_model.bin",)
+
+
+def _method_files_from(checkpoint: Path) -> tuple[dict, dict[str, dict]]:
+    """A PARD-2 draft's config fields and W, carried over unchanged from a trained draft directory."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    fields = {key: value for key, value in config.items() if key.startswith("pard2") or key == "spd_type"}
+    files = {
+        name: torch.load(checkpoint / name, weights_only=True, map_location="cpu")
+        for name in PARD2_FILES
+        if (checkpoint / name).exists()
+    }
+    return fields, files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pard_train.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="trained draft directory (e.g. runs/NAME/final)")
@@ -313,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             al_table=_al_table_from(args.al_table) if args.al_table else None,
             target=args.target,
             overwrite=args.overwrite,
+            method_files=_method_files_from(checkpoint),
         )
     except (PardTrainError, OSError) as error:
         print(f"pard_train.export: error: {error}", file=sys.stderr)

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from pard_train.checkpoint import ResumeError
 from pard_train.config import to_config
+from pard_train.evaluate.config import EvalConfig, Mode
+from pard_train.evaluate.runner import evaluate
 from pard_train.train import train
 
 SETTINGS = ["data.max_samples=96", "data.max_length=128", "train.micro_batch_size=2", "train.log_every=1"]
@@ -51,6 +53,31 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     assert len(changed) == len(initial)
     reloaded = AutoModelForCausalLM.from_pretrained(final)  # the base draft stays a plain causal LM (TI mode)
     assert reloaded.config.pard_token == config["pard_token"]
+
+    # Both modes in the harness, lossless against the target's own greedy output.
+    harness = EvalConfig(
+        target=str(tiny_checkpoint),
+        draft=str(final),
+        modes=[Mode.target, Mode.pard, Mode.pard2],
+        benchmarks=["gsm8k"],
+        num_prompts=2,
+        max_new_tokens=16,
+        warmup=False,
+        output_dir=str(tmp_path / "eval"),
+    )
+    report = evaluate(harness, log=lambda *_: None)
+    for mode in ("pard", "pard2"):
+        assert report["overall"][mode]["mismatched_prompts"] == 0
+        assert len(report["overall"][mode]["conditional_acceptance"]) == 4
+
+    # Re-exported by the CLI, W and the PARD-2 fields come along.
+    from pard_train.export import main as export_main
+
+    assert export_main(["--checkpoint", str(final), "--output", str(tmp_path / "exported")]) == 0
+    again = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert again["spd_type"] == "pard2" and again["pard2_target_dim"] == config["pard2_target_dim"]
+    exported_w = torch.load(tmp_path / "exported" / "warp_model.bin", weights_only=True)["target_proj.weight"]
+    assert torch.equal(exported_w, projection)
 
 
 @pytest.mark.slow
