@@ -8,6 +8,9 @@ DEMO_ROOT ?= runs
 DEMO_PROMPTS ?= 160
 DEMO_NEW_TOKENS ?= 128
 DEMO_ARGS ?=
+# make demo METHOD=pard2: the same demo trained with PARD-2 (the model is its own frozen target).
+METHOD ?= pard
+DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=demo_pard2)
 
 .PHONY: help install test lint format clean demo demo-deps
 
@@ -35,7 +38,7 @@ demo: demo-deps  ## Offline real-model demo on CPU: SmolLM2-135M becomes a PARD 
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
 		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/demo-data \
 		--limit $(DEMO_PROMPTS) --max-new-tokens $(DEMO_NEW_TOKENS) --batch-size 16
-	$(BIN)/python -m pard_train +config=demo run.output_root=$(DEMO_ROOT) $(DEMO_ARGS)
+	$(BIN)/python -m pard_train +config=demo run.output_root=$(DEMO_ROOT) $(DEMO_METHOD) $(DEMO_ARGS)
 
 lint: $(STAMP)  ## ruff check and format check.
 	$(BIN)/ruff check .
