@@ -12,6 +12,7 @@ Per labelled layout token (depth d, position p, anchor a = p - d):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -168,6 +169,21 @@ def pard2_loss(
     return total, stats
 
 
+@contextmanager
+def _whole_weights():
+    """Load outside ZeRO-3's partitioning: the frozen target is not part of the DeepSpeed engine, so each rank holds
+    it whole (sharding it with the draft is not implemented). transformers partitions while loading whenever a
+    ZeRO-3 config is registered; unregister it for the duration."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored unchanged below
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 class Pard2Objective(torch.nn.Module):
     """The draft and the feature projection W (bias-free, ``n * H_target -> H_draft``) as one module, so that DDP,
     DeepSpeed (ZeRO-3 included), checkpoints and resume cover W like any draft weight."""
@@ -194,7 +210,8 @@ class Pard2Method:
 
         settings = self.settings = config.method
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-        target = load_causal_lm(settings.target, backend, dtype=dtype).to(accelerator.device)
+        with _whole_weights():
+            target = load_causal_lm(settings.target, backend, dtype=dtype).to(accelerator.device)
         if embedding_rows(target) != embedding_rows(draft):
             raise ConfigError(
                 f"method.target: {settings.target} has {embedding_rows(target)} embedding rows, the draft "
