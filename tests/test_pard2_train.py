@@ -105,3 +105,18 @@ def test_pard2_resume_is_bitwise_and_refuses_another_method(tiny_checkpoint, tmp
             )
         )
         train(config)
+
+
+@pytest.mark.slow
+def test_pard2_under_zero3_on_two_processes(tiny_checkpoint, tmp_path):
+    """The target loads whole on each rank (outside ZeRO-3's partitioning); W is sharded, trained and gathered."""
+    from launch import records, run, tiny_overrides
+
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path, "deepspeed=zero3", "train.max_steps=4")
+    overrides[0] = "+config=pard2_tiny"
+    log = tmp_path / "log.txt"
+    assert run(overrides, nproc=2, log=log, timeout=400) == 0, log.read_text()[-3000:]
+    final = tmp_path / "pard2_tiny" / "final"
+    projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
+    assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0
+    assert [r["step"] for r in records(tmp_path / "pard2_tiny")] == [1, 2, 3, 4]
