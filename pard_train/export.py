@@ -117,9 +117,30 @@ class ModelCard:
     dtype: torch.dtype
     recipe: dict = field(default_factory=dict)
     al_table: str | None = None
+    pard2: dict = field(default_factory=dict)
+    """PARD-2 config fields (``pard2_target_layers``...), empty for a PARD draft."""
 
     def write(self, directory: str | Path) -> Path:
         return atomic_write_text(Path(directory) / "README.md", self.render())
+
+    def _pard2_lines(self) -> list[str]:
+        if not self.pard2:
+            return []
+        lines = [
+            "## PARD-2: two modes",
+            "",
+            "- Target-independent: the base draft above, served as a PARD draft (any vLLM build with parallel "
+            "drafting).",
+        ]
+        if "pard2_target_layers" in self.pard2:
+            layers, width, scale = (self.pard2[k] for k in ("pard2_target_layers", "pard2_target_dim", "pard2_scale"))
+            lines.append(
+                f"- Target-dependent: also reads the target's hidden states at layers {layers} through `W` "
+                f"(`warp_model.bin`, {width} -> hidden size, scale {scale}); needs a vLLM build with PARD-2 "
+                "serving (vllm-project/vllm pull request #55257, open when this card was written) and a target of "
+                "the hidden size it was trained with."
+            )
+        return [*lines, ""]
 
     def render(self) -> str:
         spec, k = self.spec, self.spec.num_draft_tokens
@@ -158,6 +179,7 @@ class ModelCard:
             + json.dumps(_speculative_config("PATH_TO_THIS_DIRECTORY", k))
             + ")`.",
             "",
+            *self._pard2_lines(),
             "## Measured acceptance length",
             "",
             self.al_table.strip()
@@ -246,7 +268,7 @@ def export_draft(
             GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(
                 staging
             )
-        card = ModelCard(output_dir.name, spec, dtype, recipe or {}, al_table)
+        card = ModelCard(output_dir.name, spec, dtype, recipe or {}, al_table, extra_fields)
         card.write(staging)
     return card
 

@@ -51,6 +51,8 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     initial = load_file(str(tiny_checkpoint / "model.safetensors"))
     changed = [name for name in initial if not torch.equal(initial[name], trained[name])]
     assert len(changed) == len(initial)
+    card = (final / "README.md").read_text()
+    assert "## PARD-2: two modes" in card and "Target-dependent" in card and "#55257" in card
     reloaded = AutoModelForCausalLM.from_pretrained(final)  # the base draft stays a plain causal LM (TI mode)
     assert reloaded.config.pard_token == config["pard_token"]
 
