@@ -23,9 +23,9 @@ from transformers import get_scheduler
 
 from pard_train import acceptance
 from pard_train.atomic import atomic_write_text
-from pard_train.attention import resolve_backend
+from pard_train.attention import BLOCK, resolve_backend
 from pard_train.checkpoint import Checkpoints, TrainState, method_settings
-from pard_train.config import Config
+from pard_train.config import AttentionBackend, Config
 from pard_train.data import PardCollator, build_data
 from pard_train.data.schedule import DataSchedule, StepBatch, StepBatches, step_loader
 from pard_train.distributed import (
@@ -83,8 +83,10 @@ class Trainer:
         drop = DropTokenSchedule(pard.drop_ratio, pard.drop_ratio_min) if pard.drop_tokens else None
         pad_id = self.tokenizer.pad_token_id
         pad_id = self.spec.mask_token_id if pad_id is None else pad_id
+        # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
+        multiple = BLOCK if self.backend == AttentionBackend.flex else 1
         self.collate = PardCollator(
-            self.spec.mask_token_id, pard.num_draft_tokens, pad_id, drop, seed=config.train.seed
+            self.spec.mask_token_id, pard.num_draft_tokens, pad_id, drop, config.train.seed, multiple
         )
         self.method = build_method(config, draft, self.backend, self.spec, acc)
         self.evaluators = build_evaluators(config, data, self.collate, self.tokenizer, self.spec, self.method, acc)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pard_train.attention import attention_mask_for
+from pard_train.attention import BLOCK, attention_mask_for
 from pard_train.config import AttentionBackend
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 
@@ -31,11 +31,12 @@ class TeacherSignals:
     """``[B, L, n * H_t]`` hidden states at the feature layers, concatenated; f(a) is ``features[a - 1]``."""
 
 
-def real_tokens(batch: PardBatch) -> PardBatch:
-    """The depth-0 prefix of every row as a batch of its own: ``[B, L]`` with L the longest real row; what follows a
-    shorter row's real tokens (its masks) becomes padding."""
+def real_tokens(batch: PardBatch, multiple: int = 1) -> PardBatch:
+    """The depth-0 prefix of every row as a batch of its own: ``[B, L]`` with L the longest real row (rounded up to
+    ``multiple``); what follows a shorter row's real tokens (its masks, or padding) becomes padding."""
     real = (batch.depth == 0) & (batch.document != PAD_DOCUMENT)
     length = int(real.sum(dim=1).max())
+    length = min(-(-length // multiple) * multiple, batch.depth.shape[1])
     keep = real[:, :length]
     pad = torch.full_like(batch.input_ids[:, :length], PAD_DOCUMENT)
     return PardBatch(
@@ -66,7 +67,8 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, batch: PardBatch) -> TeacherSignals:
-        real = real_tokens(batch)
+        # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
+        real = real_tokens(batch, BLOCK if self.backend == AttentionBackend.flex else 1)
         out = self.model.get_decoder()(
             input_ids=real.input_ids,
             position_ids=real.position_ids,
