@@ -104,7 +104,7 @@ def _models():
 def _inputs(batch, teacher, cat=True, keep=None):
     signals = teacher(batch)
     weights = cat_weights(batch, signals.log_confidence) if cat else (batch.labels != IGNORE_INDEX).float()
-    return Pard2Inputs(batch, signals, weights, keep, teacher.lm_head)
+    return Pard2Inputs(batch, signals, weights, keep, teacher.model)
 
 
 def test_teacher_confidence_is_the_target_probability_of_each_real_token():
@@ -134,7 +134,7 @@ def test_pard2_loss_equals_a_direct_full_logits_computation(monkeypatch, chunk):
     logits = draft(
         input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=dense_attention_mask(batch)
     ).logits.float()
-    teacher_logits = teacher.lm_head(inputs.signals.hidden).float()
+    teacher_logits = teacher.model.get_output_embeddings()(inputs.signals.hidden).float()
     selected = batch.labels != IGNORE_INDEX
     rows = selected.nonzero(as_tuple=True)[0]
     student, teach = logits[selected], teacher_logits[rows, own_positions(batch)[selected]]

@@ -5,12 +5,9 @@ Also :func:`measure_acceptance`, the small PARD-mode measurement the trainer cal
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from enum import Enum
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +16,7 @@ from pard_train.config import ConfigError
 from pard_train.evaluate.benchmarks import Prompt, load_prompts, render
 from pard_train.evaluate.config import DType, EvalConfig, Mode
 from pard_train.evaluate.metrics import AcceptanceStats
+from pard_train.evaluate.report import build_report
 from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -193,16 +191,6 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def _jsonable(value):
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def evaluate(config: EvalConfig, log=print) -> dict:
     """Measure every benchmark in every mode; returns the report (written by :mod:`pard_train.evaluate.report`)."""
     from pard_train.model import load_tokenizer
@@ -255,51 +243,3 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 f"{summary['tokens_per_s']:.1f} tok/s, {result.stats.generated_tokens} tokens"
             )
     return build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
-
-
-def build_report(config: EvalConfig, results: dict[str, dict[Mode, ModeResult]], k: int, environment: dict) -> dict:
-    """All numbers and the config, JSON-ready: per benchmark and mode, per prompt, overall, speed-ups, losslessness."""
-    report = {
-        "config": _jsonable(asdict(config)),
-        "num_draft_tokens": k,
-        "environment": environment,
-        "benchmarks": {},
-        "overall": {},
-    }
-    totals: dict[Mode, AcceptanceStats] = {}
-    for name, modes in results.items():
-        baseline = modes.get(Mode.target)
-        entry = {}
-        for mode, result in modes.items():
-            totals[mode] = totals.get(mode, AcceptanceStats()) + result.stats
-            summary = result.stats.summary()
-            summary["speedup"] = _speedup(result.stats, baseline.stats if baseline else None)
-            # Lossless: the same prompt gives the same tokens in every mode (checked against target mode if run).
-            summary["mismatched_prompts"] = (
-                sum(result.outputs[pid] != baseline.outputs[pid] for pid in result.outputs) if baseline else None
-            )
-            summary["prompts"] = result.prompts
-            entry[mode.value] = summary
-        report["benchmarks"][name] = entry
-    for mode, stats in totals.items():
-        summary = stats.summary()
-        summary["speedup"] = _speedup(stats, totals.get(Mode.target))
-        counts = [entry[mode.value]["mismatched_prompts"] for entry in report["benchmarks"].values()]
-        summary["mismatched_prompts"] = None if None in counts else sum(counts)
-        report["overall"][mode.value] = summary
-    return report
-
-
-def _speedup(stats: AcceptanceStats, baseline: AcceptanceStats | None) -> float | None:
-    """Tokens/s over the target-only tokens/s of the same prompts."""
-    if baseline is None or not stats.wall_seconds or not baseline.wall_seconds or not baseline.generated_tokens:
-        return None
-    return (stats.generated_tokens / stats.wall_seconds) / (baseline.generated_tokens / baseline.wall_seconds)
-
-
-def load_report(run_dir: str | Path) -> dict:
-    path = Path(run_dir)
-    path = path if path.suffix == ".json" else path / "report.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass an evaluation run directory (with report.json)")
-    return json.loads(path.read_text())

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from pard_train import loss as pard_loss_module
 from pard_train.config import AttentionBackend, MethodConfig
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
-from pard_train.loss import DepthStats, labelled_hidden
+from pard_train.loss import DepthStats, labelled_hidden, project_logits
 from pard_train.methods.teacher import TeacherSignals
 
 
@@ -69,7 +69,8 @@ class Pard2Inputs:
     signals: TeacherSignals
     weights: Tensor
     keep: Tensor | None
-    teacher_head: torch.nn.Module
+    teacher: torch.nn.Module
+    """The target model, for its logits (:func:`pard_train.loss.project_logits`)."""
 
     @property
     def weight_sum(self) -> float:
@@ -111,17 +112,17 @@ class Pard2Stats(DepthStats):
 
 
 def _chunk_terms(
-    lm_head, teacher_head, hidden: Tensor, teacher_hidden: Tensor, labels: Tensor, tau: float | None
+    draft, teacher, hidden: Tensor, teacher_hidden: Tensor, labels: Tensor, tau: float | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per token: cross-entropy, tau^2 * KL(teacher || student) at temperature tau (zeros when tau is None: no
     distillation, and no teacher logits computed), top-1 hit."""
-    logits = lm_head(hidden).float()
+    logits = project_logits(draft, hidden).float()
     ce = F.cross_entropy(logits, labels, reduction="none")
     hit = (logits.detach().argmax(-1) == labels).float()
     if tau is None:
         return ce, torch.zeros_like(ce), hit
     with torch.no_grad():
-        teacher_log_p = F.log_softmax(teacher_head(teacher_hidden).float() / tau, dim=-1)
+        teacher_log_p = F.log_softmax(project_logits(teacher, teacher_hidden).float() / tau, dim=-1)
     student_log_p = F.log_softmax(logits / tau, dim=-1)
     kd = (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(-1) * tau**2
     return ce, kd, hit
@@ -149,13 +150,12 @@ def pard2_loss(
     rows = selected.nonzero(as_tuple=True)[0]
     teacher_hidden = signals.hidden[rows, own_positions(batch)[selected]]
 
-    lm_head, teacher_head = draft.get_output_embeddings(), inputs.teacher_head
     tau = settings.kd_temperature if settings.kd_weight > 0 else None
     ce_parts, kd_parts, hit_parts = [], [], []
     chunk = pard_loss_module.LOSS_CHUNK_TOKENS
     for begin in range(0, labels.numel(), chunk):
         part = slice(begin, begin + chunk)
-        args = (lm_head, teacher_head, hidden[part], teacher_hidden[part], labels[part], tau)
+        args = (draft, inputs.teacher, hidden[part], teacher_hidden[part], labels[part], tau)
         # Recomputed in backward: only one chunk's [tokens, vocabulary] logits (student and teacher) exist at once.
         terms = checkpoint(_chunk_terms, *args, use_reentrant=False) if hidden.requires_grad else _chunk_terms(*args)
         for parts, value in zip((ce_parts, kd_parts, hit_parts), terms):
@@ -242,7 +242,7 @@ class Pard2Method:
             # Seeded by (seed, step, process, micro-batch): the same draws after a resume.
             seed = hash((self.seed, step, self.process_index, micro_index)) & 0x7FFF_FFFF_FFFF_FFFF
             keep = document_keep(batch, self.settings.feature_drop, torch.Generator().manual_seed(seed))
-        inputs = Pard2Inputs(batch, signals, weights, keep, self.teacher.lm_head)
+        inputs = Pard2Inputs(batch, signals, weights, keep, self.teacher.model)
         return inputs, inputs.weight_sum
 
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:

@@ -16,6 +16,7 @@ from torch import Tensor
 from pard_train.attention import BLOCK, attention_mask_for
 from pard_train.config import AttentionBackend
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
+from pard_train.loss import project_logits
 
 CHUNK_TOKENS = 2048
 """Positions whose full-vocabulary target logits exist at once."""
@@ -58,10 +59,6 @@ class Teacher:
             parameter.requires_grad_(False)
 
     @property
-    def lm_head(self):
-        return self.model.get_output_embeddings()
-
-    @property
     def hidden_size(self) -> int:
         return self.model.config.get_text_config().hidden_size
 
@@ -90,7 +87,7 @@ class Teacher:
         log_g = torch.zeros(real.input_ids.shape, dtype=torch.float64, device=hidden.device)
         for begin in range(0, rows.numel(), CHUNK_TOKENS):
             r, u = rows[begin : begin + CHUNK_TOKENS], positions[begin : begin + CHUNK_TOKENS]
-            logits = self.lm_head(hidden[r, u - 1]).float()
+            logits = project_logits(self.model, hidden[r, u - 1]).float()
             chosen = logits.gather(-1, real.input_ids[r, u, None]).squeeze(-1)
             log_g[r, u] = (chosen - torch.logsumexp(logits, dim=-1)).double()
         return log_g
