@@ -354,6 +354,7 @@ def main(argv=None) -> Path:
         "core make multi-threaded timings swing by 10x, and only the ratio ours/dense is the point",
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: by device and --smoke")
+    parser.add_argument("--layouts", nargs="+", choices=["full", "drop"], default=["full", "drop"])
     parser.add_argument("--no-search", action="store_true", help="GPU: skip the longest-L search")
     parser.add_argument("--search-depths", type=int, default=16)
     parser.add_argument("--search-start", type=int, default=1024)
@@ -373,6 +374,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--layout", choices=["full", "drop"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.variant_list = REFERENCE_VARIANTS if args.baseline == "reference" else VARIANTS
+    args.variant_list = [(variant, layout) for variant, layout in args.variant_list if layout in args.layouts]
     on_gpu = torch.cuda.is_available()
     if args.shape is None:
         args.shape = "smoke" if args.smoke else ("llama-3.2-1b" if on_gpu else "cpu-small")

@@ -6,9 +6,9 @@ Everything about the GPU path that needs a GPU, on one CUDA or ROCm device, in u
 1. environment: GPU name, torch / CUDA / HIP versions, whether it ran on HIP (AMD), the commit;
 2. flex_vs_sdpa: FlexAttention against SDPA on the same PARD batch in fp32 (loss and every gradient within 1e-4), for
    a tiny Llama and a Llama-3.2-1B-shaped random model with 2 layers;
-3. throughput: Llama-3.2-1B-shaped random model in bf16, K=8, L=512/1024/2048, batch 8: ours (FlexAttention,
-   drop-token, BlockMask from the layout vectors) against the reference's path (a float (K*L)^2 mask built on the CPU
-   in the collator, transformers' default attention (SDPA) with it, the loss over every position's logits):
+3. throughput: Llama-3.2-1B-shaped random model in bf16, K=8, L=512/1024/2048, batch 8, drop-token for both: ours
+   (FlexAttention, BlockMask from the layout vectors) against the reference's path (a float (K*L)^2 mask built on the
+   CPU in the collator, transformers' default attention (SDPA) with it, the loss over every position's logits):
    labelled tokens/s, step time, peak memory, MFU, who runs out of memory (scripts/bench/train_throughput.py);
 4. longest_L: the longest L that trains at K=16, both paths;
 5. entry_point: one short run of ``python -m pard_train +config=tiny`` with ``deepspeed=zero2`` and ``deepspeed=zero3``,
@@ -133,7 +133,8 @@ def throughput(smoke: bool, out: Path) -> dict:
     tables, results = [], []
     for length in lengths:
         json_path = out / f"throughput_L{length}.json"
-        argv = ["--baseline", "reference", "--rounds", "1", "--no-search", f"--length={length}", f"--out={json_path}"]
+        argv = ["--baseline", "reference", "--layouts", "drop", "--rounds", "1", "--no-search", f"--length={length}"]
+        argv += [f"--out={json_path}"]
         argv += ["--smoke"] if smoke else ["--num-depths=8", "--batch=8", "--steps=3", "--warmup=1"]
         done = _run([sys.executable, str(BENCH / "train_throughput.py"), *argv], LIMITS["throughput"] / len(lengths))
         tables.append(f"L={length}\n\n" + _table_of(done["stdout"]))
@@ -143,8 +144,9 @@ def throughput(smoke: bool, out: Path) -> dict:
 
 def longest_l(smoke: bool, out: Path) -> dict:
     json_path = out / "longest_L.json"
-    argv = ["--baseline", "reference", "--rounds", "1", "--search-depths=16", f"--out={json_path}"]
-    argv += ["--smoke"] if smoke else ["--steps=1", "--warmup=1", "--search-start=1024", "--search-max=8192"]
+    argv = ["--baseline", "reference", "--layouts", "drop", "--rounds", "1", "--search-depths=16"]
+    argv += [f"--out={json_path}"]
+    argv += ["--smoke"] if smoke else ["--steps=1", "--warmup=1", "--search-start=2048", "--search-max=8192"]
     done = _run([sys.executable, str(BENCH / "train_throughput.py"), *argv], LIMITS["longest_L"])
     payload = json.loads(json_path.read_text()) if json_path.exists() else {}
     return {"status": done["status"], "longest": payload.get("longest_L"), "markdown": _table_of(done["stdout"])}
