@@ -127,6 +127,9 @@ class MethodConfig:
     """s: the projected features enter the embedding as ``s * W f``."""
     feature_drop: float = 0.1
     """q: fraction of documents trained without features (what trains the target-independent mode)."""
+    confidence_cache: bool = False
+    """CAT without the target in the training step: its confidences g(u) are computed once before training and
+    cached beside the data cache (one float per token); needs kd_weight=0 and features=false."""
 
     def __post_init__(self):
         require(self.ce_weight >= 0 and self.kd_weight >= 0, "method.ce_weight/kd_weight", "must be >= 0")
@@ -139,6 +142,9 @@ class MethodConfig:
             require(plain, "method.name", "kd_weight, cat and features need method=pard2 (a target model)")
         else:
             require(bool(self.target), "method.target", "method=pard2 needs the target model: method.target=ID|DIR")
+        if self.confidence_cache:
+            offline = self.cat and self.kd_weight == 0 and not self.features
+            require(offline, "method.confidence_cache", "needs cat=true, kd_weight=0 and features=false")
 
 
 class DataFormat(str, Enum):

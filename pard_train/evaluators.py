@@ -96,8 +96,9 @@ class HeldOut:
         model.eval()
         for index in range(num_batches):
             chunk = mine[index * self.micro : (index + 1) * self.micro]
-            batch = self.collate([(i, self.rows[i]) for i in chunk or [0]])
-            inputs, _ = self.method.prepare(batch.to(acc.device), 0, index)
+            rows = chunk or [0]
+            batch = self.collate([(i, self.rows[i]) for i in rows])
+            inputs, _ = self.method.prepare(batch.to(acc.device), 0, index, rows, split="validation")
             with acc.autocast():
                 _, batch_stats = model(inputs, 1.0)
             if chunk:

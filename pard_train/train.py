@@ -88,7 +88,7 @@ class Trainer:
         self.collate = PardCollator(
             self.spec.mask_token_id, pard.num_draft_tokens, pad_id, drop, config.train.seed, multiple
         )
-        self.method = build_method(config, draft, self.backend, self.spec, acc)
+        self.method = build_method(config, draft, self.backend, self.spec, acc, data)
         self.evaluators = build_evaluators(config, data, self.collate, self.tokenizer, self.spec, self.method, acc)
         self.data_stats = data.stats
 
@@ -163,7 +163,9 @@ class Trainer:
     def _prepare(self, batch: StepBatch) -> tuple[list, float]:
         """Each micro-batch on the device, as the method's inputs (PARD-2 runs its teacher here), and their weight."""
         device = self.accelerator.device
-        prepared = [self.method.prepare(b.to(device), batch.step, i) for i, b in enumerate(batch.micro_batches)]
+        prepared = [
+            self.method.prepare(b.to(device), batch.step, i, rows) for i, (b, rows) in enumerate(zip(*batch.parts))
+        ]
         return [inputs for inputs, _ in prepared], sum(weight for _, weight in prepared)
 
     def _agree(self, loss_weight: float) -> tuple[float, bool]:

@@ -63,6 +63,7 @@ def test_family_presets_carry_the_reference_recipe(preset):
         ("method.kd_weight=1", "method.name"),
         ("method=pard2", "method.target"),
         ("method.kd_temperature=0", "method.kd_temperature"),
+        ("method.confidence_cache=true", "method.confidence_cache"),
     ],
 )
 def test_bad_values_fail_with_the_key_named(override, key):

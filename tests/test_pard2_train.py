@@ -122,3 +122,21 @@ def test_pard2_under_zero3_on_two_processes(tiny_checkpoint, tmp_path):
     projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
     assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0
     assert [r["step"] for r in records(tmp_path / "pard2_tiny")] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_offline_confidence_cache_trains_like_the_online_target(tiny_checkpoint, tmp_path):
+    """CAT without the target in the step: the same losses as CAT computed online, the cache built once and reused."""
+    cat_only = ["method.kd_weight=0", "method.features=false", "train.max_steps=4", *CONSTANT]
+    online = _train(tiny_checkpoint, tmp_path / "online", *cat_only)
+    cache_dir = tmp_path / "data-cache"
+    cached = [*cat_only, "method.confidence_cache=true", f"data.cache_dir={cache_dir}"]
+    offline = _train(tiny_checkpoint, tmp_path / "offline", *cached)
+    for a, b in zip(_records(online), _records(offline), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["cat_weight/depth_2"] == pytest.approx(a["cat_weight/depth_2"], rel=1e-5)
+    caches = sorted(cache_dir.glob("confidence-*.pt"))
+    assert len(caches) == 1
+    built = caches[0].stat().st_mtime_ns
+    _train(tiny_checkpoint, tmp_path / "again", *cached)
+    assert caches[0].stat().st_mtime_ns == built and len(list(cache_dir.glob("confidence-*.pt"))) == 1

@@ -21,8 +21,11 @@ from pard_train.model import DraftSpec
 class Method(Protocol):
     objective: torch.nn.Module
 
-    def prepare(self, batch: PardBatch, step: int, micro_index: int) -> tuple[object, float]:
-        """The objective's inputs for one micro-batch (on the batch's device) and its loss weight."""
+    def prepare(
+        self, batch: PardBatch, step: int, micro_index: int, row_ids: list[int], split: str = "train"
+    ) -> tuple[object, float]:
+        """The objective's inputs for one micro-batch (on the batch's device) and its loss weight; ``row_ids`` are
+        the micro-batch's packed rows in ``split`` (train or validation)."""
         ...
 
     def export_files(self, trained_extras: dict[str, torch.Tensor]) -> tuple[dict, dict[str, dict]]:
@@ -34,7 +37,7 @@ class PardMethod:
     def __init__(self, draft, backend: AttentionBackend, num_depths: int):
         self.objective = PardObjective(draft, backend, num_depths)
 
-    def prepare(self, batch: PardBatch, step: int, micro_index: int) -> tuple[PardBatch, float]:
+    def prepare(self, batch: PardBatch, step: int, micro_index: int, row_ids, split="train") -> tuple[PardBatch, float]:
         return batch, float(batch.num_labels)
 
     def export_files(self, trained_extras):
@@ -45,9 +48,10 @@ class PardMethod:
         return DepthStats(*(torch.zeros(num_depths, device=device) for _ in range(3)))
 
 
-def build_method(config: Config, draft, backend: AttentionBackend, spec: DraftSpec, accelerator) -> Method:
+def build_method(config: Config, draft, backend: AttentionBackend, spec: DraftSpec, accelerator, data) -> Method:
+    """The method of ``config``; ``data`` (the packed rows) serves methods that precompute per-row signals."""
     if config.method.name == MethodName.pard:
         return PardMethod(draft, backend, spec.num_draft_tokens)
     from pard_train.methods.pard2 import Pard2Method
 
-    return Pard2Method(config, draft, backend, spec, accelerator)
+    return Pard2Method(config, draft, backend, spec, accelerator, data)

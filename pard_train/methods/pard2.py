@@ -148,7 +148,8 @@ def pard2_loss(
     selected = batch.labels != IGNORE_INDEX
     weight = inputs.weights[selected]
     rows = selected.nonzero(as_tuple=True)[0]
-    teacher_hidden = signals.hidden[rows, own_positions(batch)[selected]]
+    # Without distillation the teacher's states are not read (tau is None below): the student's stand in.
+    teacher_hidden = signals.hidden[rows, own_positions(batch)[selected]] if signals.hidden is not None else hidden
 
     tau = settings.kd_temperature if settings.kd_weight > 0 else None
     ce_parts, kd_parts, hit_parts = [], [], []
@@ -203,7 +204,7 @@ class Pard2Method:
     PROJECTION_FILE = "warp_model.bin"
     """Where the reference (and vLLM's PARD-2 loader) keeps W, under the key ``target_proj.weight``."""
 
-    def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator):
+    def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator, data=None):
         from pard_train.errors import ConfigError
         from pard_train.methods.teacher import Teacher
         from pard_train.model import embedding_rows, load_causal_lm
@@ -232,8 +233,28 @@ class Pard2Method:
         self.objective = Pard2Objective(draft, projection, backend, spec.num_draft_tokens, settings)
         self.seed, self.process_index = config.train.seed, accelerator.process_index
         self.num_depths = spec.num_draft_tokens
+        self.confidences = None
+        if settings.confidence_cache:
+            from pard_train.data.documents import default_cache_dir
+            from pard_train.methods import confidence_cache
 
-    def prepare(self, batch: PardBatch, step: int, micro_index: int) -> tuple[Pard2Inputs, float]:
+            directory = config.data.cache_dir if config.data.cache_dir else default_cache_dir()
+            rows = {"train": data.train, "validation": data.validation}
+            self.confidences, _ = confidence_cache.build_or_load(
+                self.teacher, rows, settings.target, directory, accelerator
+            )
+            self.teacher = None  # the step no longer needs the target: give its memory back
+            if accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def prepare(
+        self, batch: PardBatch, step: int, micro_index: int, row_ids, split="train"
+    ) -> tuple[Pard2Inputs, float]:
+        if self.confidences is not None:  # CAT alone, from the offline cache: no target forward
+            length = int(((batch.depth == 0) & (batch.document >= 0)).sum(1).max())
+            log_g = self.confidences.log_confidence(split, row_ids, length, batch.depth.device)
+            weights = cat_weights(batch, log_g)
+            return Pard2Inputs(batch, TeacherSignals(log_g, None, None), weights, None, None), float(weights.sum())
         signals = self.teacher(batch)
         labelled = (batch.labels != IGNORE_INDEX).float()
         weights = cat_weights(batch, signals.log_confidence) if self.settings.cat else labelled

@@ -26,8 +26,9 @@ CHUNK_TOKENS = 2048
 class TeacherSignals:
     log_confidence: Tensor
     """``[B, L]`` float64: log g(u) for real tokens with a predecessor in their document, 0 elsewhere."""
-    hidden: Tensor
-    """``[B, L, H_t]`` the target's final hidden state (after its final norm) at every real position."""
+    hidden: Tensor | None
+    """``[B, L, H_t]`` the target's final hidden state (after its final norm) at every real position; None when the
+    confidences come from the offline cache (no distillation then)."""
     features: Tensor | None
     """``[B, L, n * H_t]`` hidden states at the feature layers, concatenated; f(a) is ``features[a - 1]``."""
 
