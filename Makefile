@@ -51,21 +51,8 @@ format: $(STAMP)  ## Apply ruff fixes and formatting.
 clean:  ## Remove the virtual environment and caches.
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs
 
-# The bare GPU image (Python 3.12, torch 2.11, transformers 5.17, accelerate 1.15, pyarrow) lacks these: binary
-# wheels for Python 3.12 plus two sdists built here (pure Python). The versions are this project's pins.
-GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
-	fsspec==2026.9.0 pandas==3.1.1 python-dateutil==4.0.0 tzdata==2026.6 einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 \
-	ninja==1.13.2 py-cpuinfo==9.0.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 matplotlib==3.10.7 contourpy==1.3.3 cycler==0.12.1 fonttools==4.68.0 \
-	kiwisolver==1.5.1 pillow==13.0.0 pyparsing==3.3.3
-GPU_SDISTS := antlr4-python3-runtime==4.9.3 deepspeed==0.19.8
-PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 wheelhouse: $(STAMP)  ## Wheels the bare GPU image lacks (Python 3.12, < 64 MiB): carry wheelhouse/ to the device.
-	rm -rf wheelhouse && mkdir wheelhouse
-	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(PLATFORMS) \
-		-d wheelhouse $(GPU_WHEELS)
-	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w wheelhouse $(GPU_SDISTS)
-	du -sh wheelhouse
+	bash scripts/gpu/wheelhouse.sh $(BIN)
 
 GPU_PY ?= python3
 gpu-check:  ## On a GPU (CUDA or ROCm): install wheelhouse/ into the image's Python, torch untouched; write runs/gpu-check.
