@@ -388,3 +388,39 @@ def test_lossless_check_runs_in_fp32(tmp_path):
     assert _harness_config(checked, Path("d"), spec, tmp_path).dtype == DType.fp32
     plain = to_config(compose("+config=tiny", "acceptance.modes=[pard]"))
     assert _harness_config(plain, Path("d"), spec, tmp_path).dtype == DType.auto
+
+
+# Item 2: held-out evaluation with a validation split that does not divide evenly: every rank runs the same number
+# of forwards (a rank short of rows scores a filler batch and drops it). Under ZeRO-3 each forward all-gathers the
+# parameters, so a rank with one forward fewer would leave the other waiting forever (the timeout turns it into a
+# failure); the scores must equal a single process's, so the filler batch counts nowhere.
+@pytest.mark.slow
+def test_held_out_eval_uneven_split_zero3_two_processes(tiny_checkpoint, tmp_path):
+    from launch import records, run
+
+    common = [
+        "data.pack=false",
+        "data.validation_fraction=0.2",
+        "eval.every_steps=2",
+        "eval.max_rows=5",  # 2 ranks x micro-batch 2: rank 0 scores rows 0, 2, 4 (2 batches), rank 1 rows 1, 3 (1)
+        "train.max_steps=4",
+        "checkpoint.every_steps=0",
+        "train.schedule=constant",
+        "train.warmup_steps=0",
+    ]
+    two, one = tmp_path / "two", tmp_path / "one"
+    log = tmp_path / "two.txt"
+    assert run(tiny_overrides(tiny_checkpoint, two, *common, "deepspeed=zero3"), nproc=2, log=log, timeout=400) == 0, (
+        log.read_text()[-3000:]
+    )
+    log = tmp_path / "one.txt"
+    assert run(tiny_overrides(tiny_checkpoint, one, *common, "train.grad_accum_steps=2"), log=log, timeout=400) == 0
+
+    def evals(run_dir):
+        return [r for r in records(run_dir / "tiny") if "eval/loss" in r]
+
+    distributed, reference = evals(two), evals(one)
+    assert [r["step"] for r in distributed] == [r["step"] for r in reference] == [2, 4]
+    for a, b in zip(distributed, reference):
+        assert a["eval/loss"] == pytest.approx(b["eval/loss"], rel=1e-4), (a, b)
+        assert a["eval/estimated_al"] == pytest.approx(b["eval/estimated_al"], rel=1e-4), (a, b)
