@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Protocol
 
@@ -107,6 +108,23 @@ class HeldOut:
         return type(stats).from_tensor(acc.reduce(stats.as_tensor(), reduction="sum")).summary()
 
 
+@contextmanager
+def decoding_attention(draft):
+    """Decode with SDPA while the harness runs, then give the training back its attention (FlexAttention on GPUs).
+
+    Decoding changes the query length every round (a KV cache, then 1..K new tokens), so FlexAttention would compile
+    a kernel per shape and build a BlockMask per forward; SDPA with the harness's masks needs neither."""
+    trained_with = draft.config._attn_implementation
+    if trained_with == "sdpa":
+        yield draft
+        return
+    draft.set_attn_implementation("sdpa")
+    try:
+        yield draft
+    finally:
+        draft.set_attn_implementation(trained_with)
+
+
 class MeasuredAcceptance:
     """The harness in PARD mode on the main process, with the model being trained as draft and the configured target;
     every rank gets the record (choosing the best checkpoint is collective)."""
@@ -124,7 +142,10 @@ class MeasuredAcceptance:
         self.target, self.prompts = None, []
         if accelerator.is_main_process:
             settings = config.acceptance
-            target = load_causal_lm(settings.target or config.model.path, AttentionBackend.sdpa)
+            # The target only runs inference: in bf16 on a GPU (as a server runs it; an fp32 8B target would take
+            # 32 GB of rank 0's GPU beside the training state), fp32 on CPU.
+            dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
+            target = load_causal_lm(settings.target or config.model.path, AttentionBackend.sdpa, dtype)
             self.target = target.to(accelerator.device).eval()
             for name in settings.benchmarks:
                 self.prompts += [prompt.turns[0] for prompt in load_prompts(name, settings.num_prompts)[1]]
@@ -136,15 +157,17 @@ class MeasuredAcceptance:
 
         result = [None]
         if self.accelerator.is_main_process:
-            summary = measure_acceptance(
-                self.accelerator.unwrap_model(model).draft,
-                self.target,
-                self.tokenizer,
-                self.prompts,
-                num_draft_tokens=self.spec.num_draft_tokens,
-                mask_token_id=self.spec.mask_token_id,
-                max_new_tokens=self.config.acceptance.max_new_tokens,
-            )
+            draft = self.accelerator.unwrap_model(model).draft
+            with decoding_attention(draft):
+                summary = measure_acceptance(
+                    draft,
+                    self.target,
+                    self.tokenizer,
+                    self.prompts,
+                    num_draft_tokens=self.spec.num_draft_tokens,
+                    mask_token_id=self.spec.mask_token_id,
+                    max_new_tokens=self.config.acceptance.max_new_tokens,
+                )
             record = {"acceptance_length": summary["acceptance_length"]}
             for position, value in enumerate(summary["conditional_acceptance"], start=1):
                 record[f"acceptance/position_{position}"] = value if value is not None else float("nan")
