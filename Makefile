@@ -8,8 +8,11 @@ DEMO_ROOT ?= runs
 DEMO_PROMPTS ?= 160
 DEMO_NEW_TOKENS ?= 128
 DEMO_ARGS ?=
+# make demo METHOD=pard2: the same demo trained with PARD-2 (the model is its own frozen target).
+METHOD ?= pard
+DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=demo_pard2)
 
-.PHONY: help install test lint format clean demo demo-deps
+.PHONY: help install test test-compat lint format clean demo demo-deps wheelhouse gpu-check
 
 help:  ## Show this help.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -35,7 +38,7 @@ demo: demo-deps  ## Offline real-model demo on CPU: SmolLM2-135M becomes a PARD 
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
 		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/demo-data \
 		--limit $(DEMO_PROMPTS) --max-new-tokens $(DEMO_NEW_TOKENS) --batch-size 16
-	$(BIN)/python -m pard_train +config=demo run.output_root=$(DEMO_ROOT) $(DEMO_ARGS)
+	$(BIN)/python -m pard_train +config=demo run.output_root=$(DEMO_ROOT) $(DEMO_METHOD) $(DEMO_ARGS)
 
 lint: $(STAMP)  ## ruff check and format check.
 	$(BIN)/ruff check .
@@ -47,3 +50,19 @@ format: $(STAMP)  ## Apply ruff fixes and formatting.
 
 clean:  ## Remove the virtual environment and caches.
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs
+
+wheelhouse: $(STAMP)  ## Wheels the bare GPU image lacks (Python 3.12, < 64 MiB): carry wheelhouse/ to the device.
+	bash scripts/gpu/wheelhouse.sh $(BIN)
+
+GPU_PY ?= python3
+gpu-check:  ## On a GPU (CUDA or ROCm): install wheelhouse/ into the image's Python, torch untouched; write runs/gpu-check.
+	@test -d wheelhouse || { echo "gpu-check: no wheelhouse/ here: run make wheelhouse on a machine with PyPI, carry it"; exit 2; }
+	$(GPU_PY) -m pip install -q --no-index --no-deps --find-links wheelhouse wheelhouse/*.whl
+	PYTHONPATH=$(CURDIR) $(GPU_PY) scripts/gpu/gpu_check.py --out runs/gpu-check
+
+COMPAT := .ci-compat/transformers-5.17
+COMPAT_TESTS := tests/test_layout_rule.py tests/test_block_mask.py tests/test_train_equals_inference.py \
+	tests/test_loss.py tests/test_speculative.py tests/test_evaluate.py tests/test_pard2.py
+test-compat: $(STAMP)  ## Layout, attention, loss and harness tests with the GPU image's transformers 5.17.
+	test -d $(COMPAT) || $(BIN)/pip install -q --no-deps --target $(COMPAT) "transformers==5.17.*" "huggingface-hub>=1.5,<2"
+	PYTHONPATH=$(COMPAT) $(BIN)/pytest -q -p no:cacheprovider $(COMPAT_TESTS)

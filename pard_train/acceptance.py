@@ -17,13 +17,18 @@ from pard_train.model import DraftSpec
 
 
 def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_dir: Path):
-    from pard_train.evaluate.config import EvalConfig, Mode
+    from pard_train.evaluate.config import DType, EvalConfig, Mode
 
     settings = config.acceptance
+    modes = [Mode(mode) for mode in settings.modes]
+    # With the target mode the report checks that every mode reproduces the target's greedy output. In bf16 a
+    # verification forward over K+1 tokens and a one-token forward round differently, so near-ties flip and a lossless
+    # decoder is reported lossy: the check runs in fp32. Without it, bf16 on GPUs, as a server runs the models.
     return EvalConfig(
+        dtype=DType.fp32 if Mode.target in modes else DType.auto,
         target=settings.target or config.model.path,
         draft=str(draft),
-        modes=[Mode(mode) for mode in settings.modes],
+        modes=modes,
         num_draft_tokens=spec.num_draft_tokens,
         mask_token_id=spec.mask_token_id,
         benchmarks=list(settings.benchmarks),

@@ -83,15 +83,29 @@ def method_settings(config: Config, spec: DraftSpec) -> dict:
         "pard.drop_ratio_min": config.pard.drop_ratio_min,
         "model.mask_token_id (resolved)": spec.mask_token_id,
         "model.path": config.model.path,
+        "method.name": config.method.name.value,
+        **_method_details(config),
+    }
+
+
+def _method_details(config: Config) -> dict:
+    """PARD-2's settings (a PARD run has none beyond its name)."""
+    if config.method.name.value == "pard":
+        return {}
+    method = config.method
+    keys = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_scale", "feature_drop")
+    return {f"method.{key}": getattr(method, key) for key in keys} | {
+        "method.feature_layers": list(method.feature_layers)
     }
 
 
 def check_resumable(saved: TrainState, current: TrainState, where: Path, deepspeed: bool) -> None:
     """Raise ResumeError naming every method setting that differs, or a batch/world change that breaks exactness."""
+    recorded = {"method.name": "pard", **saved.method}  # checkpoints from before the method switch are PARD
     changed = [
-        f"{key}: checkpoint {saved.method.get(key)!r}, now {value!r}"
+        f"{key}: checkpoint {recorded.get(key)!r}, now {value!r}"
         for key, value in current.method.items()
-        if saved.method.get(key) != value
+        if recorded.get(key) != value
     ]
     if changed:
         raise ResumeError(

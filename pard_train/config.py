@@ -93,6 +93,60 @@ class PardConfig:
         )
 
 
+class MethodName(str, Enum):
+    """What the draft is trained toward: ``pard`` (next tokens, plain cross-entropy) or ``pard2`` (the acceptance
+    length under a frozen target: CAT weights, distillation, optional target features; ../docs in README)."""
+
+    pard = "pard"
+    pard2 = "pard2"
+
+
+@dataclass
+class MethodConfig:
+    """The training method; pick with ``method=pard|pard2`` (configs/method/). With ``pard2`` a frozen target model
+    runs in every step. ``ce_weight=1, kd_weight=0, cat=false, features=false`` is exactly PARD."""
+
+    name: MethodName = MethodName.pard
+    target: str | None = None
+    """pard2: the target model (hub id or directory) whose acceptance the draft is trained for; frozen, no grad."""
+    ce_weight: float = 1.0
+    """alpha_CE: weight of the (CAT-weighted) cross-entropy against the data."""
+    kd_weight: float = 0.0
+    """alpha_KD: weight of the (CAT-weighted) KL divergence from the target's distribution."""
+    kd_temperature: float = 1.0
+    """tau: softmax temperature of both distributions in the KD term (scaled by tau^2)."""
+    cat: bool = False
+    """Confidence-adaptive token weights: a depth-d token counts with the target's probability of the real tokens
+    between its anchor and itself, w = prod g(u) (the chance the target would accept them all)."""
+    features: bool = False
+    """Dual mode: feed the target's hidden states at ``feature_layers`` into the draft's input embedding."""
+    feature_layers: list[int] = field(default_factory=lambda: [-1, -8, -16, -24])
+    """Target layers whose hidden states are concatenated (``output_hidden_states`` indexing: -1 is after the final
+    norm)."""
+    feature_scale: float = 0.02
+    """s: the projected features enter the embedding as ``s * W f``."""
+    feature_drop: float = 0.1
+    """q: fraction of documents trained without features (what trains the target-independent mode)."""
+    confidence_cache: bool = False
+    """CAT without the target in the training step: its confidences g(u) are computed once before training and
+    cached beside the data cache (one float per token); needs kd_weight=0 and features=false."""
+
+    def __post_init__(self):
+        require(self.ce_weight >= 0 and self.kd_weight >= 0, "method.ce_weight/kd_weight", "must be >= 0")
+        require(self.ce_weight + self.kd_weight > 0, "method.ce_weight", "ce_weight + kd_weight must be > 0")
+        require(self.kd_temperature > 0, "method.kd_temperature", f"must be > 0, got {self.kd_temperature}")
+        require(0.0 <= self.feature_drop <= 1.0, "method.feature_drop", f"must be in [0, 1], got {self.feature_drop}")
+        require(len(self.feature_layers) >= 1, "method.feature_layers", "list at least one layer")
+        if self.name == MethodName.pard:
+            plain = self.ce_weight == 1.0 and self.kd_weight == 0.0 and not self.cat and not self.features
+            require(plain, "method.name", "kd_weight, cat and features need method=pard2 (a target model)")
+        else:
+            require(bool(self.target), "method.target", "method=pard2 needs the target model: method.target=ID|DIR")
+        if self.confidence_cache:
+            offline = self.cat and self.kd_weight == 0 and not self.features
+            require(offline, "method.confidence_cache", "needs cat=true, kd_weight=0 and features=false")
+
+
 class DataFormat(str, Enum):
     """Row format of a data source; ``auto`` detects it per row from the keys."""
 
@@ -338,6 +392,7 @@ class AcceptanceConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pard: PardConfig = field(default_factory=PardConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
@@ -16,12 +17,66 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
 
 from pard_train.config import Config, DeepSpeedConfig, Precision
+from pard_train.errors import PardTrainError
+
+# Process-group timeout. NCCL's and DeepSpeed's default (10 min) is shorter than what rank 0 alone may take while the
+# others wait in a collective: tokenising a large data set on first use, measuring acceptance length, exporting or
+# writing a ZeRO-3 checkpoint to slow storage. A real hang still ends, after this long.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+# Variables through which SLURM and the GPU runtimes say which GPUs this process was given.
+GPU_ALLOCATION_VARIABLES = (
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_JOB_GPUS",
+    "SLURM_STEP_GPUS",
+    "CUDA_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+)
+
+
+class NoVisibleGpuError(PardTrainError, RuntimeError):
+    """GPUs were allocated to the job but torch sees none: training would silently run on the CPU."""
+
+
+def allocated_gpus(environ=os.environ) -> dict[str, str]:
+    """The variables that say GPUs were given to this process (empty values, ``-1`` and ``0`` counts mean none)."""
+    found = {}
+    for name in GPU_ALLOCATION_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value in ("", "-1", "NoDevFiles") or (name == "SLURM_GPUS_ON_NODE" and value == "0"):
+            continue
+        found[name] = value
+    return found
+
+
+def check_gpus_visible(environ=os.environ) -> None:
+    """Refuse to start on the CPU when the job was allocated GPUs that torch cannot see (a CPU-only torch build, or
+    ROCm given both ROCR_VISIBLE_DEVICES and CUDA/HIP_VISIBLE_DEVICES, which are applied one after the other and can
+    leave no device: partial-node jobs on some ROCm sites)."""
+    if torch.cuda.is_available():
+        return
+    allocated = allocated_gpus(environ)
+    if allocated:
+        shown = " ".join(f"{name}={value}" for name, value in allocated.items())
+        build = (
+            f"torch {torch.__version__} ("
+            + ("ROCm" if torch.version.hip else "CUDA" if torch.version.cuda else "CPU-only")
+            + ")"
+        )
+        raise NoVisibleGpuError(
+            f"GPUs were allocated ({shown}) but {build} sees none; on ROCm export only ROCR_VISIBLE_DEVICES "
+            "(unset CUDA_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES), else install a GPU build of torch; to train on "
+            "the CPU on purpose, unset these variables"
+        )
 
 
 def mixed_precision_for(precision: Precision) -> str:
     """accelerate's ``mixed_precision``: bf16 on GPUs that support it when ``auto``, fp32 (``no``) otherwise."""
     if precision == Precision.auto:
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        # Emulated bf16 (V100, T4) counts as supported by default, and runs far slower than fp32 there.
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "no"
     return {Precision.bf16: "bf16", Precision.fp32: "no"}[precision]
 
 
@@ -29,7 +84,15 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     """The DeepSpeed JSON, built from the typed config (nothing to keep in sync by hand).
 
     ``gradient_clipping`` makes the engine clip; the optimizer stays ``torch.optim.AdamW`` (built by the trainer),
-    so no DeepSpeed kernel has to compile and results match the non-DeepSpeed path.
+    also with ``offload_optimizer``: accelerate would otherwise swap it for DeepSpeed's CPU Adam, a C++ op that every
+    rank JIT-compiles at start (a compiler and ninja on every node, minutes per rank).
+    ``zero_force_ds_cpu_optimizer: false`` keeps torch's AdamW, which steps the offloaded fp32 master weights on the
+    CPU: slower per step than the compiled op, but it runs wherever torch runs and matches the non-DeepSpeed path.
+
+    With bf16, gradients are accumulated (``data_types.grad_accum_dtype``) and all-reduced or reduce-scattered
+    (``communication_data_type``) in fp32: DeepSpeed's default is the model dtype, bf16, whose 8-bit mantissa loses
+    the small per-micro-batch and per-rank contributions when summed. ZeRO-1 then uses DeepSpeed's BF16 optimizer
+    with fp32 gradients, ZeRO-2 its fp32 gradient partitions; ZeRO-3 keeps its fp32 partitions and reduces in fp32.
     """
     ds: DeepSpeedConfig = config.deepspeed
     zero: dict = {"stage": ds.zero_stage}
@@ -40,12 +103,16 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     if ds.zero_stage == 3:
         # Gather full weights when saving the final model, so that it is a normal Hugging Face checkpoint.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    bf16 = mixed_precision == "bf16"
+    precision: dict = {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}
     return {
+        **precision,
+        "zero_force_ds_cpu_optimizer": False,
         "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
         "gradient_accumulation_steps": config.train.grad_accum_steps,
         "gradient_clipping": config.train.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": mixed_precision == "bf16"},
+        "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -57,23 +124,25 @@ def build_accelerator(config: Config) -> Accelerator:
     """An Accelerator for this process; gradient accumulation is accelerate's, so DDP and DeepSpeed agree on it."""
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
+    check_gpus_visible()
     mixed_precision = mixed_precision_for(config.train.precision)
     on_cpu = not torch.cuda.is_available()
-    handlers = []
+    # accelerate hands the timeout to torch.distributed (DDP) and to deepspeed.init_distributed (DeepSpeed) alike.
+    group = {"timeout": PROCESS_GROUP_TIMEOUT}
     plugin = None
     if config.deepspeed.enabled:
         if on_cpu:
             # DeepSpeed picks its accelerator at import; without this it probes for CUDA and fails.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             # Without an explicit gloo group accelerate believes the world size is 1 under DeepSpeed on CPU.
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            group["backend"] = "gloo"
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, mixed_precision))
     return Accelerator(
         mixed_precision=mixed_precision,
         cpu=on_cpu and plugin is None,
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=config.train.grad_accum_steps,
-        kwargs_handlers=handlers,
+        kwargs_handlers=[InitProcessGroupKwargs(**group)],
     )
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Protocol
 
@@ -17,7 +18,6 @@ import torch
 from pard_train.checkpoint import Checkpoints, TrainState
 from pard_train.config import Config, ConfigError
 from pard_train.data import PardCollator
-from pard_train.loss import DepthStats
 from pard_train.model import DraftSpec
 
 
@@ -34,12 +34,13 @@ class Evaluator(Protocol):
 
 
 def build_evaluators(
-    config: Config, validation, collate: PardCollator, tokenizer, spec: DraftSpec, accelerator
+    config: Config, data, collate: PardCollator, tokenizer, spec: DraftSpec, method, accelerator
 ) -> list[Evaluator]:
     evaluators: list[Evaluator] = []
     measured = config.acceptance.every_steps > 0
     if config.eval.every_steps:
-        evaluators.append(HeldOut.build(config, validation, collate, accelerator, selects_best=not measured))
+        held_out = HeldOut.build(config, data.validation, collate, method, accelerator, selects_best=not measured)
+        evaluators.append(held_out)
     if measured:
         if config.deepspeed.enabled and config.deepspeed.zero_stage == 3:
             raise ConfigError("acceptance.every_steps needs whole weights on one process; not available with ZeRO-3")
@@ -66,13 +67,13 @@ class HeldOut:
 
     score_key = "estimated_al"
 
-    def __init__(self, rows, collate: PardCollator, accelerator, micro_batch_size: int, every: int, selects_best: bool):
-        self.rows, self.collate, self.accelerator = rows, collate, accelerator
-        self.micro, self.every, self.selects_best = micro_batch_size, every, selects_best
+    def __init__(self, rows, collate: PardCollator, method, accelerator, micro: int, every: int, selects_best: bool):
+        self.rows, self.collate, self.method, self.accelerator = rows, collate, method, accelerator
+        self.micro, self.every, self.selects_best = micro, every, selects_best
         self.num_depths = collate.num_depths
 
     @classmethod
-    def build(cls, config: Config, rows, collate: PardCollator, accelerator, selects_best: bool) -> HeldOut:
+    def build(cls, config: Config, rows, collate: PardCollator, method, accelerator, selects_best: bool) -> HeldOut:
         if not rows:
             raise ConfigError(
                 "eval.every_steps: the data has no validation split; set data.validation_files or "
@@ -81,7 +82,8 @@ class HeldOut:
         rows = rows[: config.eval.max_rows]
         # Its own collator: fixed layouts (epoch 0, another seed), independent of the training epoch.
         held_out = replace(collate, seed=collate.seed + 1_000_003, epoch=0)
-        return cls(rows, held_out, accelerator, config.train.micro_batch_size, config.eval.every_steps, selects_best)
+        micro, every = config.train.micro_batch_size, config.eval.every_steps
+        return cls(rows, held_out, method, accelerator, micro, every, selects_best)
 
     @torch.no_grad()
     def run(self, model) -> dict[str, float]:
@@ -90,18 +92,37 @@ class HeldOut:
         # Every rank runs the same number of forwards (ZeRO-3 gathers parameters in each, collectively): a rank with
         # fewer rows scores a filler batch and discards it.
         num_batches = math.ceil(math.ceil(len(self.rows) / acc.num_processes) / self.micro)
-        stats = DepthStats(*(torch.zeros(self.num_depths, device=acc.device) for _ in range(3)))
+        stats = self.method.zero_stats(self.num_depths, acc.device)
         was_training = model.training
         model.eval()
         for index in range(num_batches):
             chunk = mine[index * self.micro : (index + 1) * self.micro]
-            batch = self.collate([(i, self.rows[i]) for i in chunk or [0]])
+            rows = chunk or [0]
+            batch = self.collate([(i, self.rows[i]) for i in rows])
+            inputs, _ = self.method.prepare(batch.to(acc.device), 0, index, rows, split="validation")
             with acc.autocast():
-                _, batch_stats = model(batch.to(acc.device), 1.0)
+                _, batch_stats = model(inputs, 1.0)
             if chunk:
                 stats = stats + batch_stats
         model.train(was_training)
-        return DepthStats.from_tensor(acc.reduce(stats.as_tensor(), reduction="sum")).summary()
+        return type(stats).from_tensor(acc.reduce(stats.as_tensor(), reduction="sum")).summary()
+
+
+@contextmanager
+def decoding_attention(draft):
+    """Decode with SDPA while the harness runs, then give the training back its attention (FlexAttention on GPUs).
+
+    Decoding changes the query length every round (a KV cache, then 1..K new tokens), so FlexAttention would compile
+    a kernel per shape and build a BlockMask per forward; SDPA with the harness's masks needs neither."""
+    trained_with = draft.config._attn_implementation
+    if trained_with == "sdpa":
+        yield draft
+        return
+    draft.set_attn_implementation("sdpa")
+    try:
+        yield draft
+    finally:
+        draft.set_attn_implementation(trained_with)
 
 
 class MeasuredAcceptance:
@@ -121,7 +142,10 @@ class MeasuredAcceptance:
         self.target, self.prompts = None, []
         if accelerator.is_main_process:
             settings = config.acceptance
-            target = load_causal_lm(settings.target or config.model.path, AttentionBackend.sdpa)
+            # The target only runs inference: in bf16 on a GPU (as a server runs it; an fp32 8B target would take
+            # 32 GB of rank 0's GPU beside the training state), fp32 on CPU.
+            dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
+            target = load_causal_lm(settings.target or config.model.path, AttentionBackend.sdpa, dtype)
             self.target = target.to(accelerator.device).eval()
             for name in settings.benchmarks:
                 self.prompts += [prompt.turns[0] for prompt in load_prompts(name, settings.num_prompts)[1]]
@@ -133,15 +157,17 @@ class MeasuredAcceptance:
 
         result = [None]
         if self.accelerator.is_main_process:
-            summary = measure_acceptance(
-                self.accelerator.unwrap_model(model).draft,
-                self.target,
-                self.tokenizer,
-                self.prompts,
-                num_draft_tokens=self.spec.num_draft_tokens,
-                mask_token_id=self.spec.mask_token_id,
-                max_new_tokens=self.config.acceptance.max_new_tokens,
-            )
+            draft = self.accelerator.unwrap_model(model).draft
+            with decoding_attention(draft):
+                summary = measure_acceptance(
+                    draft,
+                    self.target,
+                    self.tokenizer,
+                    self.prompts,
+                    num_draft_tokens=self.spec.num_draft_tokens,
+                    mask_token_id=self.spec.mask_token_id,
+                    max_new_tokens=self.config.acceptance.max_new_tokens,
+                )
             record = {"acceptance_length": summary["acceptance_length"]}
             for position, value in enumerate(summary["conditional_acceptance"], start=1):
                 record[f"acceptance/position_{position}"] = value if value is not None else float("nan")

@@ -117,9 +117,30 @@ class ModelCard:
     dtype: torch.dtype
     recipe: dict = field(default_factory=dict)
     al_table: str | None = None
+    pard2: dict = field(default_factory=dict)
+    """PARD-2 config fields (``pard2_target_layers``...), empty for a PARD draft."""
 
     def write(self, directory: str | Path) -> Path:
         return atomic_write_text(Path(directory) / "README.md", self.render())
+
+    def _pard2_lines(self) -> list[str]:
+        if not self.pard2:
+            return []
+        lines = [
+            "## PARD-2: two modes",
+            "",
+            "- Target-independent: the base draft above, served as a PARD draft (any vLLM build with parallel "
+            "drafting).",
+        ]
+        if "pard2_target_layers" in self.pard2:
+            layers, width, scale = (self.pard2[k] for k in ("pard2_target_layers", "pard2_target_dim", "pard2_scale"))
+            lines.append(
+                f"- Target-dependent: also reads the target's hidden states at layers {layers} through `W` "
+                f"(`warp_model.bin`, {width} -> hidden size, scale {scale}); needs a vLLM build with PARD-2 "
+                "serving (vllm-project/vllm pull request #55257, open when this card was written) and a target of "
+                "the hidden size it was trained with."
+            )
+        return [*lines, ""]
 
     def render(self) -> str:
         spec, k = self.spec, self.spec.num_draft_tokens
@@ -158,6 +179,7 @@ class ModelCard:
             + json.dumps(_speculative_config("PATH_TO_THIS_DIRECTORY", k))
             + ")`.",
             "",
+            *self._pard2_lines(),
             "## Measured acceptance length",
             "",
             self.al_table.strip()
@@ -188,6 +210,7 @@ def export_draft(
     target=None,
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    method_files: tuple[dict, dict[str, dict]] = ({}, {}),
 ) -> ModelCard:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
@@ -195,7 +218,8 @@ def export_draft(
     caller's model is not modified except for the PARD fields of its config. ``recipe``: see :func:`training_recipe`.
     ``target``: a model directory, config or model whose vocabulary must equal the draft's (checked only when given).
     ``state_dict``: the weights to write instead of ``model.state_dict()`` (the trainer passes the one gathered from
-    ZeRO-3 shards). Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
+    ZeRO-3 shards). ``method_files``: config fields and extra weight files of the training method (PARD-2's W).
+    Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
     Raises ExportError (existing directory without ``overwrite``, vocabulary mismatch) or MaskTokenError.
     """
     num_draft_tokens, mask_token_id = spec.num_draft_tokens, spec.mask_token_id
@@ -233,6 +257,10 @@ def export_draft(
         config = json.loads(config_path.read_text())
         # A server reads these: the weights' real dtype, and the KV cache on (training turns it off).
         config.update(dtype=str(dtype).removeprefix("torch."), use_cache=True)
+        extra_fields, extra_files = method_files
+        config.update(extra_fields)
+        for name, tensors in extra_files.items():
+            torch.save({key: value.detach().to("cpu", dtype) for key, value in tensors.items()}, staging / name)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not (staging / "generation_config.json").exists():
             from transformers import GenerationConfig
@@ -240,7 +268,7 @@ def export_draft(
             GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(
                 staging
             )
-        card = ModelCard(output_dir.name, spec, dtype, recipe or {}, al_table)
+        card = ModelCard(output_dir.name, spec, dtype, recipe or {}, al_table, extra_fields)
         card.write(staging)
     return card
 
@@ -262,6 +290,21 @@ def _recipe_from(checkpoint: Path) -> dict:
 
             return training_recipe(OmegaConf.to_container(OmegaConf.load(candidate), resolve=False))
     return {}
+
+
+PARD2_FILES = ("warp_model.bin",)
+
+
+def _method_files_from(checkpoint: Path) -> tuple[dict, dict[str, dict]]:
+    """A PARD-2 draft's config fields and W, carried over unchanged from a trained draft directory."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    fields = {key: value for key, value in config.items() if key.startswith("pard2") or key == "spd_type"}
+    files = {
+        name: torch.load(checkpoint / name, weights_only=True, map_location="cpu")
+        for name in PARD2_FILES
+        if (checkpoint / name).exists()
+    }
+    return fields, files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             al_table=_al_table_from(args.al_table) if args.al_table else None,
             target=args.target,
             overwrite=args.overwrite,
+            method_files=_method_files_from(checkpoint),
         )
     except (PardTrainError, OSError) as error:
         print(f"pard_train.export: error: {error}", file=sys.stderr)

@@ -120,15 +120,28 @@ def build_tracker(config: Config, run_dir: Path, is_main_process: bool) -> Track
     return Trackers(trackers)
 
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate (vendor data sheets; no sparsity).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "MI300X": 1307e12, "MI250X": 383e12, "L40S": 362e12}
+# Dense bf16 peak FLOP/s of one torch device (vendor data sheets; no sparsity), most specific name first: the first
+# key found in the device name wins, so "H100 PCIe" is not read as the SXM part. An MI250X package holds two GCDs and
+# torch sees each GCD as a device, so its entry is half the package's 383 TFLOP/s (MI250 likewise: 362 / 2).
+PEAK_BF16_FLOPS = {
+    "H100PCIE": 756e12,
+    "H100NVL": 835e12,  # 1671 TFLOP/s per NVL pair
+    "H100": 989e12,  # SXM5 (torch names it "NVIDIA H100 80GB HBM3")
+    "GH200": 989e12,
+    "H200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "MI300X": 1307e12,
+    "MI250X": 191.5e12,
+    "MI250": 181e12,
+    "L40S": 362e12,
+}
 
 
 def peak_flops(device_name: str) -> float | None:
-    """Peak bf16 FLOP/s of a GPU by its name, None when unknown (then no MFU is logged)."""
-    name = device_name.upper().replace(" ", "")
-    matches = [flops for key, flops in PEAK_BF16_FLOPS.items() if key in name]
-    return max(matches) if matches else None
+    """Peak bf16 FLOP/s of one GPU device by its name, None when unknown (then no MFU is logged)."""
+    name = device_name.upper().replace(" ", "").replace("-", "")
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def count_parameters(model) -> int:
@@ -164,7 +177,7 @@ class MetricsWindow:
 
     def flush(self, step: int, epoch: int, lr: float) -> dict:
         acc = self.accelerator
-        total = DepthStats.from_tensor(acc.reduce(self.stats.as_tensor(), reduction="sum"))
+        total = type(self.stats).from_tensor(acc.reduce(self.stats.as_tensor(), reduction="sum"))
         rows, tokens = acc.reduce(self.counts.to(acc.device), reduction="sum").tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {"step": step, "epoch": epoch, "lr": lr, **total.summary()}

@@ -23,9 +23,9 @@ from transformers import get_scheduler
 
 from pard_train import acceptance
 from pard_train.atomic import atomic_write_text
-from pard_train.attention import resolve_backend
+from pard_train.attention import BLOCK, resolve_backend
 from pard_train.checkpoint import Checkpoints, TrainState, method_settings
-from pard_train.config import Config
+from pard_train.config import AttentionBackend, Config
 from pard_train.data import PardCollator, build_data
 from pard_train.data.schedule import DataSchedule, StepBatch, StepBatches, step_loader
 from pard_train.distributed import (
@@ -39,8 +39,9 @@ from pard_train.distributed import (
 )
 from pard_train.evaluators import build_evaluators, run_due
 from pard_train.export import export_draft, training_recipe
-from pard_train.layout import DropTokenSchedule, PardBatch
-from pard_train.loss import DepthStats, PardObjective
+from pard_train.layout import DropTokenSchedule
+from pard_train.loss import DepthStats
+from pard_train.methods import build_method
 from pard_train.model import load_draft, prepare_model_files
 from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals
@@ -84,10 +85,13 @@ class Trainer:
         drop = DropTokenSchedule(pard.drop_ratio, pard.drop_ratio_min) if pard.drop_tokens else None
         pad_id = self.tokenizer.pad_token_id
         pad_id = self.spec.mask_token_id if pad_id is None else pad_id
+        # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
+        multiple = BLOCK if self.backend == AttentionBackend.flex else 1
         self.collate = PardCollator(
-            self.spec.mask_token_id, pard.num_draft_tokens, pad_id, drop, seed=config.train.seed
+            self.spec.mask_token_id, pard.num_draft_tokens, pad_id, drop, config.train.seed, multiple
         )
-        self.evaluators = build_evaluators(config, data.validation, self.collate, self.tokenizer, self.spec, acc)
+        self.method = build_method(config, draft, self.backend, self.spec, acc, data)
+        self.evaluators = build_evaluators(config, data, self.collate, self.tokenizer, self.spec, self.method, acc)
         self.data_stats = data.stats
 
         self.last_step = self.schedule.steps_per_epoch * config.train.epochs
@@ -95,10 +99,11 @@ class Trainer:
             self.last_step = min(self.last_step, config.train.max_steps)
         train = config.train
         betas = (train.adam_beta1, train.adam_beta2)
-        optimizer = torch.optim.AdamW(draft.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay)
+        parameters = self.method.objective.parameters()  # the draft, and W for PARD-2 (the teacher is frozen)
+        optimizer = torch.optim.AdamW(parameters, lr=train.lr, betas=betas, weight_decay=train.weight_decay)
         # Not prepared by accelerate: it would step the schedule once per process; we step it once per optimizer step.
         self.scheduler = get_scheduler(train.schedule.value, optimizer, train.warmup_steps, self.last_step)
-        self.model, self.optimizer = acc.prepare(PardObjective(draft, self.backend, pard.num_draft_tokens), optimizer)
+        self.model, self.optimizer = acc.prepare(self.method.objective, optimizer)
         self.model.train()
 
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
@@ -134,47 +139,57 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.teardown.callback(progress.close)
+        tracker = self.tracker
         for batch in loader:
-            labelled_tokens, stop = self._agree(batch)
+            inputs, weight = self._prepare(batch)
+            loss_weight, stop = self._agree(weight)
             if stop:
                 self.checkpoints.save_unless_saved(self.state)
-                print0(
-                    acc, f"stop signal: saved step {self.state.step} to {self.checkpoints.path_for(self.state.step)}"
-                )
+                where = self.checkpoints.path_for(self.state.step)
+                print0(acc, f"stop signal: saved step {self.state.step} to {where}")
                 return None
-            stats, grad_norm = self.train_step(batch.micro_batches, labelled_tokens)
+            stats, grad_norm = self.train_step(inputs, loss_weight)
             self.state = replace(self.state, step=batch.step)
             progress.update(1)
             self.metrics.add(stats, grad_norm, batch.micro_batches)
             if self.metrics.should_log(batch.step, self.last_step):
                 record = self.metrics.flush(batch.step, batch.epoch, self.scheduler.get_last_lr()[0])
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['labelled_tokens_per_s']:.0f}")
-                self.tracker.log(record, batch.step)
+                tracker.log(record, batch.step)
             self.checkpoints.maybe_save(self.state, self.last_step)
             self.state = run_due(
                 self.evaluators, self.model, self.state, self.last_step, self.checkpoints, self.tracker
             )
         return self.finish()
 
-    def _agree(self, batch: StepBatch) -> tuple[float, bool]:
-        """One all-reduce per step: the labelled tokens of the global batch, and whether any rank must stop."""
-        local = torch.tensor([float(batch.num_labels), float(self.stop.requested)], device=self.accelerator.device)
-        tokens, stops = self.accelerator.reduce(local, reduction="sum").tolist()
-        return tokens, stops > 0
+    def _prepare(self, batch: StepBatch) -> tuple[list, float]:
+        """Each micro-batch on the device, as the method's inputs (PARD-2 runs its teacher here), and their weight."""
+        device = self.accelerator.device
+        prepared = [
+            self.method.prepare(b.to(device), batch.step, i, rows) for i, (b, rows) in enumerate(zip(*batch.parts))
+        ]
+        return [inputs for inputs, _ in prepared], sum(weight for _, weight in prepared)
 
-    def train_step(self, micro_batches: list[PardBatch], labelled_tokens: float) -> tuple[DepthStats, float]:
-        """Forward and backward over this rank's micro-batches, clip, step. Gradients are sum(token losses) /
-        (labelled tokens of the whole global batch), whatever drop-token leaves on each rank: DeepSpeed and
-        accelerate divide the loss by the accumulation steps and data parallelism averages over processes, so the
-        normalizer is scaled by both to undo it."""
-        acc, num_depths = self.accelerator, self.spec.num_draft_tokens
-        normalizer = max(labelled_tokens, 1.0) / (acc.num_processes * self.config.train.grad_accum_steps)
-        stats = DepthStats(*(torch.zeros(num_depths, device=acc.device) for _ in range(3)))
-        for batch in micro_batches:
+    def _agree(self, loss_weight: float) -> tuple[float, bool]:
+        """One all-reduce per step: the loss weight of the global batch (labelled tokens, or PARD-2's CAT weights),
+        and whether any rank must stop."""
+        local = torch.tensor([float(loss_weight), float(self.stop.requested)], device=self.accelerator.device)
+        total, stops = self.accelerator.reduce(local, reduction="sum").tolist()
+        return total, stops > 0
+
+    def train_step(self, micro_batches: list, loss_weight: float) -> tuple[DepthStats, float]:
+        """Forward and backward over this rank's micro-batches, clip, step. Gradients are sum(token losses) / (loss
+        weight of the whole global batch), whatever drop-token leaves on each rank: DeepSpeed and accelerate divide
+        the loss by the accumulation steps and data parallelism averages over processes, so the normalizer is
+        scaled by both to undo it."""
+        acc = self.accelerator
+        normalizer = max(loss_weight, 1e-12) / (acc.num_processes * self.config.train.grad_accum_steps)
+        stats = None
+        for inputs in micro_batches:
             with acc.accumulate(self.model), acc.autocast():
-                loss, batch_stats = self.model(batch.to(acc.device), normalizer)
+                loss, batch_stats = self.model(inputs, normalizer)
                 acc.backward(loss)
-            stats = stats + batch_stats
+            stats = batch_stats if stats is None else stats + batch_stats
         grad_norm = clip_grad_norm(acc, self.model, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -188,7 +203,8 @@ class Trainer:
         final_dir = self.run_dir / "final"
         # Collective: ZeRO-3 gathers its shards onto rank 0 (the others get None); elsewhere it is the model's own.
         gathered = acc.get_state_dict(self.model) or {}
-        state_dict = {name.removeprefix("draft."): value for name, value in gathered.items()}
+        state_dict = {name.removeprefix("draft."): v for name, v in gathered.items() if name.startswith("draft.")}
+        extras = {name: value for name, value in gathered.items() if not name.startswith("draft.")}
         if acc.is_main_process:
             card = export_draft(
                 acc.unwrap_model(self.model).draft,
@@ -200,6 +216,7 @@ class Trainer:
                 target=config.acceptance.target,
                 overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
                 state_dict=state_dict,
+                method_files=self.method.export_files(extras),
             )
             print0(acc, f"exported the PARD draft to {final_dir} after {self.state.step} steps")
             if config.acceptance.after_training:

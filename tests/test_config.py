@@ -60,6 +60,10 @@ def test_family_presets_carry_the_reference_recipe(preset):
         ("train.micro_batch_size=0", "train.micro_batch_size"),
         ("data.max_length=1", "data.max_length"),
         ("model.mask_token_id=-3", "model.mask_token_id"),
+        ("method.kd_weight=1", "method.name"),
+        ("method=pard2", "method.target"),
+        ("method.kd_temperature=0", "method.kd_temperature"),
+        ("method.confidence_cache=true", "method.confidence_cache"),
     ],
 )
 def test_bad_values_fail_with_the_key_named(override, key):
@@ -119,3 +123,20 @@ def test_cli_explains_a_model_missing_offline(tmp_path):
     result = _cli("+config=llama3_1b", f"run.output_root={tmp_path}")
     assert result.returncode == 2
     assert "meta-llama/Llama-3.2-1B-Instruct" in result.stderr and "model.path=DIR" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "preset, draft, target, mask, k, lr",
+    [
+        ("pard2_qwen3_0_6b", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B", 151670, 16, 3e-5),
+        ("pard2_llama3_1b", "meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", 128020, 16, 1e-5),
+    ],
+)
+def test_pard2_presets_carry_the_reference_recipe(preset, draft, target, mask, k, lr):
+    config = to_config(compose(f"+config={preset}"))
+    assert (config.model.path, config.method.target, config.model.mask_token_id) == (draft, target, mask)
+    assert config.method.name.value == "pard2" and config.method.cat and config.method.features
+    assert (config.method.ce_weight, config.method.kd_weight, config.method.kd_temperature) == (0.1, 1.0, 1.0)
+    assert config.method.feature_layers == [-1, -8, -16, -24] and config.method.feature_scale == 0.02
+    assert (config.pard.num_draft_tokens, config.pard.drop_ratio, config.pard.drop_ratio_min) == (k, 0.7, 0.1)
+    assert config.train.lr == pytest.approx(lr) and config.data.loss_on == LossOn.assistant

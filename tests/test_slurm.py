@@ -35,6 +35,9 @@ def submit(cluster, tmp_path, tiny_checkpoint, *overrides):
     }
     return cluster.sbatch(
         "--nodes=1",
+        # train.sbatch asks for 32 CPUs and 256 GB per node by default; this node has 2 CPUs and no memory accounting.
+        "--cpus-per-task=2",
+        "--mem=0",
         "--job-name=pardtest",
         f"--output={tmp_path}/job-%j.out",
         "scripts/slurm/train.sbatch",
@@ -56,6 +59,7 @@ def test_sbatch_two_processes_completes_with_checkpoint(cluster, tmp_path, tiny_
     info = cluster.wait(job, ENDED, timeout=300)
     output = (tmp_path / f"job-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-3000:]
+    assert info["NumCPUs"] == "2", info  # the sbatch line's request replaced the script's default
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert "replicas agree: 2 processes" in output

@@ -77,6 +77,12 @@ class StepBatch:
     step: int
     epoch: int
     micro_batches: list[PardBatch]
+    row_ids: list[list[int]]
+    """The packed rows of each micro-batch, in order (methods with per-row caches read them)."""
+
+    @property
+    def parts(self) -> tuple[list[PardBatch], list[list[int]]]:
+        return self.micro_batches, self.row_ids
 
     @property
     def num_labels(self) -> int:
@@ -106,8 +112,8 @@ class StepBatches(Dataset):
         step = self.first_step + index
         epoch, _ = self.schedule.epoch_of(step)
         collate = replace(self.collate, epoch=epoch)  # drop-token layouts differ between epochs
-        batches = [collate([(i, self.rows[i]) for i in chunk]) for chunk in self.schedule.step_rows(step)]
-        return StepBatch(step, epoch, batches)
+        chunks = self.schedule.step_rows(step)
+        return StepBatch(step, epoch, [collate([(i, self.rows[i]) for i in chunk]) for chunk in chunks], chunks)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pard_train.evaluate.report import MODE_ORDER, _fmt
+from pard_train.evaluate.report import MODE_ORDER, _fmt, load_report
 
 
 def compare_table(reports: dict[str, dict]) -> str:
@@ -39,8 +39,6 @@ def compare_table(reports: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pard_train.evaluate.runner import load_report
-
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
         print("usage: python -m pard_train.evaluate.compare RUN_DIR [RUN_DIR ...]", file=sys.stderr)

@@ -19,6 +19,8 @@ class Mode(str, Enum):
     target = "target"
     ar = "ar"
     pard = "pard"
+    pard2 = "pard2"
+    """PARD-2's target-dependent mode: the PARD draft also reads the target's hidden states (needs a PARD-2 draft)."""
 
 
 class DType(str, Enum):
@@ -69,7 +71,9 @@ class EvalConfig:
 
     def __post_init__(self):
         require(len(self.modes) > 0, "modes", "give at least one of target, ar, pard")
-        needs_draft = Mode.pard in self.modes or (Mode.ar in self.modes and not self.ar_draft)
+        needs_draft = (
+            Mode.pard in self.modes or Mode.pard2 in self.modes or (Mode.ar in self.modes and not self.ar_draft)
+        )
         require(not needs_draft or bool(self.draft), "draft", "set draft=DIR (the pard and ar modes need a draft)")
         require(self.num_draft_tokens is None or self.num_draft_tokens >= 1, "num_draft_tokens", "must be >= 1")
         require(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark name or JSONL path")

@@ -1,15 +1,25 @@
-"""Write an evaluation report: ``report.json`` (every number and the config), ``report.md`` (a table) and PNG plots
-(``acceptance_length.png``: AL per benchmark and mode; ``acceptance_by_position.png``: conditional acceptance per draft
-position). Every file is written to a temp name and renamed, so a report is never half written."""
+"""Build, write and read an evaluation report: ``report.json`` (every number and the config), ``report.md`` (a
+table) and PNG plots (``acceptance_length.png``: AL per benchmark and mode; ``acceptance_by_position.png``:
+conditional acceptance per draft position). Every file is written to a temp name and renamed, so a report is never
+half written."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pard_train.atomic import atomic_write_bytes, atomic_write_text
+from pard_train.evaluate.config import Mode
 
-MODE_ORDER = ("target", "ar", "pard")
+if TYPE_CHECKING:  # the runner imports this module; these are annotations only
+    from pard_train.evaluate.config import EvalConfig
+    from pard_train.evaluate.metrics import AcceptanceStats
+    from pard_train.evaluate.runner import ModeResult
+
+MODE_ORDER = ("target", "ar", "pard", "pard2")
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -129,6 +139,66 @@ def write_report(report: dict, output_dir: str | Path) -> Path:
     plot_acceptance_length(report, output_dir / "acceptance_length.png")
     plot_acceptance_by_position(report, output_dir / "acceptance_by_position.png")
     return output_dir
+
+
+def _jsonable(value):
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def build_report(config: EvalConfig, results: dict[str, dict[Mode, ModeResult]], k: int, environment: dict) -> dict:
+    """All numbers and the config, JSON-ready: per benchmark and mode, per prompt, overall, speed-ups, losslessness."""
+    report = {
+        "config": _jsonable(asdict(config)),
+        "num_draft_tokens": k,
+        "environment": environment,
+        "benchmarks": {},
+        "overall": {},
+    }
+    from pard_train.evaluate.metrics import AcceptanceStats
+
+    totals: dict[Mode, AcceptanceStats] = {}
+    for name, modes in results.items():
+        baseline = modes.get(Mode.target)
+        entry = {}
+        for mode, result in modes.items():
+            totals[mode] = totals.get(mode, AcceptanceStats()) + result.stats
+            summary = result.stats.summary()
+            summary["speedup"] = _speedup(result.stats, baseline.stats if baseline else None)
+            # Lossless: the same prompt gives the same tokens in every mode (checked against target mode if run).
+            summary["mismatched_prompts"] = (
+                sum(result.outputs[pid] != baseline.outputs[pid] for pid in result.outputs) if baseline else None
+            )
+            summary["prompts"] = result.prompts
+            entry[mode.value] = summary
+        report["benchmarks"][name] = entry
+    for mode, stats in totals.items():
+        summary = stats.summary()
+        summary["speedup"] = _speedup(stats, totals.get(Mode.target))
+        counts = [entry[mode.value]["mismatched_prompts"] for entry in report["benchmarks"].values()]
+        summary["mismatched_prompts"] = None if None in counts else sum(counts)
+        report["overall"][mode.value] = summary
+    return report
+
+
+def _speedup(stats: AcceptanceStats, baseline: AcceptanceStats | None) -> float | None:
+    """Tokens/s over the target-only tokens/s of the same prompts."""
+    if baseline is None or not stats.wall_seconds or not baseline.wall_seconds or not baseline.generated_tokens:
+        return None
+    return (stats.generated_tokens / stats.wall_seconds) / (baseline.generated_tokens / baseline.wall_seconds)
+
+
+def load_report(run_dir: str | Path) -> dict:
+    path = Path(run_dir)
+    path = path if path.suffix == ".json" else path / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass an evaluation run directory (with report.json)")
+    return json.loads(path.read_text())
 
 
 # Acceptance around training: the untrained draft against the trained one (``pard_train.acceptance``).

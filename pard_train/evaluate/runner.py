@@ -5,12 +5,9 @@ Also :func:`measure_acceptance`, the small PARD-mode measurement the trainer cal
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from enum import Enum
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +16,7 @@ from pard_train.config import ConfigError
 from pard_train.evaluate.benchmarks import Prompt, load_prompts, render
 from pard_train.evaluate.config import DType, EvalConfig, Mode
 from pard_train.evaluate.metrics import AcceptanceStats
+from pard_train.evaluate.report import build_report
 from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -157,21 +155,27 @@ def build_drafters(config: EvalConfig, target, tokenizer, device, dtype) -> tupl
         if mode == Mode.target:
             drafters[mode] = None
             continue
-        model = draft if mode == Mode.pard or not config.ar_draft else _load(config.ar_draft, config, device, dtype)
+        model = draft if mode != Mode.ar or not config.ar_draft else _load(config.ar_draft, config, device, dtype)
         path = config.draft if model is draft else config.ar_draft
         if model.get_input_embeddings().weight.shape[0] != rows:
             raise ConfigError(
                 f"{mode.value} draft {path} has {model.get_input_embeddings().weight.shape[0]} embedding rows but the "
                 f"target has {rows}: draft and target must share the vocabulary"
             )
-        if mode == Mode.pard:
+        if mode in (Mode.pard, Mode.pard2):
             if mask_id is None:
                 raise ConfigError(
                     f"mask_token_id: {config.draft}/config.json has no pard_token; set mask_token_id=ID "
                     "(is this a PARD draft?)"
                 )
             validate_mask_token(tokenizer, rows, mask_id)
-            drafters[mode] = PardDrafter(model, mask_id)
+            if mode == Mode.pard2:
+                from pard_train.evaluate.pard2_drafter import load_pard2_drafter
+
+                width = target.config.get_text_config().hidden_size
+                drafters[mode] = load_pard2_drafter(model, config.draft, mask_id, width)
+            else:
+                drafters[mode] = PardDrafter(model, mask_id)
         else:
             drafters[mode] = ArDrafter(model)
     return drafters, k
@@ -185,16 +189,6 @@ def _environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
-
-
-def _jsonable(value):
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def evaluate(config: EvalConfig, log=print) -> dict:
@@ -249,51 +243,3 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 f"{summary['tokens_per_s']:.1f} tok/s, {result.stats.generated_tokens} tokens"
             )
     return build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
-
-
-def build_report(config: EvalConfig, results: dict[str, dict[Mode, ModeResult]], k: int, environment: dict) -> dict:
-    """All numbers and the config, JSON-ready: per benchmark and mode, per prompt, overall, speed-ups, losslessness."""
-    report = {
-        "config": _jsonable(asdict(config)),
-        "num_draft_tokens": k,
-        "environment": environment,
-        "benchmarks": {},
-        "overall": {},
-    }
-    totals: dict[Mode, AcceptanceStats] = {}
-    for name, modes in results.items():
-        baseline = modes.get(Mode.target)
-        entry = {}
-        for mode, result in modes.items():
-            totals[mode] = totals.get(mode, AcceptanceStats()) + result.stats
-            summary = result.stats.summary()
-            summary["speedup"] = _speedup(result.stats, baseline.stats if baseline else None)
-            # Lossless: the same prompt gives the same tokens in every mode (checked against target mode if run).
-            summary["mismatched_prompts"] = (
-                sum(result.outputs[pid] != baseline.outputs[pid] for pid in result.outputs) if baseline else None
-            )
-            summary["prompts"] = result.prompts
-            entry[mode.value] = summary
-        report["benchmarks"][name] = entry
-    for mode, stats in totals.items():
-        summary = stats.summary()
-        summary["speedup"] = _speedup(stats, totals.get(Mode.target))
-        counts = [entry[mode.value]["mismatched_prompts"] for entry in report["benchmarks"].values()]
-        summary["mismatched_prompts"] = None if None in counts else sum(counts)
-        report["overall"][mode.value] = summary
-    return report
-
-
-def _speedup(stats: AcceptanceStats, baseline: AcceptanceStats | None) -> float | None:
-    """Tokens/s over the target-only tokens/s of the same prompts."""
-    if baseline is None or not stats.wall_seconds or not baseline.wall_seconds or not baseline.generated_tokens:
-        return None
-    return (stats.generated_tokens / stats.wall_seconds) / (baseline.generated_tokens / baseline.wall_seconds)
-
-
-def load_report(run_dir: str | Path) -> dict:
-    path = Path(run_dir)
-    path = path if path.suffix == ".json" else path / "report.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass an evaluation run directory (with report.json)")
-    return json.loads(path.read_text())

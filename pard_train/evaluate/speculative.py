@@ -73,6 +73,12 @@ class Drafter:
     def accept(self, tokens: Sequence[int]) -> None:
         """Told the sequence after verification, so the drafter can drop cache entries that were rejected."""
 
+    target_layers: Sequence[int] | None = None
+    """Target layers whose hidden states this drafter reads (PARD-2's target-dependent mode); None: none."""
+
+    def observe_target(self, features: Tensor, start: int) -> None:
+        """Given the target's features ``[n, F]`` of positions ``start..start+n-1`` after each target forward."""
+
 
 class _CachedLM:
     """A causal LM with a DynamicCache that holds a prefix of the sequence; feeds only what the cache lacks."""
@@ -88,20 +94,34 @@ class _CachedLM:
     def cached(self) -> int:
         return 0 if self.cache is None else self.cache.get_seq_length()
 
-    def forward(self, input_ids: Sequence[int], start: int, logits_to_keep: int) -> Tensor:
-        """Run on ``input_ids`` at positions ``start, start+1, ...`` (``start`` must equal the cache length)."""
+    def forward(
+        self,
+        input_ids: Sequence[int],
+        start: int,
+        logits_to_keep: int,
+        embed=None,
+        hidden_layers: Sequence[int] | None = None,
+    ) -> Tensor:
+        """Run on ``input_ids`` at positions ``start, start+1, ...`` (``start`` must equal the cache length).
+
+        ``embed(ids) -> [1, n, H]`` replaces the input embedding (PARD-2 adds target features); with
+        ``hidden_layers`` the hidden states at those layers are concatenated into ``last_features`` (``[n, F]``)."""
         if start != self.cached:
             raise RuntimeError(f"internal: feeding position {start} but the cache holds {self.cached} tokens")
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
         with self.timer, torch.no_grad():
             out = self.model(
-                input_ids=ids,
+                input_ids=None if embed else ids,
+                inputs_embeds=embed(ids) if embed else None,
                 position_ids=positions,
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
+                output_hidden_states=hidden_layers is not None,
             )
+        if hidden_layers is not None:
+            self.last_features = torch.cat([out.hidden_states[layer][0] for layer in hidden_layers], dim=-1)
         self.cache = out.past_key_values
         self.forwards += 1
         return out.logits[0, -logits_to_keep:].float()
@@ -224,8 +244,11 @@ def speculative_generate(
     _sync(verifier.device)
     started = time.perf_counter()
 
+    layers = None if drafter is None else drafter.target_layers
     tokens = list(prompt_ids)
-    prefill = verifier.forward(tokens, 0, 1)
+    prefill = verifier.forward(tokens, 0, 1, hidden_layers=layers)
+    if layers is not None:
+        drafter.observe_target(verifier.last_features, 0)
     generated = [int(prefill[-1].argmax())]
     rounds: list[Round] = []
     # The first token comes from the prefill; the pending token is the newest one, not yet in the target cache.
@@ -234,7 +257,9 @@ def speculative_generate(
         remaining = max_new_tokens - len(generated)
         k = 0 if drafter is None else min(num_draft_tokens, remaining - 1)
         drafted = drafter.propose(sequence, k) if k > 0 else []
-        logits = verifier.forward([sequence[-1], *drafted], len(sequence) - 1, len(drafted) + 1)
+        logits = verifier.forward([sequence[-1], *drafted], len(sequence) - 1, len(drafted) + 1, hidden_layers=layers)
+        if layers is not None:  # rejected positions are overwritten by the next round's verification
+            drafter.observe_target(verifier.last_features, len(sequence) - 1)
         greedy = logits.argmax(-1).tolist()
         accepted = 0
         while accepted < len(drafted) and drafted[accepted] == greedy[accepted]:

@@ -9,6 +9,9 @@ device with one random model and the same data:
 - **dense**: the reference's approach, rebuilt here for the purpose: a float additive ``(K*L)^2`` mask built per sample
   in the collator and ``eager`` attention. Everything else is ours (same layout, same labelled-token LM head and
   loss), so the ratio isolates the mask and the attention path.
+- **reference** (``--variants``; what ``make gpu-check`` compares against): the reference's path as it runs: the float
+  ``(K*L)^2`` mask built on the CPU in the collator, transformers' default attention (SDPA) given that mask, and the
+  Hugging Face loss over every position's logits (``[B, T, vocabulary]``).
 
 Each is measured with the full layout and with drop-token (r=0.7, r_min=0.2). Every variant runs in its own
 subprocess so its peak memory (ru_maxrss on CPU, torch.cuda.max_memory_allocated on CUDA) is its own. A step is
@@ -91,12 +94,12 @@ def make_rows(step: int, batch: int, length: int, vocab: int) -> list[torch.Tens
     return [torch.randint(0, vocab - 1, (length,), generator=generator) for _ in range(batch)]
 
 
-def collate(rows, mask_id: int, num_depths: int, drop: DropTokenSchedule | None, step: int) -> PardBatch:
+def collate(rows, mask_id: int, num_depths: int, drop, step: int, multiple: int = 1) -> PardBatch:
     built = [
         build_row(ids, mask_id, num_depths, drop_tokens=drop, generator=torch.Generator().manual_seed(step * 100 + i))
         for i, ids in enumerate(rows)
     ]
-    return collate_rows(built, pad_token_id=0)
+    return collate_rows(built, pad_token_id=0, pad_to_multiple_of=multiple)
 
 
 def dense_loss(model, batch: PardBatch, mask: torch.Tensor, normalizer: float) -> torch.Tensor:
@@ -108,6 +111,17 @@ def dense_loss(model, batch: PardBatch, mask: torch.Tensor, normalizer: float) -
     selected = batch.labels != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden[selected])
     return torch.nn.functional.cross_entropy(logits.float(), batch.labels[selected], reduction="sum") / normalizer
+
+
+def reference_loss(model, batch: PardBatch, mask: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """The reference's step: every position's logits (the full ``[B, T, V]`` tensor), then the loss on the labelled."""
+    logits = model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
+    ).logits
+    labels = batch.labels.reshape(-1)
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels, reduction="sum") / (
+        normalizer
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -131,6 +145,7 @@ def measure(args) -> dict:
     ours = args.variant == "ours"
     backend = AttentionBackend.flex if on_gpu else AttentionBackend.sdpa
     attn = {AttentionBackend.flex: "flex_attention", AttentionBackend.sdpa: "sdpa"}[backend] if ours else "eager"
+    attn = "sdpa" if args.variant == "reference" else attn
     drop = DROP if args.layout == "drop" else None
     mask_id = shape.vocab - 1
 
@@ -146,13 +161,15 @@ def measure(args) -> dict:
         rows = make_rows(step, args.batch, args.length, shape.vocab)
         _sync(device)
         start = time.perf_counter()
-        batch = collate(rows, mask_id, args.num_depths, drop, step)
+        batch = collate(rows, mask_id, args.num_depths, drop, step, 128 if ours and on_gpu else 1)
         mask = None if ours else dense_additive_mask(batch, dtype)
         collated = time.perf_counter()
         batch = batch.to(device)
         normalizer = max(batch.num_labels, 1)
         if ours:
             loss, _ = pard_loss(model, batch, backend, args.num_depths, normalizer)
+        elif args.variant == "reference":
+            loss = reference_loss(model, batch, mask.to(device), normalizer)
         else:
             loss = dense_loss(model, batch, mask.to(device), normalizer)
         loss.backward()
@@ -215,6 +232,7 @@ def child_main(args) -> None:
 # Parent: every variant in its own subprocess, then the table.
 
 VARIANTS = [("ours", "full"), ("dense", "full"), ("ours", "drop"), ("dense", "drop")]
+REFERENCE_VARIANTS = [("ours", "full"), ("reference", "full"), ("ours", "drop"), ("reference", "drop")]
 
 
 def child_args(args, variant, layout, length, num_depths, batch, steps, warmup) -> list[str]:
@@ -236,9 +254,10 @@ def compare(args) -> list[dict]:
     """Each variant ``--rounds`` times, interleaved (noise on a shared machine hits all alike); keep the fastest."""
     best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
-        for variant, layout in VARIANTS:
+        for variant, layout in args.variant_list:
             argv = child_args(args, variant, layout, args.length, args.num_depths, args.batch, args.steps, args.warmup)
             result = run_child(SCRIPT, argv, timeout=args.child_timeout)
+            result.setdefault("status", "failed")
             result.setdefault("variant", variant)
             result.setdefault("layout", layout)
             previous = best.get((variant, layout))
@@ -248,9 +267,11 @@ def compare(args) -> list[dict]:
             ):
                 best[(variant, layout)] = result
             print(f"  {variant:5s} {layout:4s}: {_brief(result)}", file=sys.stderr, flush=True)
-    results = [best[key] for key in VARIANTS]
+    variants = args.variant_list
+    baseline = variants[1][0]
+    results = [best[key] for key in variants]
     for layout in ("full", "drop"):
-        ours, dense = best[("ours", layout)], best[("dense", layout)]
+        ours, dense = best.get(("ours", layout), {}), best.get((baseline, layout), {})
         if ours.get("status") == dense.get("status") == "ok":
             ours["throughput_ratio_vs_dense"] = ours["labelled_tokens_per_s"] / dense["labelled_tokens_per_s"]
             ours["memory_ratio_vs_dense"] = _memory(ours) / _memory(dense)
@@ -260,7 +281,7 @@ def compare(args) -> list[dict]:
 def search_longest(args) -> list[dict]:
     """Double L at K=--search-depths until a step runs out of memory, per variant (GPU only)."""
     found = []
-    for variant, layout in VARIANTS:
+    for variant, layout in args.variant_list:
         longest, length = None, args.search_start
         while length <= args.search_max:
             argv = child_args(args, variant, layout, length, args.search_depths, 1, 1, 1)
@@ -288,7 +309,7 @@ def table(results: list[dict]) -> str:
     gpu = any(r.get("device") == "cuda" for r in results)
     header = ["variant", "layout", "attention", "T per row", "labelled/step", "collate", "step", "labelled tok/s"]
     header += ["peak GPU memory", "MFU"] if gpu else ["peak RSS", "RSS before steps"]
-    header += ["ours/dense tok/s", "ours/dense memory"]
+    header += ["ours/baseline tok/s", "ours/baseline memory"]
     rows = []
     for r in results:
         if r.get("status") != "ok":
@@ -333,6 +354,7 @@ def main(argv=None) -> Path:
         "core make multi-threaded timings swing by 10x, and only the ratio ours/dense is the point",
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: by device and --smoke")
+    parser.add_argument("--layouts", nargs="+", choices=["full", "drop"], default=["full", "drop"])
     parser.add_argument("--no-search", action="store_true", help="GPU: skip the longest-L search")
     parser.add_argument("--search-depths", type=int, default=16)
     parser.add_argument("--search-start", type=int, default=1024)
@@ -341,9 +363,18 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("bench_results/train_throughput.json"))
     # Internal: run one variant in this process and print its JSON (what the parent starts).
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["ours", "dense"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["ours", "dense", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        choices=["dense", "reference"],
+        default="dense",
+        help="dense: float mask + eager, our loss head; reference: the reference's path (float mask + SDPA + "
+        "every position's logits)",
+    )
     parser.add_argument("--layout", choices=["full", "drop"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.variant_list = REFERENCE_VARIANTS if args.baseline == "reference" else VARIANTS
+    args.variant_list = [(variant, layout) for variant, layout in args.variant_list if layout in args.layouts]
     on_gpu = torch.cuda.is_available()
     if args.shape is None:
         args.shape = "smoke" if args.smoke else ("llama-3.2-1b" if on_gpu else "cpu-small")

@@ -1,0 +1,285 @@
+"""PARD-2: the PARD layout trained for the acceptance length under a frozen target (``../shared/docs/pard2.md``).
+
+Per labelled layout token (depth d, position p, anchor a = p - d):
+
+- CAT weight ``w = prod_{u=a+1..p} g(u)`` from the target's confidences, computed from the O(T) layout vectors as
+  ``exp(C[p] - C[a])`` with C the running sum of log g along the row (a and p share a document, so the difference
+  never crosses a boundary);
+- loss ``sum w * (alpha_CE * CE + alpha_KD * tau^2 * KL(p_T/tau || p_S/tau)) / sum w`` over the global batch;
+- dual mode: the input embedding gains ``s * W f(a) * keep``, ``f(a)`` the target's features at position ``a - 1``
+  (zero at a document's first token), ``keep`` drawn per document.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from pard_train import loss as pard_loss_module
+from pard_train.config import AttentionBackend, MethodConfig
+from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
+from pard_train.loss import DepthStats, labelled_hidden, project_logits
+from pard_train.methods.teacher import TeacherSignals
+
+
+def own_positions(batch: PardBatch) -> Tensor:
+    """Row index of each layout token's own position p = anchor + depth (0 for padding)."""
+    return torch.where(batch.document != PAD_DOCUMENT, batch.anchor + batch.depth, torch.zeros_like(batch.anchor))
+
+
+def cat_weights(batch: PardBatch, log_confidence: Tensor) -> Tensor:
+    """``[B, T]`` CAT weights: ``prod_{u=a+1..p} g(u)`` for labelled tokens, 0 for the others."""
+    running = torch.cumsum(log_confidence, dim=1)  # float64: long rows of small logs stay exact enough
+    anchor = batch.anchor.clamp(min=0)
+    log_w = running.gather(1, own_positions(batch)) - running.gather(1, anchor)
+    labelled = batch.labels != IGNORE_INDEX
+    return torch.where(labelled, log_w.exp(), torch.zeros_like(log_w)).float()
+
+
+def anchor_features(batch: PardBatch, projected: Tensor, keep: Tensor) -> Tensor:
+    """``[B, T, H]``: the projected feature of each token's anchor, ``projected[a - 1]`` (zero when the anchor is the
+    first token of its document, or for padding), times ``keep`` of the token's document."""
+    anchor = batch.anchor.clamp(min=0)
+    first_of_document = batch.position_ids.gather(1, anchor) == 0
+    source = (anchor - 1).clamp(min=0)
+    gathered = projected.gather(1, source[..., None].expand(-1, -1, projected.shape[-1]))
+    use = (~first_of_document) & (batch.document != PAD_DOCUMENT)
+    use = use & keep.gather(1, batch.document.clamp(min=0))
+    return gathered * use[..., None].to(gathered.dtype)
+
+
+def document_keep(batch: PardBatch, drop: float, generator: torch.Generator) -> Tensor:
+    """``[B, D]`` bool: whether each document of each row trains with features (Bernoulli(1 - q), seeded)."""
+    num_documents = int(batch.document.max()) + 1 if batch.document.numel() else 1
+    draws = torch.rand(batch.document.shape[0], max(num_documents, 1), generator=generator)
+    return (draws >= drop).to(batch.document.device)
+
+
+@dataclass
+class Pard2Inputs:
+    """What one micro-batch's PARD-2 loss needs besides the draft: the layout, the teacher's signals, per-token CAT
+    weights and the per-document feature switch."""
+
+    batch: PardBatch
+    signals: TeacherSignals
+    weights: Tensor
+    keep: Tensor | None
+    teacher: torch.nn.Module
+    """The target model, for its logits (:func:`pard_train.loss.project_logits`)."""
+
+    @property
+    def weight_sum(self) -> float:
+        return float(self.weights.sum())
+
+
+@dataclass
+class Pard2Stats(DepthStats):
+    """PARD's per-depth sums plus the CAT weight, the weighted cross-entropy and the weighted KD term."""
+
+    weight: Tensor  # [K] sum of CAT weights
+    weighted_ce: Tensor  # [K] sum of w * CE
+    weighted_kd: Tensor  # [K] sum of w * tau^2 * KL
+
+    def __add__(self, other: Pard2Stats) -> Pard2Stats:
+        return Pard2Stats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def as_tensor(self) -> Tensor:
+        return torch.stack([getattr(self, f.name) for f in fields(self)])
+
+    @classmethod
+    def from_tensor(cls, stacked: Tensor) -> Pard2Stats:
+        return cls(*stacked)
+
+    @classmethod
+    def zeros(cls, num_depths: int, device) -> Pard2Stats:
+        return cls(*(torch.zeros(num_depths, device=device) for _ in fields(cls)))
+
+    def summary(self) -> dict[str, float]:
+        out = super().summary()
+        weight = self.weight.clamp(min=1e-12)
+        out["loss_weighted"] = float(self.weighted_ce.sum() / weight.sum())
+        out["kd"] = float(self.weighted_kd.sum() / weight.sum())
+        for depth in range(len(weight)):
+            out[f"cat_weight/depth_{depth}"] = float(self.weight[depth] / self.count[depth].clamp(min=1))
+            out[f"loss_weighted/depth_{depth}"] = float(self.weighted_ce[depth] / weight[depth])
+            out[f"kd/depth_{depth}"] = float(self.weighted_kd[depth] / weight[depth])
+        return out
+
+
+def _chunk_terms(
+    draft, teacher, hidden: Tensor, teacher_hidden: Tensor, labels: Tensor, tau: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token: cross-entropy, tau^2 * KL(teacher || student) at temperature tau (zeros when tau is None: no
+    distillation, and no teacher logits computed), top-1 hit."""
+    logits = project_logits(draft, hidden).float()
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    hit = (logits.detach().argmax(-1) == labels).float()
+    if tau is None:
+        return ce, torch.zeros_like(ce), hit
+    with torch.no_grad():
+        teacher_log_p = F.log_softmax(project_logits(teacher, teacher_hidden).float() / tau, dim=-1)
+    student_log_p = F.log_softmax(logits / tau, dim=-1)
+    kd = (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(-1) * tau**2
+    return ce, kd, hit
+
+
+def pard2_loss(
+    draft,
+    projection: torch.nn.Module | None,
+    inputs: Pard2Inputs,
+    backend: AttentionBackend,
+    num_depths: int,
+    settings: MethodConfig,
+    normalizer: float,
+) -> tuple[Tensor, Pard2Stats]:
+    """``sum_w (alpha_CE CE + alpha_KD KD) / normalizer`` (the global sum of CAT weights) and per-depth sums."""
+    batch, signals = inputs.batch, inputs.signals
+    embeds = None
+    if projection is not None and signals.features is not None:
+        embeds = draft.get_input_embeddings()(batch.input_ids)
+        projected = projection(signals.features.to(embeds.dtype))
+        embeds = embeds + settings.feature_scale * anchor_features(batch, projected, inputs.keep)
+    hidden, labels, depth = labelled_hidden(draft, batch, backend, inputs_embeds=embeds)
+    selected = batch.labels != IGNORE_INDEX
+    weight = inputs.weights[selected]
+    rows = selected.nonzero(as_tuple=True)[0]
+    # Without distillation the teacher's states are not read (tau is None below): the student's stand in.
+    teacher_hidden = signals.hidden[rows, own_positions(batch)[selected]] if signals.hidden is not None else hidden
+
+    tau = settings.kd_temperature if settings.kd_weight > 0 else None
+    ce_parts, kd_parts, hit_parts = [], [], []
+    chunk = pard_loss_module.LOSS_CHUNK_TOKENS
+    for begin in range(0, labels.numel(), chunk):
+        part = slice(begin, begin + chunk)
+        args = (draft, inputs.teacher, hidden[part], teacher_hidden[part], labels[part], tau)
+        # Recomputed in backward: only one chunk's [tokens, vocabulary] logits (student and teacher) exist at once.
+        terms = checkpoint(_chunk_terms, *args, use_reentrant=False) if hidden.requires_grad else _chunk_terms(*args)
+        for parts, value in zip((ce_parts, kd_parts, hit_parts), terms):
+            parts.append(value)
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    ce, kd, hit = (torch.cat(parts) if parts else empty for parts in (ce_parts, kd_parts, hit_parts))
+    total = (weight * (settings.ce_weight * ce + settings.kd_weight * kd)).sum() / normalizer
+    with torch.no_grad():
+        sums = [ce.detach(), hit, torch.ones_like(ce), weight, weight * ce.detach(), weight * kd.detach()]
+        stats = Pard2Stats(*(torch.zeros(num_depths, device=ce.device).index_add_(0, depth, v) for v in sums))
+    return total, stats
+
+
+@contextmanager
+def _whole_weights():
+    """Load outside ZeRO-3's partitioning: the frozen target is not part of the DeepSpeed engine, so each rank holds
+    it whole (sharding it with the draft is not implemented). transformers partitions while loading whenever a
+    ZeRO-3 config is registered; unregister it for the duration."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored unchanged below
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+class Pard2Objective(torch.nn.Module):
+    """The draft and the feature projection W (bias-free, ``n * H_target -> H_draft``) as one module, so that DDP,
+    DeepSpeed (ZeRO-3 included), checkpoints and resume cover W like any draft weight."""
+
+    def __init__(self, draft, projection, backend: AttentionBackend, num_depths: int, settings: MethodConfig):
+        super().__init__()
+        self.draft, self.projection = draft, projection
+        self.backend, self.num_depths, self.settings = backend, num_depths, settings
+
+    def forward(self, inputs: Pard2Inputs, normalizer: float) -> tuple[Tensor, Pard2Stats]:
+        return pard2_loss(self.draft, self.projection, inputs, self.backend, self.num_depths, self.settings, normalizer)
+
+
+class Pard2Method:
+    """Loads the target once (frozen, bf16 on GPUs), checks it shares the draft's vocabulary, and builds W."""
+
+    PROJECTION_FILE = "warp_model.bin"
+    """Where the reference (and vLLM's PARD-2 loader) keeps W, under the key ``target_proj.weight``."""
+
+    def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator, data=None):
+        from pard_train.errors import ConfigError
+        from pard_train.methods.teacher import Teacher
+        from pard_train.model import embedding_rows, load_causal_lm
+
+        settings = self.settings = config.method
+        dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
+        with _whole_weights():
+            target = load_causal_lm(settings.target, backend, dtype=dtype).to(accelerator.device)
+        if embedding_rows(target) != embedding_rows(draft):
+            raise ConfigError(
+                f"method.target: {settings.target} has {embedding_rows(target)} embedding rows, the draft "
+                f"{embedding_rows(draft)}; PARD-2 distils over one shared vocabulary: pick a target of its family"
+            )
+        layers = list(settings.feature_layers) if settings.features else None
+        if layers is not None:
+            depth = target.config.get_text_config().num_hidden_layers + 1  # hidden_states: embeddings + each layer
+            bad = [layer for layer in layers if not -depth <= layer < depth]
+            if bad:
+                raise ConfigError(f"method.feature_layers: {bad} outside the target's {depth} hidden states")
+        self.teacher = Teacher(target, backend, layers)
+        projection = None
+        if layers is not None:
+            draft_width = draft.config.get_text_config().hidden_size
+            projection = torch.nn.Linear(len(layers) * self.teacher.hidden_size, draft_width, bias=False)
+            torch.nn.init.zeros_(projection.weight)  # the untrained draft is exactly the PARD draft it started as
+        self.objective = Pard2Objective(draft, projection, backend, spec.num_draft_tokens, settings)
+        self.seed, self.process_index = config.train.seed, accelerator.process_index
+        self.num_depths = spec.num_draft_tokens
+        self.confidences = None
+        if settings.confidence_cache:
+            from pard_train.data.documents import default_cache_dir
+            from pard_train.methods import confidence_cache
+
+            directory = config.data.cache_dir if config.data.cache_dir else default_cache_dir()
+            rows = {"train": data.train, "validation": data.validation}
+            self.confidences, _ = confidence_cache.build_or_load(
+                self.teacher, rows, settings.target, directory, accelerator
+            )
+            self.teacher = None  # the step no longer needs the target: give its memory back
+            if accelerator.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def prepare(
+        self, batch: PardBatch, step: int, micro_index: int, row_ids, split="train"
+    ) -> tuple[Pard2Inputs, float]:
+        if self.confidences is not None:  # CAT alone, from the offline cache: no target forward
+            length = int(((batch.depth == 0) & (batch.document >= 0)).sum(1).max())
+            log_g = self.confidences.log_confidence(split, row_ids, length, batch.depth.device)
+            weights = cat_weights(batch, log_g)
+            return Pard2Inputs(batch, TeacherSignals(log_g, None, None), weights, None, None), float(weights.sum())
+        signals = self.teacher(batch)
+        labelled = (batch.labels != IGNORE_INDEX).float()
+        weights = cat_weights(batch, signals.log_confidence) if self.settings.cat else labelled
+        keep = None
+        if self.settings.features:
+            # Seeded by (seed, step, process, micro-batch): the same draws after a resume.
+            seed = hash((self.seed, step, self.process_index, micro_index)) & 0x7FFF_FFFF_FFFF_FFFF
+            keep = document_keep(batch, self.settings.feature_drop, torch.Generator().manual_seed(seed))
+        inputs = Pard2Inputs(batch, signals, weights, keep, self.teacher.model)
+        return inputs, inputs.weight_sum
+
+    def zero_stats(self, num_depths: int, device) -> Pard2Stats:
+        return Pard2Stats.zeros(num_depths, device)
+
+    def export_files(self, trained_extras: dict[str, Tensor]) -> tuple[dict, dict[str, dict]]:
+        """The PARD-2 config fields and W, in the reference's format; the base draft stays a plain PARD draft."""
+        settings = self.settings
+        fields_ = {"pard2": True, "spd_type": "pard2", "pard2_scale": settings.feature_scale}
+        if not settings.features:
+            return fields_, {}
+        weight = trained_extras["projection.weight"]
+        fields_.update(
+            pard2_proj_bias=False,
+            pard2_target_dim=int(weight.shape[1]),
+            pard2_target_layers=list(settings.feature_layers),
+            pard2_target=settings.target,
+        )
+        return fields_, {self.PROJECTION_FILE: {"target_proj.weight": weight}}

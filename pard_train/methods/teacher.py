@@ -1,0 +1,94 @@
+"""The frozen target as a teacher: one forward over the real tokens of a layout batch gives, per real token, the
+target's confidence ``g(u) = p_T(x_u | x_<u)``, its final hidden state (for distillation logits, computed later in
+chunks) and, for dual mode, the concatenated hidden states at the feature layers.
+
+The real tokens of a layout row are its first L entries (depth 0 keeps every token, and rows are ordered by depth), so
+real row index ``i`` is layout index ``i``, and a layout token's own position is ``anchor + depth``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pard_train.attention import BLOCK, attention_mask_for
+from pard_train.config import AttentionBackend
+from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
+from pard_train.loss import project_logits
+
+CHUNK_TOKENS = 2048
+"""Positions whose full-vocabulary target logits exist at once."""
+
+
+@dataclass
+class TeacherSignals:
+    log_confidence: Tensor
+    """``[B, L]`` float64: log g(u) for real tokens with a predecessor in their document, 0 elsewhere."""
+    hidden: Tensor | None
+    """``[B, L, H_t]`` the target's final hidden state (after its final norm) at every real position; None when the
+    confidences come from the offline cache (no distillation then)."""
+    features: Tensor | None
+    """``[B, L, n * H_t]`` hidden states at the feature layers, concatenated; f(a) is ``features[a - 1]``."""
+
+
+def real_tokens(batch: PardBatch, multiple: int = 1) -> PardBatch:
+    """The depth-0 prefix of every row as a batch of its own: ``[B, L]`` with L the longest real row (rounded up to
+    ``multiple``); what follows a shorter row's real tokens (its masks, or padding) becomes padding."""
+    real = (batch.depth == 0) & (batch.document != PAD_DOCUMENT)
+    length = int(real.sum(dim=1).max())
+    length = min(-(-length // multiple) * multiple, batch.depth.shape[1])
+    keep = real[:, :length]
+    pad = torch.full_like(batch.input_ids[:, :length], PAD_DOCUMENT)
+    return PardBatch(
+        input_ids=torch.where(keep, batch.input_ids[:, :length], torch.zeros_like(pad)),
+        position_ids=torch.where(keep, batch.position_ids[:, :length], torch.zeros_like(pad)),
+        depth=torch.zeros_like(pad),
+        anchor=torch.where(keep, torch.arange(length, device=pad.device).expand_as(pad), pad),
+        document=torch.where(keep, batch.document[:, :length], pad),
+        labels=torch.full_like(pad, IGNORE_INDEX),
+    )
+
+
+class Teacher:
+    """A frozen causal LM (the target) and what PARD-2 reads from it."""
+
+    def __init__(self, model, backend: AttentionBackend, feature_layers: list[int] | None):
+        self.model, self.backend, self.feature_layers = model.eval(), backend, feature_layers
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @torch.no_grad()
+    def __call__(self, batch: PardBatch) -> TeacherSignals:
+        # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
+        real = real_tokens(batch, BLOCK if self.backend == AttentionBackend.flex else 1)
+        out = self.model.get_decoder()(
+            input_ids=real.input_ids,
+            position_ids=real.position_ids,
+            attention_mask=attention_mask_for(real, self.backend),
+            output_hidden_states=self.feature_layers is not None,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state
+        features = None
+        if self.feature_layers is not None:
+            features = torch.cat([out.hidden_states[layer] for layer in self.feature_layers], dim=-1)
+        return TeacherSignals(self._log_confidence(real, hidden), hidden, features)
+
+    def _log_confidence(self, real: PardBatch, hidden: Tensor) -> Tensor:
+        """log p_T(x_u | x_<u) from the logits at u - 1, for u with a predecessor in its document (chunked)."""
+        scored = torch.zeros_like(real.input_ids, dtype=torch.bool)
+        scored[:, 1:] = (real.document[:, 1:] != PAD_DOCUMENT) & (real.document[:, 1:] == real.document[:, :-1])
+        rows, positions = scored.nonzero(as_tuple=True)
+        log_g = torch.zeros(real.input_ids.shape, dtype=torch.float64, device=hidden.device)
+        for begin in range(0, rows.numel(), CHUNK_TOKENS):
+            r, u = rows[begin : begin + CHUNK_TOKENS], positions[begin : begin + CHUNK_TOKENS]
+            logits = project_logits(self.model, hidden[r, u - 1]).float()
+            chosen = logits.gather(-1, real.input_ids[r, u, None]).squeeze(-1)
+            log_g[r, u] = (chosen - torch.logsumexp(logits, dim=-1)).double()
+        return log_g

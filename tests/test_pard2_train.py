@@ -1,0 +1,142 @@
+"""method=pard2 end to end on the tiny preset (the tiny model is its own frozen target): the loss falls, W and the
+draft change, the export carries W and the PARD-2 fields and reloads, a stopped run resumes bitwise, and a resume
+across methods is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import compose
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from pard_train.checkpoint import ResumeError
+from pard_train.config import to_config
+from pard_train.evaluate.config import EvalConfig, Mode
+from pard_train.evaluate.runner import evaluate
+from pard_train.train import train
+
+SETTINGS = ["data.max_samples=96", "data.max_length=128", "train.micro_batch_size=2", "train.log_every=1"]
+CONSTANT = ["train.schedule=constant", "train.warmup_steps=0", "checkpoint.every_steps=0"]
+
+
+def _train(tiny_checkpoint, root, *overrides):
+    config = to_config(
+        compose("+config=pard2_tiny", f"model.path={tiny_checkpoint}", f"run.output_root={root}", *SETTINGS, *overrides)
+    )
+    return train(config)
+
+
+def _records(final):
+    return [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
+    final = _train(tiny_checkpoint, tmp_path, "train.max_steps=12")
+    records = _records(final)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.1
+    assert records[0]["kd"] >= 0 and 0 < records[0]["cat_weight/depth_1"] < 1  # the target is not certain
+    assert records[0]["cat_weight/depth_0"] == pytest.approx(1.0)  # a depth-0 token has no tokens to accept
+
+    config = json.loads((final / "config.json").read_text())
+    assert config["spd_type"] == "pard2" and config["pard2"] and config["pard_token"] == config["mask_token_id"]
+    assert config["pard2_target_layers"] == [-1, -2, -3] and config["pard2_target_dim"] == 3 * 64
+    projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
+    assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0  # W starts at zero and was trained
+
+    trained = load_file(str(final / "model.safetensors"))
+    initial = load_file(str(tiny_checkpoint / "model.safetensors"))
+    changed = [name for name in initial if not torch.equal(initial[name], trained[name])]
+    assert len(changed) == len(initial)
+    card = (final / "README.md").read_text()
+    assert "## PARD-2: two modes" in card and "Target-dependent" in card and "#55257" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(final)  # the base draft stays a plain causal LM (TI mode)
+    assert reloaded.config.pard_token == config["pard_token"]
+
+    # Both modes in the harness, lossless against the target's own greedy output.
+    harness = EvalConfig(
+        target=str(tiny_checkpoint),
+        draft=str(final),
+        modes=[Mode.target, Mode.pard, Mode.pard2],
+        benchmarks=["gsm8k"],
+        num_prompts=2,
+        max_new_tokens=16,
+        warmup=False,
+        output_dir=str(tmp_path / "eval"),
+    )
+    report = evaluate(harness, log=lambda *_: None)
+    for mode in ("pard", "pard2"):
+        assert report["overall"][mode]["mismatched_prompts"] == 0
+        assert len(report["overall"][mode]["conditional_acceptance"]) == 4
+
+    # Re-exported by the CLI, W and the PARD-2 fields come along.
+    from pard_train.export import main as export_main
+
+    assert export_main(["--checkpoint", str(final), "--output", str(tmp_path / "exported")]) == 0
+    again = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert again["spd_type"] == "pard2" and again["pard2_target_dim"] == config["pard2_target_dim"]
+    exported_w = torch.load(tmp_path / "exported" / "warp_model.bin", weights_only=True)["target_proj.weight"]
+    assert torch.equal(exported_w, projection)
+
+
+@pytest.mark.slow
+def test_pard2_resume_is_bitwise_and_refuses_another_method(tiny_checkpoint, tmp_path):
+    whole = _train(tiny_checkpoint, tmp_path / "whole", *CONSTANT, "train.max_steps=6")
+    resumed_root = tmp_path / "resumed"
+    _train(tiny_checkpoint, resumed_root, *CONSTANT, "train.max_steps=4", "checkpoint.every_steps=2")
+    resumed = _train(tiny_checkpoint, resumed_root, *CONSTANT, "train.max_steps=6", "checkpoint.every_steps=2")
+    assert [r["step"] for r in _records(resumed)][-4:] == [3, 4, 5, 6]
+    for name, value in load_file(str(whole / "model.safetensors")).items():
+        assert torch.equal(value, load_file(str(resumed / "model.safetensors"))[name]), name
+    w = [torch.load(d / "warp_model.bin", weights_only=True)["target_proj.weight"] for d in (whole, resumed)]
+    assert torch.equal(*w)
+
+    with pytest.raises(ResumeError, match="method.name: checkpoint 'pard2', now 'pard'"):
+        config = to_config(
+            compose(
+                "+config=tiny",
+                f"model.path={tiny_checkpoint}",
+                f"run.output_root={resumed_root}",
+                "run.name=pard2_tiny",
+                *SETTINGS,
+                *CONSTANT,
+                "train.max_steps=8",
+            )
+        )
+        train(config)
+
+
+@pytest.mark.slow
+def test_pard2_under_zero3_on_two_processes(tiny_checkpoint, tmp_path):
+    """The target loads whole on each rank (outside ZeRO-3's partitioning); W is sharded, trained and gathered."""
+    from launch import records, run, tiny_overrides
+
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path, "deepspeed=zero3", "train.max_steps=4")
+    overrides[0] = "+config=pard2_tiny"
+    log = tmp_path / "log.txt"
+    assert run(overrides, nproc=2, log=log, timeout=400) == 0, log.read_text()[-3000:]
+    final = tmp_path / "pard2_tiny" / "final"
+    projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
+    assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0
+    assert [r["step"] for r in records(tmp_path / "pard2_tiny")] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_offline_confidence_cache_trains_like_the_online_target(tiny_checkpoint, tmp_path):
+    """CAT without the target in the step: the same losses as CAT computed online, the cache built once and reused."""
+    cat_only = ["method.kd_weight=0", "method.features=false", "train.max_steps=4", *CONSTANT]
+    online = _train(tiny_checkpoint, tmp_path / "online", *cat_only)
+    cache_dir = tmp_path / "data-cache"
+    cached = [*cat_only, "method.confidence_cache=true", f"data.cache_dir={cache_dir}"]
+    offline = _train(tiny_checkpoint, tmp_path / "offline", *cached)
+    for a, b in zip(_records(online), _records(offline), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["cat_weight/depth_2"] == pytest.approx(a["cat_weight/depth_2"], rel=1e-5)
+    caches = sorted(cache_dir.glob("confidence-*.pt"))
+    assert len(caches) == 1
+    built = caches[0].stat().st_mtime_ns
+    _train(tiny_checkpoint, tmp_path / "again", *cached)
+    assert caches[0].stat().st_mtime_ns == built and len(list(cache_dir.glob("confidence-*.pt"))) == 1
