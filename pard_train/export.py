@@ -21,6 +21,7 @@ import torch
 from pard_train.atomic import atomic_directory
 from pard_train.mask_token import MaskTokenError, validate_mask_token
 from pard_train.model import mark_as_pard
+from pard_train.vocab import VocabularyError, check_target_vocabulary, pad_vocabulary
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -31,42 +32,6 @@ class ExportError(ValueError):
 
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def check_vocabulary(draft_rows: int, draft_tokenizer, target) -> None:
-    """Raise ExportError unless the draft's vocabulary equals the target's (vLLM refuses a draft whose vocab differs).
-
-    ``target`` is a model directory or hub id, a transformers config, or a model.
-    """
-    from transformers import AutoConfig, PretrainedConfig
-
-    name = str(target)
-    if isinstance(target, (str, Path)):
-        try:
-            target_config = AutoConfig.from_pretrained(str(target))
-        except OSError as error:
-            raise ExportError(
-                f"cannot read the target's config from {name!r} ({error}); pass a model directory"
-            ) from error
-    elif isinstance(target, PretrainedConfig):
-        target_config = target
-    else:
-        target_config, name = target.config, type(target).__name__
-    target_vocab = _text_config(target_config).vocab_size
-    if draft_rows != target_vocab:
-        raise ExportError(
-            f"vocabulary mismatch: the draft has {draft_rows} embedding rows but the target {name} has vocab_size "
-            f"{target_vocab}; a server refuses such a pair — train the draft from a model of the target's family"
-        )
-    if isinstance(target, (str, Path)) and Path(target, "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        target_tokenizer = AutoTokenizer.from_pretrained(str(target))
-        if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
-            raise ExportError(
-                f"tokenizer mismatch: the draft's and the target's ({name}) tokenizers map tokens to different ids; "
-                "draft and target must share one tokenizer"
-            )
 
 
 def _vllm_command(path: str, num_draft_tokens: int) -> str:
@@ -162,14 +127,16 @@ def export_draft(
     target=None,
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    log=None,
 ) -> Path:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
     ``dtype``: the weights' dtype on disk (``torch.bfloat16``, ``"bf16"``, ...; None keeps the parameters' dtype); the
     caller's model is not modified except for the PARD fields of its config. ``target``: a model directory, config or
-    model whose vocabulary must equal the draft's (checked only when given). ``state_dict``: the weights to write
-    instead of ``model.state_dict()`` (the trainer passes the one gathered from ZeRO-3 shards). Raises ExportError
-    (existing directory without ``overwrite``, vocabulary mismatch) or MaskTokenError (unusable mask id).
+    model the draft must match: same tokenizer, embedding and LM head padded up to its ``vocab_size`` (see
+    :mod:`pard_train.vocab`); None: not checked, and the card says so. ``state_dict``: the weights to write instead of
+    ``model.state_dict()`` (the trainer passes the one gathered from ZeRO-3 shards). ``log``: told the vocabulary
+    outcome. Raises ExportError (existing directory without ``overwrite``), VocabularyError or MaskTokenError.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -186,8 +153,7 @@ def export_draft(
     validate_mask_token(tokenizer, rows, mask_token_id)
     if _text_config(model.config).vocab_size != rows:
         raise ExportError(f"config.vocab_size {model.config.vocab_size} != {rows} embedding rows; the model is corrupt")
-    if target is not None:
-        check_vocabulary(rows, tokenizer, target)
+    vocabulary = check_target_vocabulary(rows, tokenizer, target)  # raises VocabularyError; pads below if smaller
 
     mark_as_pard(model, mask_token_id, num_draft_tokens)
     # Convert a copy of the weights, once per storage, so tied embeddings stay tied and the caller keeps its dtype.
@@ -198,6 +164,7 @@ def export_draft(
         if ptr not in converted:
             converted[ptr] = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         weights[key] = converted[ptr]
+    weights = pad_vocabulary(weights, model, vocabulary, mask_token_id)
 
     with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
@@ -206,6 +173,8 @@ def export_draft(
         config = json.loads(config_path.read_text())
         # A server reads these: the weights' real dtype, and the KV cache on (training turns it off).
         config.update(dtype=str(dtype).removeprefix("torch."), use_cache=True)
+        if vocabulary.padded_rows:
+            config.get("text_config", config)["vocab_size"] = vocabulary.target_rows
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not (staging / "generation_config.json").exists():
             from transformers import GenerationConfig
@@ -222,7 +191,9 @@ def export_draft(
             recipe=recipe or {},
             al_table=al_table,
         )
-        (staging / "README.md").write_text(card)
+        (staging / "README.md").write_text(f"{card}\n## Vocabulary\n\n{vocabulary.note()}.\n")
+    if log is not None:
+        log(vocabulary.note())
     return output_dir
 
 
@@ -249,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pard_train.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="trained draft directory (e.g. runs/NAME/final)")
     parser.add_argument("--output", required=True, help="directory to create")
-    parser.add_argument("--target", help="target model directory: its vocabulary must equal the draft's")
+    parser.add_argument(
+        "--target", help="target model directory: same tokenizer required; the draft is padded to its vocab_size"
+    )
     parser.add_argument("--num-draft-tokens", type=int, help="trained K (default: num_draft_tokens in config.json)")
     parser.add_argument("--mask-token-id", type=int, help="default: pard_token in config.json")
     parser.add_argument("--base-model", help="the AR model the draft was trained from (default: from the recipe)")
@@ -290,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             al_table=_al_table_from(args.al_table) if args.al_table else None,
             target=args.target,
             overwrite=args.overwrite,
+            log=lambda line: print(f"pard_train.export: {line}"),
         )
-    except (ExportError, MaskTokenError, OSError) as error:
+    except (ExportError, VocabularyError, MaskTokenError, OSError) as error:
         print(f"pard_train.export: error: {error}", file=sys.stderr)
         return 2
     print(f"exported {out} (K={num_draft_tokens}, mask token {mask_token_id}, {str(dtype).removeprefix('torch.')})")
