@@ -181,3 +181,33 @@ def test_mask_token_chooser_finds_a_valid_row_for_every_tokenizer_kind(kind):
     emitted = {i for text in TEXTS for i in tokenizer(text)["input_ids"]} | _template_ids(tokenizer)
     assert chosen not in emitted
     assert chosen not in {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+
+
+@pytest.mark.parametrize(
+    "preset, model", [("gemma3_270m", "google/gemma-3-270m-it"), ("gemma3_1b", "google/gemma-3-1b-it")]
+)
+def test_gemma3_presets_use_an_unused_token_the_chooser_accepts(preset, model):
+    from conftest import compose
+    from transformers import PreTrainedTokenizerFast
+
+    from pard_train.config import to_config
+    from pard_train.mask_token import validate_mask_token
+
+    config = to_config(compose(f"+config={preset}"))
+    assert (config.model.path, config.model.mask_token_id) == (model, 6)
+    assert (config.pard.num_draft_tokens, config.pard.drop_ratio, config.pard.drop_ratio_min) == (8, 0.7, 0.2)
+    # Gemma 3's first ids, rebuilt offline in order: id 6 is <unused0>, a special token no text or template emits.
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", *[f"<unused{i}>" for i in range(99)]]
+    specials += ["<start_of_turn>", "<end_of_turn>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_sentencepiece_like(specials),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        additional_special_tokens=specials[5:],
+    )
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    assert tokenizer.convert_ids_to_tokens([6, 105, 106]) == ["<unused0>", "<start_of_turn>", "<end_of_turn>"]
+    validate_mask_token(tokenizer, len(tokenizer), 6)
