@@ -1,7 +1,8 @@
 """Export a trained PARD draft as a Hugging Face checkpoint that vLLM serves as a parallel draft without edits.
 
     python -m pard_train.export --checkpoint runs/NAME/final --output exports/NAME [--target TARGET_DIR]
-        [--num-draft-tokens K] [--dtype bf16|fp32] [--al-table runs/eval/report.json] [--overwrite]
+        [--num-draft-tokens K] [--dtype bf16|fp32] [--al-table runs/eval/report.json]
+        [--k-sweep runs/eval/ksweep/report.json] [--overwrite]
 
 Writes, atomically (a sibling temp directory renamed into place): safetensors weights, the unchanged tokenizer and
 chat template, ``config.json`` with ``pard_token``/``mask_token_id``/``spd_type: "pard"``/``num_draft_tokens``, the
@@ -206,6 +207,24 @@ def _al_table_from(path: Path) -> str:
     return path.read_text()
 
 
+def _with_k_sweep(al_table: str | None, args, trained_k: int) -> str | None:
+    """The card's acceptance section plus, with ``--k-sweep``, the sweep's recommended K and its vLLM command."""
+    if not args.k_sweep:
+        return al_table
+    from pard_train.evaluate.report import load_report
+    from pard_train.evaluate.sweep import recommended_serving
+
+    recommended = recommended_serving(load_report(args.k_sweep), str(Path(args.output).resolve()))
+    if recommended is None:
+        raise ExportError(f"{args.k_sweep} holds no K sweep; run python -m pard_train.evaluate ... ks=[2,4,8]")
+    k, command = recommended
+    note = f"K sweep ({args.k_sweep.name}): recommended K = {k} on the measured hardware."
+    if k > trained_k:
+        note += f" WARNING: above the trained K = {trained_k}; its extra depths were never trained."
+        print(f"pard_train.export: warning: recommended K={k} is above the trained K={trained_k}", file=sys.stderr)
+    return "\n\n".join(part for part in (al_table, note, f"```bash\n{command}\n```") if part)
+
+
 def _recipe_from(checkpoint: Path) -> dict:
     """The training config saved by the trainer beside the checkpoint (``RUN_DIR/config.yaml``), if any."""
     for candidate in (checkpoint / "config.yaml", checkpoint.parent / "config.yaml"):
@@ -228,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", help="the AR model the draft was trained from (default: from the recipe)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype on disk (default: the checkpoint's)")
     parser.add_argument("--al-table", type=Path, help="evaluation report.json or a Markdown table for the model card")
+    parser.add_argument(
+        "--k-sweep", type=Path, help="K-sweep report.json: its recommended K and command go in the card"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
 
@@ -260,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             base_model=base_model,
             dtype=dtype,
             recipe=recipe,
-            al_table=_al_table_from(args.al_table) if args.al_table else None,
+            al_table=_with_k_sweep(_al_table_from(args.al_table) if args.al_table else None, args, num_draft_tokens),
             target=args.target,
             overwrite=args.overwrite,
             log=lambda line: print(f"pard_train.export: {line}"),

@@ -3,7 +3,8 @@ to the target's, or vLLM refuses the draft).
 
 A usable row is inside the embedding matrix and is never produced by the tokenizer for ordinary text or by the chat
 template: a reserved or unused special token that the template does not use (Llama-3, Gemma), or a spare padded row
-above the tokenizer's vocabulary (Qwen pads its embedding to a multiple of 128, Phi-3 to 32064). Known ids per family are in the presets.
+above the tokenizer's vocabulary (Qwen pads its embedding to a multiple of 128, Phi-3 to 32064). Known ids per family
+are in the presets.
 """
 
 from __future__ import annotations

@@ -137,3 +137,19 @@ def test_cli_runs_a_family_sweep(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "## Acceptance length" in done.stdout and "recommended K" in done.stdout
     assert json.loads((out / "report.json").read_text())["kind"] == "sweep"
+
+
+def test_export_puts_the_recommended_k_and_its_command_in_the_card(sweep, tmp_path):
+    from pard_train.export import main as export_main
+
+    report, _, out = sweep
+    exported = tmp_path / "exported"
+    code = export_main(
+        ["--checkpoint", report["config"]["draft"], "--output", str(exported), "--k-sweep", str(out / "report.json")]
+    )
+    assert code == 0
+    k = next(iter(report["k_sweep"]["targets"].values()))["recommended_k"]
+    card = (exported / "README.md").read_text()
+    assert f"recommended K = {k} on the measured hardware" in card
+    assert f'"model": "{exported.resolve()}"' in card and f'"num_speculative_tokens": {k}' in card
+    assert ("WARNING: above the trained K = 4" in card) == (k > 4)
