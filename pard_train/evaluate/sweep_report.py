@@ -104,9 +104,11 @@ def plot_heatmap(sweep: dict, path: Path) -> None:
     image = axis.imshow(data, cmap="viridis", aspect="auto")
     axis.set_xticks(range(len(columns)), columns)
     axis.set_yticks(range(len(rows)), rows)
+    low, high = image.get_clim()
     for i, vals in enumerate(values):
         for j, value in enumerate(vals):
-            axis.text(j, i, _fmt(value), ha="center", va="center", color="white", fontsize=8)
+            bright = value is not None and value > (low + high) / 2  # dark text on the light end of viridis
+            axis.text(j, i, _fmt(value), ha="center", va="center", color="black" if bright else "white", fontsize=8)
     figure.colorbar(image, ax=axis, label="acceptance length")
     axis.set_title("PARD acceptance length")
     figure.tight_layout()
