@@ -134,13 +134,14 @@ def run_sweep(config: EvalConfig, log=print) -> dict:
     }
     if config.ks and len(config.ks) > 1:
         sweep["k_sweep"] = {"formula": SPEEDUP_FORMULA, "timing_context": config.timing_context, "targets": {}}
+        thinking = config.enable_thinking and not config.compare_thinking  # K is chosen with thinking off if both ran
         for target in config.targets or [config.target]:
-            measured = [
-                (c["k"], _pard_al(c["report"]))
-                for c in cells
-                if c["target"] == target and c["thinking"] == (config.enable_thinking and not config.compare_thinking)
-            ]
+            swept = [c for c in cells if c["target"] == target and c["thinking"] == thinking]
+            measured = [(c["k"], _pard_al(c["report"])) for c in swept]
             rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], log)
+            for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
+                if str(cell["k"]) in rows:
+                    rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")
             best = max(rows, key=lambda key: rows[key]["expected_speedup"]) if rows else None
             sweep["k_sweep"]["targets"][target] = {"per_k": rows, "recommended_k": None if best is None else int(best)}
     return sweep

@@ -78,15 +78,15 @@ def markdown_sweep(sweep: dict) -> str:
                 f"Target `{target}`: **recommended K = {entry['recommended_k']}**",
                 "",
                 "| K | AL | draft tokens/forward | t_draft (ms) | t_target(K+1) (ms) | t_target(1) (ms) "
-                "| expected speed-up |",
-                "|---|---|---|---|---|---|---|",
+                "| expected speed-up | measured speed-up (wall) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for k, row in entry["per_k"].items():
                 above = " (above trained K: warning)" if trained and int(k) > trained else ""
                 lines.append(
                     f"| {k}{above} | {_fmt(row['acceptance_length'])} | {row['draft_tokens_per_forward']} | "
                     f"{_fmt(row['t_draft'] * 1e3)} | {_fmt(row['t_verify'] * 1e3)} | {_fmt(row['t_decode'] * 1e3)} | "
-                    f"{_fmt(row['expected_speedup'])}x |"
+                    f"{_fmt(row['expected_speedup'])}x | {_fmt(row.get('measured_speedup'))}x |"
                 )
             lines.append("")
     return "\n".join(lines) + "\n"
