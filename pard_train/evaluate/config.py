@@ -50,7 +50,7 @@ class EvalConfig:
     timing_context: int = 256
     """K sweep: prefix length (tokens in the KV cache) at which draft and target forwards are timed."""
     timing_repeats: int = 5
-    """K sweep: timed forwards per shape (the median is used)."""
+    """K sweep: timed forwards per shape (the fastest is used)."""
     mask_token_id: int | None = None
     """The PARD mask token; null reads ``pard_token`` from the draft's config.json."""
     benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])

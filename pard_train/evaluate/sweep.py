@@ -10,7 +10,6 @@ a K sweep the expected speed-up per K from forward times measured at the shapes 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import replace
 
@@ -20,15 +19,17 @@ from pard_train.evaluate.config import EvalConfig
 
 SPEEDUP_FORMULA = (
     "expected speed-up(K) = AL(K) * t_target(1) / (t_draft(K - 1 + ceil(AL)) + t_target(K + 1)): tokens per round "
-    "over the time of one round, against one target forward per token without drafting. t_model(n) = median time of "
-    "one forward of n new tokens after a cached prefix of timing_context tokens (a PARD draft feeds the tokens "
-    "accepted last round plus K-1 masks; the target verifies the pending token plus K drafts). Sampling, scheduling "
-    "and batching overheads are left out: it ranks K for this hardware, it does not promise a server's throughput."
+    "over the time of one round, against one target forward per token without drafting. t_model(n) = fastest of "
+    "timing_repeats timed forwards of n new tokens after a cached prefix of timing_context tokens (a PARD draft feeds "
+    "the tokens accepted last round plus K-1 masks; the target verifies the pending token plus K drafts). Sampling, "
+    "scheduling and batching overheads are left out: it ranks K for this hardware, it does not promise a server's "
+    "throughput."
 )
 
 
 def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float:
-    """Median wall time of one cached forward of ``new_tokens`` tokens (all their logits kept) after ``context``."""
+    """Wall time of one cached forward of ``new_tokens`` tokens (all their logits kept) after ``context``: the fastest
+    of ``repeats``, since other load on a shared machine only ever adds time (a median still carries it)."""
     from pard_train.evaluate.speculative import _sync, crop_cache
 
     device = next(model.parameters()).device
@@ -53,7 +54,7 @@ def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float
             _sync(device)
             times.append(time.perf_counter() - begin)
             crop_cache(cache, context)
-    return statistics.median(times[1:])
+    return min(times[1:])
 
 
 def expected_speedup(al: float, t_draft: float, t_verify: float, t_decode: float) -> float:
