@@ -39,6 +39,10 @@ class ExportError(PardTrainError, ValueError):
     """The export cannot be written as asked; the message says what to change."""
 
 
+class VocabularyError(ExportError):
+    """Draft and target cannot share a vocabulary; the message says why."""
+
+
 class BenchmarkError(PardTrainError, ValueError):
     """A prompt set that cannot be loaded: unknown name, missing file or malformed row."""
 

@@ -1,7 +1,8 @@
 """Export a trained PARD draft as a Hugging Face checkpoint that vLLM serves as a parallel draft without edits.
 
     python -m pard_train.export --checkpoint runs/NAME/final --output exports/NAME [--target TARGET_DIR]
-        [--num-draft-tokens K] [--dtype bf16|fp32] [--al-table runs/eval/report.json] [--overwrite]
+        [--num-draft-tokens K] [--dtype bf16|fp32] [--al-table runs/eval/report.json]
+        [--k-sweep runs/eval/ksweep/report.json] [--overwrite]
 
 Writes, atomically (a sibling temp directory renamed into place): safetensors weights, the unchanged tokenizer and
 chat template, ``config.json`` with ``pard_token``/``mask_token_id``/``spd_type: "pard"``/``num_draft_tokens``, the
@@ -23,48 +24,13 @@ from pard_train.atomic import atomic_directory, atomic_write_text
 from pard_train.errors import ExportError, PardTrainError
 from pard_train.mask_token import validate_mask_token
 from pard_train.model import DraftSpec, embedding_rows, mark_as_pard
+from pard_train.vocab import check_target_vocabulary, pad_vocabulary
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def check_vocabulary(draft_rows: int, draft_tokenizer, target) -> None:
-    """Raise ExportError unless the draft's vocabulary equals the target's (vLLM refuses a draft whose vocab differs).
-
-    ``target`` is a model directory or hub id, a transformers config, or a model.
-    """
-    from transformers import AutoConfig, PretrainedConfig
-
-    name = str(target)
-    if isinstance(target, (str, Path)):
-        try:
-            target_config = AutoConfig.from_pretrained(str(target))
-        except OSError as error:
-            raise ExportError(
-                f"cannot read the target's config from {name!r} ({error}); pass a model directory"
-            ) from error
-    elif isinstance(target, PretrainedConfig):
-        target_config = target
-    else:
-        target_config, name = target.config, type(target).__name__
-    target_vocab = _text_config(target_config).vocab_size
-    if draft_rows != target_vocab:
-        raise ExportError(
-            f"vocabulary mismatch: the draft has {draft_rows} embedding rows but the target {name} has vocab_size "
-            f"{target_vocab}; a server refuses such a pair — train the draft from a model of the target's family"
-        )
-    if isinstance(target, (str, Path)) and Path(target, "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        target_tokenizer = AutoTokenizer.from_pretrained(str(target))
-        if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
-            raise ExportError(
-                f"tokenizer mismatch: the draft's and the target's ({name}) tokenizers map tokens to different ids; "
-                "draft and target must share one tokenizer"
-            )
 
 
 def _speculative_config(path: str, num_draft_tokens: int) -> dict:
@@ -119,6 +85,8 @@ class ModelCard:
     al_table: str | None = None
     pard2: dict = field(default_factory=dict)
     """PARD-2 config fields (``pard2_target_layers``...), empty for a PARD draft."""
+    vocabulary: str | None = None
+    """What the export did about the target's vocabulary (:meth:`pard_train.vocab.VocabularyCheck.note`)."""
 
     def write(self, directory: str | Path) -> Path:
         return atomic_write_text(Path(directory) / "README.md", self.render())
@@ -186,6 +154,7 @@ class ModelCard:
             if self.al_table
             else "Not measured: run `python -m pard_train.evaluate` with this draft and a target.",
             "",
+            *([f"## Vocabulary\n\n{self.vocabulary}.\n"] if self.vocabulary else []),
             "## Training recipe",
             "",
             "```json",
@@ -211,16 +180,18 @@ def export_draft(
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     method_files: tuple[dict, dict[str, dict]] = ({}, {}),
+    log=None,
 ) -> ModelCard:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
     ``dtype``: the weights' dtype on disk (``torch.bfloat16``, ``"bf16"``, ...; None keeps the parameters' dtype); the
     caller's model is not modified except for the PARD fields of its config. ``recipe``: see :func:`training_recipe`.
-    ``target``: a model directory, config or model whose vocabulary must equal the draft's (checked only when given).
-    ``state_dict``: the weights to write instead of ``model.state_dict()`` (the trainer passes the one gathered from
-    ZeRO-3 shards). ``method_files``: config fields and extra weight files of the training method (PARD-2's W).
-    Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
-    Raises ExportError (existing directory without ``overwrite``, vocabulary mismatch) or MaskTokenError.
+    ``target``: a model directory, config or model the draft must match: same tokenizer, embedding and LM head padded
+    up to its ``vocab_size`` (see :mod:`pard_train.vocab`); None: not checked, and the card says so. ``state_dict``:
+    the weights to write instead of ``model.state_dict()`` (the trainer passes the one gathered from ZeRO-3 shards).
+    ``method_files``: config fields and extra weight files of the training method (PARD-2's W). ``log``: told the
+    vocabulary outcome. Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
+    Raises ExportError (existing directory without ``overwrite``), VocabularyError or MaskTokenError.
     """
     num_draft_tokens, mask_token_id = spec.num_draft_tokens, spec.mask_token_id
     output_dir = Path(output_dir)
@@ -237,8 +208,7 @@ def export_draft(
     validate_mask_token(tokenizer, rows, mask_token_id)
     if _text_config(model.config).vocab_size != rows:
         raise ExportError(f"config.vocab_size {model.config.vocab_size} != {rows} embedding rows; the model is corrupt")
-    if target is not None:
-        check_vocabulary(rows, tokenizer, target)
+    vocabulary = check_target_vocabulary(rows, tokenizer, target)  # raises VocabularyError; pads below if smaller
 
     mark_as_pard(model, mask_token_id, num_draft_tokens)
     # Convert a copy of the weights, once per storage, so tied embeddings stay tied and the caller keeps its dtype.
@@ -249,6 +219,7 @@ def export_draft(
         if ptr not in converted:
             converted[ptr] = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         weights[key] = converted[ptr]
+    weights = pad_vocabulary(weights, model, vocabulary, mask_token_id)
 
     with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
@@ -261,6 +232,8 @@ def export_draft(
         config.update(extra_fields)
         for name, tensors in extra_files.items():
             torch.save({key: value.detach().to("cpu", dtype) for key, value in tensors.items()}, staging / name)
+        if vocabulary.padded_rows:
+            config.get("text_config", config)["vocab_size"] = vocabulary.target_rows
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if not (staging / "generation_config.json").exists():
             from transformers import GenerationConfig
@@ -268,8 +241,10 @@ def export_draft(
             GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(
                 staging
             )
-        card = ModelCard(output_dir.name, spec, dtype, recipe or {}, al_table, extra_fields)
+        card = ModelCard(output_dir.name, spec, dtype, recipe or {}, al_table, extra_fields, vocabulary.note())
         card.write(staging)
+    if log is not None:
+        log(vocabulary.note())
     return card
 
 
@@ -280,6 +255,24 @@ def _al_table_from(path: Path) -> str:
 
         return markdown_table(json.loads(path.read_text()))
     return path.read_text()
+
+
+def _with_k_sweep(al_table: str | None, args, trained_k: int) -> str | None:
+    """The card's acceptance section plus, with ``--k-sweep``, the sweep's recommended K and its vLLM command."""
+    if not args.k_sweep:
+        return al_table
+    from pard_train.evaluate.report import load_report
+    from pard_train.evaluate.sweep import recommended_serving
+
+    recommended = recommended_serving(load_report(args.k_sweep), str(Path(args.output).resolve()))
+    if recommended is None:
+        raise ExportError(f"{args.k_sweep} holds no K sweep; run python -m pard_train.evaluate ... ks=[2,4,8]")
+    k, command = recommended
+    note = f"K sweep ({args.k_sweep.name}): recommended K = {k} on the measured hardware."
+    if k > trained_k:
+        note += f" WARNING: above the trained K = {trained_k}; its extra depths were never trained."
+        print(f"pard_train.export: warning: recommended K={k} is above the trained K={trained_k}", file=sys.stderr)
+    return "\n\n".join(part for part in (al_table, note, f"```bash\n{command}\n```") if part)
 
 
 def _recipe_from(checkpoint: Path) -> dict:
@@ -311,12 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pard_train.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="trained draft directory (e.g. runs/NAME/final)")
     parser.add_argument("--output", required=True, help="directory to create")
-    parser.add_argument("--target", help="target model directory: its vocabulary must equal the draft's")
+    parser.add_argument(
+        "--target", help="target model directory: same tokenizer required; the draft is padded to its vocab_size"
+    )
     parser.add_argument("--num-draft-tokens", type=int, help="trained K (default: num_draft_tokens in config.json)")
     parser.add_argument("--mask-token-id", type=int, help="default: pard_token in config.json")
     parser.add_argument("--base-model", help="the AR model the draft was trained from (default: from the recipe)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype on disk (default: the checkpoint's)")
     parser.add_argument("--al-table", type=Path, help="evaluation report.json or a Markdown table for the model card")
+    parser.add_argument(
+        "--k-sweep", type=Path, help="K-sweep report.json: its recommended K and command go in the card"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
 
@@ -347,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             DraftSpec(num_draft_tokens, mask_token_id, base_model),
             dtype=dtype,
             recipe=recipe,
-            al_table=_al_table_from(args.al_table) if args.al_table else None,
+            al_table=_with_k_sweep(_al_table_from(args.al_table) if args.al_table else None, args, num_draft_tokens),
             target=args.target,
             overwrite=args.overwrite,
             method_files=_method_files_from(checkpoint),
+            log=lambda line: print(f"pard_train.export: {line}"),
         )
     except (PardTrainError, OSError) as error:
         print(f"pard_train.export: error: {error}", file=sys.stderr)

@@ -2,8 +2,9 @@
 to the target's, or vLLM refuses the draft).
 
 A usable row is inside the embedding matrix and is never produced by the tokenizer for ordinary text or by the chat
-template: a reserved special token that the template does not use, or a spare padded row above the tokenizer's
-vocabulary (Qwen pads its embedding to a multiple of 128). Known ids per family are in the presets.
+template: a reserved or unused special token that the template does not use (Llama-3, Gemma), or a spare padded row
+above the tokenizer's vocabulary (Qwen pads its embedding to a multiple of 128, Phi-3 to 32064). Known ids per family
+are in the presets.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ def _template_ids(tokenizer) -> set[int]:
     return ids
 
 
+RESERVED_NAMES = ("reserved", "unused")
+"""Special tokens named like this exist to be claimed: Llama-3's ``<|reserved_special_token_N|>``, Gemma's
+``<unusedN>``."""
+
+
 def _reserved_candidates(tokenizer) -> list[int]:
-    """Ids of special tokens whose name says they are reserved (Llama-3's ``<|reserved_special_token_N|>``)."""
+    """Ids of special tokens whose name says they are reserved or unused, in id order."""
     found = []
     for token_id, added in sorted(tokenizer.added_tokens_decoder.items()):
-        if added.special and "reserved" in added.content.lower():
+        if added.special and any(name in added.content.lower() for name in RESERVED_NAMES):
             found.append(token_id)
     return found
 

@@ -213,10 +213,11 @@ class Trainer:
                 self.spec,
                 dtype="bf16" if mixed_precision_for(config.train.precision) == "bf16" else "fp32",
                 recipe=training_recipe(OmegaConf.to_container(OmegaConf.structured(config)), self.state.step),
-                target=config.acceptance.target,
+                target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
                 overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
                 state_dict=state_dict,
                 method_files=self.method.export_files(extras),
+                log=lambda line: print0(acc, f"export: {line}"),
             )
             print0(acc, f"exported the PARD draft to {final_dir} after {self.state.step} steps")
             if config.acceptance.after_training:

@@ -15,6 +15,7 @@ from pard_train.export import ExportError, export_draft
 from pard_train.mask_token import MaskTokenError
 from pard_train.model import DraftSpec
 from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
+from pard_train.vocab import VocabularyError
 
 K = 4
 
@@ -73,18 +74,18 @@ def test_refuses_to_overwrite_unless_asked(pair, tmp_path):
     assert not (out / "marker").exists() and (out / "config.json").exists()
 
 
-def test_vocabulary_must_equal_the_targets(pair, tmp_path):
+def test_vocabulary_must_fit_the_targets(pair, tmp_path):
     _, draft, _, _ = pair
     rows = draft.get_input_embeddings().weight.shape[0]
-    other = build_tiny_model(rows + 64, seed=5)
-    with pytest.raises(ExportError, match=f"draft has {rows} embedding rows but the target .* {rows + 64}"):
-        export(pair, tmp_path / "draft", target=other)
+    smaller = build_tiny_model(rows - 64, seed=5)
+    with pytest.raises(VocabularyError, match=f"draft has {rows} embedding rows but the target .* {rows - 64}"):
+        export(pair, tmp_path / "draft", target=smaller)
     assert not (tmp_path / "draft").exists()
-    # A target directory with the same shape but another tokenizer is refused as well.
+    # A target directory with the same shape but another tokenizer is refused as well (tests/test_vocab.py: padding).
     target_dir, _ = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft-in")
     export(pair, tmp_path / "ok", target=target_dir)
     build_tiny_tokenizer(texts=["zebra quartz jukebox vexing wizard " * 40]).save_pretrained(target_dir)
-    with pytest.raises(ExportError, match="tokenizer mismatch"):
+    with pytest.raises(VocabularyError, match="tokenizer mismatch"):
         export(pair, tmp_path / "bad", target=target_dir)
 
 

@@ -96,3 +96,118 @@ def test_soft_capping_matters_so_the_test_above_can_fail():
         raw = model.get_output_embeddings()(hidden)
         capped, _, _ = labelled_logits(model, batch, AttentionBackend.sdpa)
     assert (raw - capped).abs().max() > 0.1 and capped.abs().max() <= 0.5
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role'])"
+    " + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b", "What is 12 plus 30?"]
+
+
+def _sentencepiece_like(specials: list[str]):
+    """A Metaspace BPE with byte fallback: the shape of Llama-2, Mistral, Phi-3 and Gemma tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(TEXTS * 20, trainer=trainer)
+    return tokenizer
+
+
+def _tokenizer(kind: str):
+    """``(tokenizer, embedding rows, what the chooser should pick)`` for each tokenizer kind buildable offline."""
+    from transformers import PreTrainedTokenizerFast
+
+    from pard_train.tiny import build_tiny_tokenizer, train_byte_level_bpe
+
+    if kind == "llama3_reserved":  # byte-level BPE with reserved special tokens, no spare rows
+        tokenizer = build_tiny_tokenizer()
+        return tokenizer, len(tokenizer), "<|reserved_special_token_"
+    if kind in ("qwen2_spare_rows", "qwen3_think_tokens"):  # byte-level BPE, embedding padded above the vocabulary
+        raw = train_byte_level_bpe(TEXTS * 20, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], 300)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        if kind == "qwen3_think_tokens":  # added but not special: text produces them, so they are skipped
+            tokenizer.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"])
+        tokenizer.chat_template = CHATML
+        return tokenizer, -(-len(tokenizer) // 64) * 64, "spare row"
+    if kind == "gemma_unused":  # SentencePiece-like with <unusedN> special tokens, no spare rows
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<unused0>", "<unused1>", "<start_of_turn>", "<end_of_turn>"]
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=_sentencepiece_like(specials),
+            bos_token="<bos>",
+            eos_token="<eos>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            additional_special_tokens=specials[4:],
+        )
+        tokenizer.chat_template = GEMMA_TEMPLATE
+        return tokenizer, len(tokenizer), "<unused0>"
+    if kind == "phi3_spare_rows":  # SentencePiece-like without reserved tokens, embedding padded (32011 -> 32064)
+        specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=_sentencepiece_like(specials), bos_token="<s>", eos_token="<|end|>", unk_token="<unk>"
+        )
+        tokenizer.add_special_tokens({"additional_special_tokens": specials[3:]})
+        tokenizer.chat_template = (
+            "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        )
+        return tokenizer, len(tokenizer) + 53, "spare row"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["llama3_reserved", "qwen2_spare_rows", "qwen3_think_tokens", "gemma_unused", "phi3_spare_rows"]
+)
+def test_mask_token_chooser_finds_a_valid_row_for_every_tokenizer_kind(kind):
+    from pard_train.mask_token import _template_ids, choose_mask_token, validate_mask_token
+
+    tokenizer, rows, expected = _tokenizer(kind)
+    chosen = choose_mask_token(tokenizer, rows)
+    validate_mask_token(tokenizer, rows, chosen)
+    if expected == "spare row":
+        assert len(tokenizer) <= chosen < rows
+    else:
+        assert tokenizer.convert_ids_to_tokens(chosen).startswith(expected)
+    # Never produced by text or the template.
+    emitted = {i for text in TEXTS for i in tokenizer(text)["input_ids"]} | _template_ids(tokenizer)
+    assert chosen not in emitted
+    assert chosen not in {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+
+
+@pytest.mark.parametrize(
+    "preset, model", [("gemma3_270m", "google/gemma-3-270m-it"), ("gemma3_1b", "google/gemma-3-1b-it")]
+)
+def test_gemma3_presets_use_an_unused_token_the_chooser_accepts(preset, model):
+    from conftest import compose
+    from transformers import PreTrainedTokenizerFast
+
+    from pard_train.config import to_config
+    from pard_train.mask_token import validate_mask_token
+
+    config = to_config(compose(f"+config={preset}"))
+    assert (config.model.path, config.model.mask_token_id) == (model, 6)
+    assert (config.pard.num_draft_tokens, config.pard.drop_ratio, config.pard.drop_ratio_min) == (8, 0.7, 0.2)
+    # Gemma 3's first ids, rebuilt offline in order: id 6 is <unused0>, a special token no text or template emits.
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", *[f"<unused{i}>" for i in range(99)]]
+    specials += ["<start_of_turn>", "<end_of_turn>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_sentencepiece_like(specials),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        additional_special_tokens=specials[5:],
+    )
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    assert tokenizer.convert_ids_to_tokens([6, 105, 106]) == ["<unused0>", "<start_of_turn>", "<end_of_turn>"]
+    validate_mask_token(tokenizer, len(tokenizer), 6)

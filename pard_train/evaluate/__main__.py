@@ -1,6 +1,8 @@
 """python -m pard_train.evaluate +evaluate=NAME [key=value ...] — acceptance length and speed of a draft with a target.
 
 Examples: ``python -m pard_train.evaluate +evaluate=tiny`` (tiny random models on CPU, seconds);
+``python -m pard_train.evaluate +evaluate=tiny_family`` (a family and K sweep: ``targets=[A,B]``, ``ks=[2,4,8]``,
+``compare_thinking=true``; see pard_train/evaluate/sweep.py);
 ``python -m pard_train.evaluate target=meta-llama/Llama-3.1-8B-Instruct draft=exports/pard-llama-1b
 ar_draft=meta-llama/Llama-3.2-1B-Instruct output_dir=runs/evaluate/llama``. Writes report.json, report.md and PNG
 plots into ``output_dir``; every key is documented in pard_train/evaluate/config.py.
@@ -19,13 +21,20 @@ register_configs()
 
 @hydra.main(config_path="../../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from pard_train.evaluate.config import to_config
+    from pard_train.evaluate.config import is_sweep, to_config
     from pard_train.evaluate.report import write_report
     from pard_train.evaluate.runner import evaluate
+    from pard_train.evaluate.sweep import run_sweep
+    from pard_train.evaluate.sweep_report import write_sweep_report
 
     with user_errors("pard_train.evaluate"):
         config = to_config(cfg)
-        report = evaluate(config)
+        report = run_sweep(config) if is_sweep(config) else evaluate(config)
+    if is_sweep(config):
+        out = write_sweep_report(report, config.output_dir)
+        print((out / "report.md").read_text())
+        print(f"wrote {out}/report.json, report.md, al_heatmap.png" + (", k_sweep.png" if "k_sweep" in report else ""))
+        return
     out = write_report(report, config.output_dir)
     print((out / "report.md").read_text())
     print(f"wrote {out}/report.json, report.md, acceptance_length.png, acceptance_by_position.png")

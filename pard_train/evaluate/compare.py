@@ -1,4 +1,5 @@
-"""Several evaluation runs side by side, as one Markdown table (AL and speed-up per benchmark and mode).
+"""Several evaluation runs side by side, as one Markdown table (AL and speed-up per benchmark and mode); a sweep
+report contributes one column per cell (target, K, thinking).
 
 python -m pard_train.evaluate.compare runs/evaluate/draft_a runs/evaluate/draft_b [...]
 """
@@ -38,6 +39,19 @@ def compare_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def expand_sweeps(reports: dict[str, dict]) -> dict[str, dict]:
+    """A sweep report becomes one column per cell (target, K, thinking), named ``run[cell]``."""
+    from pard_train.evaluate.sweep_report import cell_label
+
+    out = {}
+    for name, report in reports.items():
+        if report.get("kind") == "sweep":
+            out.update({f"{name}[{cell_label(cell)}]": cell["report"] for cell in report["cells"]})
+        else:
+            out[name] = report
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
@@ -50,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if len(reports) < len(paths):  # two runs with the same folder name: label them by full path
         reports = {p: load_report(p) for p in paths}
+    reports = expand_sweeps(reports)
     sys.stdout.write(compare_table(reports))
     return 0
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from pard_train.config import require, to_dataclass
 
@@ -34,8 +34,10 @@ class DType(str, Enum):
 
 @dataclass
 class EvalConfig:
-    target: str = MISSING
+    target: str | None = None
     """The target model (hub id or directory) whose greedy output is reproduced."""
+    targets: list[str] | None = None
+    """Family sweep: several targets of the draft's family, one report with the AL matrix (targets x benchmarks)."""
     draft: str | None = None
     """The PARD draft (an exported or trained directory); needed by the ``pard`` mode (and ``ar`` without ar_draft)."""
     ar_draft: str | None = None
@@ -44,6 +46,13 @@ class EvalConfig:
     """Which decoding modes to measure; ``target`` gives the speed-up baseline."""
     num_draft_tokens: int | None = None
     """K drafted per round; null reads ``num_draft_tokens`` from the draft's config.json (else 8)."""
+    ks: list[int] | None = None
+    """K sweep: AL and expected speed-up per K (from measured forward times), and the recommended K. K above the
+    draft's trained K is measured but flagged with a warning."""
+    timing_context: int = 256
+    """K sweep: prefix length (tokens in the KV cache) at which draft and target forwards are timed."""
+    timing_repeats: int = 5
+    """K sweep: timed forwards per shape (the fastest is used)."""
     mask_token_id: int | None = None
     """The PARD mask token; null reads ``pard_token`` from the draft's config.json."""
     benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])
@@ -56,6 +65,8 @@ class EvalConfig:
     """System message of every conversation (dropped if the chat template rejects a system role)."""
     enable_thinking: bool = False
     """Passed to the chat template: Qwen3's thinking mode (off in the reference protocol)."""
+    compare_thinking: bool = False
+    """Run every benchmark with thinking off and on (Qwen3-style templates) and report them side by side."""
     use_chat_template: bool = True
     """Render prompts with the tokenizer's chat template (false: the raw prompt text, for base models)."""
     device: str = "auto"
@@ -70,6 +81,13 @@ class EvalConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        require(
+            bool(self.target) or bool(self.targets),
+            "target",
+            "required; pick a preset (+evaluate=NAME) or set target=... (targets=[A,B] for a family sweep)",
+        )
+        require(self.ks is None or (len(self.ks) > 0 and min(self.ks) >= 1), "ks", "give K values >= 1")
+        require(self.timing_repeats >= 1, "timing_repeats", "must be >= 1")
         require(len(self.modes) > 0, "modes", "give at least one of target, ar, pard")
         needs_draft = (
             Mode.pard in self.modes or Mode.pard2 in self.modes or (Mode.ar in self.modes and not self.ar_draft)
@@ -79,6 +97,11 @@ class EvalConfig:
         require(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark name or JSONL path")
         require(self.num_prompts is None or self.num_prompts >= 1, "num_prompts", "must be >= 1 or null")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+def is_sweep(config: EvalConfig) -> bool:
+    """A family, K or thinking sweep (one combined report) rather than one target at one K."""
+    return bool(config.targets) or bool(config.ks) or config.compare_thinking
 
 
 def register_configs() -> None:

@@ -204,6 +204,12 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     tokenizer = load_tokenizer(config.target, config.trust_remote_code)
     target = _load(config.target, config, device, dtype)
     drafters, k = build_drafters(config, target, tokenizer, device, dtype)
+    trained_k = trained_num_draft_tokens(drafters.get(Mode.pard))
+    if trained_k is not None and k > trained_k:
+        log(
+            f"WARNING: K={k} is above the draft's trained K={trained_k}; depths beyond {trained_k - 1} were never "
+            "trained — serve it only if the measured AL below says it pays"
+        )
     stops = stop_token_ids(target, tokenizer)
     conversation = Conversation(tokenizer, config.system_prompt, config.enable_thinking, config.use_chat_template)
     benchmarks = [load_prompts(name, config.num_prompts) for name in config.benchmarks]
@@ -242,4 +248,12 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 f"{name:>10} {mode.value:>6}: AL {summary['acceptance_length']:.3f}, "
                 f"{summary['tokens_per_s']:.1f} tok/s, {result.stats.generated_tokens} tokens"
             )
-    return build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
+    report = build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
+    report["trained_num_draft_tokens"] = trained_k
+    return report
+
+
+def trained_num_draft_tokens(drafter: Drafter | None) -> int | None:
+    """The K a PARD draft was trained with (its config.json), if it records one."""
+    model = getattr(getattr(drafter, "lm", None), "model", None)
+    return getattr(getattr(model, "config", None), "num_draft_tokens", None)

@@ -38,3 +38,26 @@ def ensure_tiny_pair(target_dir: str | Path, draft_dir: str | Path, num_draft_to
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     return target_dir, draft_dir
+
+
+def ensure_tiny_family(target_dirs: list[str | Path], draft_dir: str | Path, num_draft_tokens: int = 4) -> None:
+    """A tiny family: targets of growing depth and width sharing one tokenizer and vocabulary, and a PARD draft that
+    is a copy of the first (smallest) target — so it drafts that one well and the larger ones at random, which makes
+    the family sweep's AL matrix show a real difference. Built once; reused later."""
+    target_dirs, draft_dir = [Path(p) for p in target_dirs], Path(draft_dir)
+    if all((path / "config.json").exists() for path in (*target_dirs, draft_dir)):
+        return
+    tokenizer = build_tiny_tokenizer()
+    rows = -(-len(tokenizer) // 64) * 64 + 64
+    mask_token_id = choose_mask_token(tokenizer, rows)
+    for index, path in enumerate([*target_dirs, draft_dir]):
+        is_draft = index == len(target_dirs)
+        size = 0 if is_draft else index  # the draft repeats the smallest target's shape and seed
+        model = build_tiny_model(rows, hidden_size=64 + 32 * size, num_layers=2 + size, seed=1 + size).eval()
+        if is_draft:
+            mark_as_pard(model, mask_token_id, num_draft_tokens)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        with atomic_directory(path) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)

@@ -1,0 +1,165 @@
+"""Family, K and thinking sweeps: one draft against several targets, several K, thinking off and on — one report.
+
+python -m pard_train.evaluate draft=DRAFT targets=[A,B] ks=[2,4,8] compare_thinking=true [key=value ...]
+
+Every cell (target x K x thinking) is an ordinary evaluation (:func:`pard_train.evaluate.runner.evaluate`); the sweep
+adds the AL matrix (targets x benchmarks), per-position acceptance per target, thinking off/on side by side, and for
+a K sweep the expected speed-up per K from forward times measured at the shapes each K runs, and the recommended K.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from pard_train.evaluate.config import EvalConfig
+
+SPEEDUP_FORMULA = (
+    "expected speed-up(K) = AL(K) * t_target(1) / (t_draft(K - 1 + ceil(AL)) + t_target(K + 1)): tokens per round "
+    "over the time of one round, against one target forward per token without drafting. t_model(n) = fastest of "
+    "timing_repeats timed forwards of n new tokens after a cached prefix of timing_context tokens (a PARD draft feeds "
+    "the tokens accepted last round plus K-1 masks; the target verifies the pending token plus K drafts). Sampling, "
+    "scheduling and batching overheads are left out: it ranks K for this hardware, it does not promise a server's "
+    "throughput."
+)
+
+
+def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float:
+    """Wall time of one cached forward of ``new_tokens`` tokens (all their logits kept) after ``context``: the fastest
+    of ``repeats``, since other load on a shared machine only ever adds time (a median still carries it)."""
+    from pard_train.evaluate.speculative import _sync, crop_cache
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (1, context), generator=generator).to(device)
+    step = torch.randint(0, vocab, (1, new_tokens), generator=generator).to(device)
+    positions = torch.arange(context, context + new_tokens, device=device)[None]
+    times = []
+    with torch.no_grad():
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        for _ in range(repeats + 1):  # the first forward warms up and is not counted
+            _sync(device)
+            begin = time.perf_counter()
+            model(
+                input_ids=step,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=new_tokens,
+            )
+            _sync(device)
+            times.append(time.perf_counter() - begin)
+            crop_cache(cache, context)
+    return min(times[1:])
+
+
+def expected_speedup(al: float, t_draft: float, t_verify: float, t_decode: float) -> float:
+    """Tokens per second with drafting over tokens per second without (see :data:`SPEEDUP_FORMULA`)."""
+    return al * t_decode / (t_draft + t_verify)
+
+
+def _cells(config: EvalConfig) -> list[tuple[str, int | None, bool]]:
+    targets = config.targets or [config.target]
+    ks = config.ks or [config.num_draft_tokens]
+    thinking = [False, True] if config.compare_thinking else [config.enable_thinking]
+    return [(target, k, think) for target in targets for k in ks for think in thinking]
+
+
+def _pard_al(report: dict) -> float | None:
+    return report["overall"].get("pard", {}).get("acceptance_length")
+
+
+def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], log) -> dict:
+    """Forward times of the target and the draft at the shapes each K runs, and the expected speed-up per K."""
+    from pard_train.evaluate.runner import _device, _dtype, _load
+
+    device = _device(config)
+    dtype = _dtype(config, device)
+    target, draft = _load(target_path, config, device, dtype), _load(config.draft, config, device, dtype)
+    context, repeats = config.timing_context, config.timing_repeats
+    t_decode = forward_seconds(target, context, 1, repeats)
+    rows = {}
+    for k, al in ks_and_al:
+        draft_tokens = k - 1 + max(1, math.ceil(al))
+        t_draft = forward_seconds(draft, context, draft_tokens, repeats)
+        t_verify = forward_seconds(target, context, k + 1, repeats)
+        rows[str(k)] = {
+            "acceptance_length": al,
+            "draft_tokens_per_forward": draft_tokens,
+            "t_draft": t_draft,
+            "t_verify": t_verify,
+            "t_decode": t_decode,
+            "expected_speedup": expected_speedup(al, t_draft, t_verify, t_decode),
+        }
+        log(f"K={k}: AL {al:.3f}, expected speed-up {rows[str(k)]['expected_speedup']:.2f}x")
+    del target, draft
+    return rows
+
+
+def run_sweep(config: EvalConfig, log=print) -> dict:
+    """Evaluate every cell and assemble the sweep report (written by :func:`write_sweep_report`)."""
+    from pard_train.evaluate.runner import evaluate
+
+    if config.build_tiny:
+        from pard_train.evaluate.tiny_pair import ensure_tiny_family, ensure_tiny_pair
+
+        if config.targets:
+            ensure_tiny_family(config.targets, config.draft, num_draft_tokens=4)
+        else:
+            ensure_tiny_pair(config.target, config.draft, num_draft_tokens=4)
+    cells = []
+    for target, k, thinking in _cells(config):
+        log(f"--- target {target}, K={k or 'from draft'}, thinking {'on' if thinking else 'off'}")
+        single = replace(
+            config,
+            target=target,
+            targets=None,
+            num_draft_tokens=k,
+            ks=None,
+            enable_thinking=thinking,
+            compare_thinking=False,
+            build_tiny=False,
+        )
+        report = evaluate(single, log=log)
+        cells.append({"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report})
+    sweep = {
+        "kind": "sweep",
+        "config": cells[0]["report"]["config"] | {"targets": config.targets, "ks": config.ks},
+        "environment": cells[0]["report"]["environment"],
+        "trained_num_draft_tokens": cells[0]["report"].get("trained_num_draft_tokens"),
+        "cells": cells,
+    }
+    if config.ks and len(config.ks) > 1:
+        sweep["k_sweep"] = {"formula": SPEEDUP_FORMULA, "timing_context": config.timing_context, "targets": {}}
+        thinking = config.enable_thinking and not config.compare_thinking  # K is chosen with thinking off if both ran
+        for target in config.targets or [config.target]:
+            swept = [c for c in cells if c["target"] == target and c["thinking"] == thinking]
+            measured = [(c["k"], _pard_al(c["report"])) for c in swept]
+            rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], log)
+            for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
+                if str(cell["k"]) in rows:
+                    rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")
+            best = max(rows, key=lambda key: rows[key]["expected_speedup"]) if rows else None
+            sweep["k_sweep"]["targets"][target] = {"per_k": rows, "recommended_k": None if best is None else int(best)}
+    return sweep
+
+
+def recommended_serving(report: dict, draft_path: str = "PATH_TO_DRAFT", target: str | None = None):
+    """``(K, vLLM command)`` recommended by a K-sweep report (for the model card); None if it holds no K sweep.
+
+    With several targets, ``target`` picks one (default: the first swept).
+    """
+    from pard_train.export import _vllm_command
+
+    sweep = report.get("k_sweep")
+    if not sweep or not sweep["targets"]:
+        return None
+    entry = sweep["targets"][target] if target else next(iter(sweep["targets"].values()))
+    k = entry["recommended_k"]
+    if k is None:
+        return None
+    return k, _vllm_command(draft_path, k).replace("TARGET_MODEL", target or next(iter(sweep["targets"])))
