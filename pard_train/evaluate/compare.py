@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pard_train.evaluate.report import MODE_ORDER, _fmt, load_report
+from pard_train.evaluate.report import MODE_ORDER, fmt, load_report
 
 
 def compare_table(reports: dict[str, dict]) -> str:
@@ -33,7 +33,7 @@ def compare_table(reports: dict[str, dict]) -> str:
             entry = report["overall"] if name == "**all**" else report["benchmarks"].get(name, {})
             summary = entry.get(mode)
             cells.append(
-                "–" if summary is None else f"{_fmt(summary['acceptance_length'])} ({_fmt(summary.get('speedup'))}x)"
+                "–" if summary is None else f"{fmt(summary['acceptance_length'])} ({fmt(summary.get('speedup'))}x)"
             )
         lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

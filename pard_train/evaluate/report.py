@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the runner imports this module; these are annotations only
 MODE_ORDER = ("target", "ar", "pard", "pard2")
 
 
-def _fmt(value, digits: int = 2) -> str:
+def fmt(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -40,12 +40,12 @@ def markdown_table(report: dict) -> str:
     for name, entry in sections:
         for mode in _modes(entry):
             summary = entry[mode]
-            positions = " ".join(_fmt(p) for p in summary["conditional_acceptance"]) or "–"
+            positions = " ".join(fmt(p) for p in summary["conditional_acceptance"]) or "–"
             mismatched = summary.get("mismatched_prompts")
             lossless = "–" if mismatched is None else ("yes" if mismatched == 0 else f"**{mismatched} differ**")
             lines.append(
-                f"| {name} | {mode} | {_fmt(summary['acceptance_length'])} | {_fmt(summary['tokens_per_s'], 1)} | "
-                f"{_fmt(summary['speedup'])} | {positions} | {summary['generated_tokens']} | {lossless} |"
+                f"| {name} | {mode} | {fmt(summary['acceptance_length'])} | {fmt(summary['tokens_per_s'], 1)} | "
+                f"{fmt(summary['speedup'])} | {positions} | {summary['generated_tokens']} | {lossless} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -91,7 +91,7 @@ def plot_acceptance_length(report: dict, path: Path) -> None:
     axis.set_title(f"Acceptance length, K={report['num_draft_tokens']}")
     axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_acceptance_by_position(report: dict, path: Path) -> None:
@@ -116,10 +116,10 @@ def plot_acceptance_by_position(report: dict, path: Path) -> None:
         axis.set_ylim(0, 1.05)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
-def _save(figure, path: Path) -> None:
+def save_png(figure, path: Path) -> None:
     import io
 
     import matplotlib.pyplot as plt
@@ -275,4 +275,4 @@ def _plot_before_after(rows: dict, k: int, path: Path) -> None:
     right.set_title("Acceptance per draft position (all benchmarks)")
     right.legend()
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)

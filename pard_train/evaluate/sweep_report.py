@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pard_train.evaluate.report import _atomic_write, _fmt, _save, write_report
+from pard_train.atomic import atomic_write_bytes
+from pard_train.evaluate.report import fmt, save_png, write_report
 
 
 def _name(target: str) -> str:
@@ -51,14 +52,14 @@ def markdown_sweep(sweep: dict) -> str:
     ]
     rows, columns, values = al_matrix(sweep)
     lines += ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {row} | " + " | ".join(_fmt(v) for v in vals) + " |" for row, vals in zip(rows, values, strict=True)]
+    lines += [f"| {row} | " + " | ".join(fmt(v) for v in vals) + " |" for row, vals in zip(rows, values, strict=True)]
     lines += ["", "## Conditional acceptance by draft position (all benchmarks)", ""]
     width = max(c["k"] for c in sweep["cells"])
     lines += ["| | " + " | ".join(str(i + 1) for i in range(width)) + " |", "|---|" + "---|" * width]
     for cell in sweep["cells"]:
         rates = cell["report"]["overall"].get("pard", {}).get("conditional_acceptance", [])
         lines.append(
-            f"| {cell_label(cell)} | " + " | ".join(_fmt(r) for r in [*rates, *[None] * (width - len(rates))]) + " |"
+            f"| {cell_label(cell)} | " + " | ".join(fmt(r) for r in [*rates, *[None] * (width - len(rates))]) + " |"
         )
     thinking = [c for c in sweep["cells"] if c["thinking"]]
     if thinking:
@@ -68,8 +69,8 @@ def markdown_sweep(sweep: dict) -> str:
                 c for c in sweep["cells"] if (c["target"], c["k"], c["thinking"]) == (on["target"], on["k"], False)
             )
             lines.append(
-                f"| {_name(on['target'])} | {on['k']} | {_fmt(_al(off['report'], None))} | "
-                f"{_fmt(_al(on['report'], None))} |"
+                f"| {_name(on['target'])} | {on['k']} | {fmt(_al(off['report'], None))} | "
+                f"{fmt(_al(on['report'], None))} |"
             )
     if "k_sweep" in sweep:
         lines += ["", "## K sweep", "", sweep["k_sweep"]["formula"], ""]
@@ -84,9 +85,9 @@ def markdown_sweep(sweep: dict) -> str:
             for k, row in entry["per_k"].items():
                 above = " (above trained K: warning)" if trained and int(k) > trained else ""
                 lines.append(
-                    f"| {k}{above} | {_fmt(row['acceptance_length'])} | {row['draft_tokens_per_forward']} | "
-                    f"{_fmt(row['t_draft'] * 1e3)} | {_fmt(row['t_verify'] * 1e3)} | {_fmt(row['t_decode'] * 1e3)} | "
-                    f"{_fmt(row['expected_speedup'])}x | {_fmt(row.get('measured_speedup'))}x |"
+                    f"| {k}{above} | {fmt(row['acceptance_length'])} | {row['draft_tokens_per_forward']} | "
+                    f"{fmt(row['t_draft'] * 1e3)} | {fmt(row['t_verify'] * 1e3)} | {fmt(row['t_decode'] * 1e3)} | "
+                    f"{fmt(row['expected_speedup'])}x | {fmt(row.get('measured_speedup'))}x |"
                 )
             lines.append("")
     return "\n".join(lines) + "\n"
@@ -108,11 +109,11 @@ def plot_heatmap(sweep: dict, path: Path) -> None:
     for i, vals in enumerate(values):
         for j, value in enumerate(vals):
             bright = value is not None and value > (low + high) / 2  # dark text on the light end of viridis
-            axis.text(j, i, _fmt(value), ha="center", va="center", color="black" if bright else "white", fontsize=8)
+            axis.text(j, i, fmt(value), ha="center", va="center", color="black" if bright else "white", fontsize=8)
     figure.colorbar(image, ax=axis, label="acceptance length")
     axis.set_title("PARD acceptance length")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_k_sweep(sweep: dict, path: Path) -> None:
@@ -130,7 +131,7 @@ def plot_k_sweep(sweep: dict, path: Path) -> None:
     speed_axis.set(xlabel="K", ylabel="expected speed-up", title="expected speed-up per K")
     speed_axis.legend(fontsize=7)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def write_sweep_report(sweep: dict, output_dir: str | Path) -> Path:
@@ -138,8 +139,8 @@ def write_sweep_report(sweep: dict, output_dir: str | Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     for cell in sweep["cells"]:
         write_report(cell["report"], output_dir / "cells" / cell_label(cell).replace(" ", "_").replace("=", ""))
-    _atomic_write(output_dir / "report.json", (json.dumps(sweep, indent=2) + "\n").encode())
-    _atomic_write(output_dir / "report.md", markdown_sweep(sweep).encode())
+    atomic_write_bytes(output_dir / "report.json", (json.dumps(sweep, indent=2) + "\n").encode())
+    atomic_write_bytes(output_dir / "report.md", markdown_sweep(sweep).encode())
     plot_heatmap(sweep, output_dir / "al_heatmap.png")
     if "k_sweep" in sweep:
         plot_k_sweep(sweep, output_dir / "k_sweep.png")
