@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from pard_train.attention import AttentionBackend, transformers_attn_implementation
 from pard_train.config import ModelConfig
 from pard_train.errors import ModelNotFoundError  # noqa: F401 - re-exported
+from pard_train.loss import SUPPORTED_ARCHITECTURES
 from pard_train.mask_token import choose_mask_token
 
 
@@ -97,6 +99,13 @@ def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens:
     """
     tokenizer = load_tokenizer(config.path, config.trust_remote_code)
     model = load_causal_lm(config.path, backend, trust_remote_code=config.trust_remote_code)
+    if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+        # The loss runs the LM head itself: post-processing this architecture adds to its logits would be skipped.
+        warnings.warn(
+            f"{type(model).__name__} is not among the architectures whose training logits are checked against the "
+            f"model's own ({', '.join(SUPPORTED_ARCHITECTURES)}); verify it with tests/test_families.py",
+            stacklevel=2,
+        )
     mask_token_id = choose_mask_token(tokenizer, embedding_rows(model), config.mask_token_id)
     mark_as_pard(model, mask_token_id, num_draft_tokens)
     if config.gradient_checkpointing:

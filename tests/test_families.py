@@ -3,12 +3,17 @@ mask-token chooser finds a usable row for every tokenizer kind we can build offl
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from pard_train.attention import AttentionBackend, attention_mask_for
+from pard_train.config import ModelConfig
 from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, build_row, collate_rows
 from pard_train.loss import SUPPORTED_ARCHITECTURES, labelled_hidden, labelled_logits, pard_loss
+from pard_train.model import load_draft
+from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
 
 VOCAB, K = 160, 4
 SHAPE = dict(
@@ -126,7 +131,7 @@ def _tokenizer(kind: str):
     """``(tokenizer, embedding rows, what the chooser should pick)`` for each tokenizer kind buildable offline."""
     from transformers import PreTrainedTokenizerFast
 
-    from pard_train.tiny import build_tiny_tokenizer, train_byte_level_bpe
+    from pard_train.tiny import train_byte_level_bpe
 
     if kind == "llama3_reserved":  # byte-level BPE with reserved special tokens, no spare rows
         tokenizer = build_tiny_tokenizer()
@@ -211,3 +216,22 @@ def test_gemma3_presets_use_an_unused_token_the_chooser_accepts(preset, model):
     tokenizer.chat_template = GEMMA_TEMPLATE
     assert tokenizer.convert_ids_to_tokens([6, 105, 106]) == ["<unused0>", "<start_of_turn>", "<end_of_turn>"]
     validate_mask_token(tokenizer, len(tokenizer), 6)
+
+
+def test_loading_an_unchecked_architecture_warns(tmp_path):
+    """A family outside SUPPORTED_ARCHITECTURES may post-process its logits in ways the loss does not repeat."""
+    import transformers
+
+    tokenizer = build_tiny_tokenizer()
+    rows = len(tokenizer) + 8
+    neox = transformers.GPTNeoXConfig(
+        vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    for name, model in (("neox", transformers.GPTNeoXForCausalLM(neox)), ("llama", build_tiny_model(rows))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    with pytest.warns(UserWarning, match="GPTNeoXForCausalLM is not among the architectures"):
+        load_draft(ModelConfig(path=str(tmp_path / "neox")), AttentionBackend.sdpa, K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_draft(ModelConfig(path=str(tmp_path / "llama")), AttentionBackend.sdpa, K)
