@@ -42,7 +42,7 @@ def _speculative_config(path: str, num_draft_tokens: int) -> dict:
     }
 
 
-def _vllm_command(path: str, num_draft_tokens: int) -> str:
+def vllm_command(path: str, num_draft_tokens: int) -> str:
     return f"vllm serve TARGET_MODEL --speculative-config '{json.dumps(_speculative_config(path, num_draft_tokens))}'"
 
 
@@ -140,7 +140,7 @@ class ModelCard:
             "Serve with a K no larger than the trained one; draft and target must share the vocabulary.",
             "",
             "```bash",
-            _vllm_command("PATH_TO_THIS_DIRECTORY", k),
+            vllm_command("PATH_TO_THIS_DIRECTORY", k),
             "```",
             "",
             "or in Python: `LLM(model=TARGET_MODEL, speculative_config="
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.output)
     print(f"exported {out} (K={num_draft_tokens}, mask token {mask_token_id}, {str(dtype).removeprefix('torch.')})")
-    print(_vllm_command(str(out.resolve()), num_draft_tokens))
+    print(vllm_command(str(out.resolve()), num_draft_tokens))
     return 0
 
 

@@ -116,19 +116,19 @@ class ModeResult:
     outputs: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
-def _device(config: EvalConfig) -> torch.device:
+def resolve_device(config: EvalConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
 
 
-def _dtype(config: EvalConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(config: EvalConfig, device: torch.device) -> torch.dtype:
     if config.dtype == DType.auto:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}[config.dtype]
 
 
-def _load(path: str, config: EvalConfig, device, dtype):
+def load_model(path: str, config: EvalConfig, device, dtype):
     from pard_train.model import load_causal_lm
 
     model = load_causal_lm(path, AttentionBackend.sdpa, dtype, trust_remote_code=config.trust_remote_code)
@@ -148,14 +148,14 @@ def build_drafters(config: EvalConfig, target, tokenizer, device, dtype) -> tupl
     from pard_train.mask_token import validate_mask_token
 
     drafters: dict[Mode, Drafter | None] = {}
-    draft = _load(config.draft, config, device, dtype) if config.draft else None
+    draft = load_model(config.draft, config, device, dtype) if config.draft else None
     k, mask_id = _draft_settings(config, draft)
     rows = target.get_input_embeddings().weight.shape[0]
     for mode in config.modes:
         if mode == Mode.target:
             drafters[mode] = None
             continue
-        model = draft if mode != Mode.ar or not config.ar_draft else _load(config.ar_draft, config, device, dtype)
+        model = draft if mode != Mode.ar or not config.ar_draft else load_model(config.ar_draft, config, device, dtype)
         path = config.draft if model is draft else config.ar_draft
         if model.get_input_embeddings().weight.shape[0] != rows:
             raise ConfigError(
@@ -199,10 +199,10 @@ def evaluate(config: EvalConfig, log=print) -> dict:
         from pard_train.evaluate.tiny_pair import ensure_tiny_pair
 
         ensure_tiny_pair(config.target, config.draft, num_draft_tokens=config.num_draft_tokens or 4)
-    device = _device(config)
-    dtype = _dtype(config, device)
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
     tokenizer = load_tokenizer(config.target, config.trust_remote_code)
-    target = _load(config.target, config, device, dtype)
+    target = load_model(config.target, config, device, dtype)
     drafters, k = build_drafters(config, target, tokenizer, device, dtype)
     trained_k = trained_num_draft_tokens(drafters.get(Mode.pard))
     if trained_k is not None and k > trained_k:

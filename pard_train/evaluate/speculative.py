@@ -35,7 +35,7 @@ def crop_cache(cache, keep: int) -> None:
         cache.crop(keep - current)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -47,12 +47,12 @@ class _Timer:
         self.device, self.seconds = device, 0.0
 
     def __enter__(self):
-        _sync(self.device)
+        synchronize(self.device)
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        _sync(self.device)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - self._start
 
 
@@ -241,7 +241,7 @@ def speculative_generate(
     verifier = _CachedLM(target)
     if drafter is not None:
         drafter.reset()
-    _sync(verifier.device)
+    synchronize(verifier.device)
     started = time.perf_counter()
 
     layers = None if drafter is None else drafter.target_layers
@@ -277,7 +277,7 @@ def speculative_generate(
         if drafter is not None and k > 0:
             drafter.accept(tokens + generated)
 
-    _sync(verifier.device)
+    synchronize(verifier.device)
     return Generation(
         tokens=generated,
         rounds=rounds,

@@ -30,7 +30,7 @@ SPEEDUP_FORMULA = (
 def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float:
     """Wall time of one cached forward of ``new_tokens`` tokens (all their logits kept) after ``context``: the fastest
     of ``repeats``, since other load on a shared machine only ever adds time (a median still carries it)."""
-    from pard_train.evaluate.speculative import _sync, crop_cache
+    from pard_train.evaluate.speculative import crop_cache, synchronize
 
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -42,7 +42,7 @@ def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float
     with torch.no_grad():
         cache = model(input_ids=prefix, use_cache=True).past_key_values
         for _ in range(repeats + 1):  # the first forward warms up and is not counted
-            _sync(device)
+            synchronize(device)
             begin = time.perf_counter()
             model(
                 input_ids=step,
@@ -51,7 +51,7 @@ def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float
                 use_cache=True,
                 logits_to_keep=new_tokens,
             )
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - begin)
             crop_cache(cache, context)
     return min(times[1:])
@@ -75,11 +75,11 @@ def _pard_al(report: dict) -> float | None:
 
 def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], log) -> dict:
     """Forward times of the target and the draft at the shapes each K runs, and the expected speed-up per K."""
-    from pard_train.evaluate.runner import _device, _dtype, _load
+    from pard_train.evaluate.runner import load_model, resolve_device, resolve_dtype
 
-    device = _device(config)
-    dtype = _dtype(config, device)
-    target, draft = _load(target_path, config, device, dtype), _load(config.draft, config, device, dtype)
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    target, draft = load_model(target_path, config, device, dtype), load_model(config.draft, config, device, dtype)
     context, repeats = config.timing_context, config.timing_repeats
     t_decode = forward_seconds(target, context, 1, repeats)
     rows = {}
@@ -153,7 +153,7 @@ def recommended_serving(report: dict, draft_path: str = "PATH_TO_DRAFT", target:
 
     With several targets, ``target`` picks one (default: the first swept).
     """
-    from pard_train.export import _vllm_command
+    from pard_train.export import vllm_command
 
     sweep = report.get("k_sweep")
     if not sweep or not sweep["targets"]:
@@ -162,4 +162,4 @@ def recommended_serving(report: dict, draft_path: str = "PATH_TO_DRAFT", target:
     k = entry["recommended_k"]
     if k is None:
         return None
-    return k, _vllm_command(draft_path, k).replace("TARGET_MODEL", target or next(iter(sweep["targets"])))
+    return k, vllm_command(draft_path, k).replace("TARGET_MODEL", target or next(iter(sweep["targets"])))
