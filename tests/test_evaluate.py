@@ -183,3 +183,30 @@ def test_cli_refuses_a_draft_without_mask_token(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "no pard_token" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_half_precision_mismatches_point_to_fp32():
+    from pard_train.evaluate.report import markdown_report
+
+    summary = dict(
+        acceptance_length=2.0,
+        tokens_per_s=10.0,
+        speedup=1.5,
+        conditional_acceptance=[0.9],
+        generated_tokens=32,
+        mismatched_prompts=1,
+    )
+    config = dict(target="t", draft="d", ar_draft=None, max_new_tokens=32, num_prompts=1)
+    environment = dict(device="cuda", dtype="bfloat16", torch="2", transformers="5")
+    report = dict(
+        config=config,
+        environment=environment,
+        num_draft_tokens=4,
+        benchmarks={"b": {"pard": summary}},
+        overall={"pard": summary},
+    )
+    hint = "rerun with `dtype=fp32` to check losslessness"
+    assert hint in markdown_report(report) and "**1 differ**" in markdown_report(report)
+    assert hint not in markdown_report({**report, "environment": {**environment, "dtype": "float32"}})
+    exact = {**summary, "mismatched_prompts": 0}
+    assert hint not in markdown_report({**report, "overall": {"pard": exact}})

@@ -67,6 +67,13 @@ def markdown_report(report: dict) -> str:
         "",
         "",
     ]
+    if env["dtype"] != "float32" and report["overall"].get("pard", {}).get("mismatched_prompts"):
+        # A K+1-token verification forward and a one-token forward round differently in half precision, so near-ties
+        # flip: not a bug in the decoder, and only fp32 can tell the two apart.
+        header[-1:-1] = [
+            f"Outputs that differ from target mode in {env['dtype']} are expected from rounding at near-ties; rerun "
+            "with `dtype=fp32` to check losslessness.",
+        ]
     return "\n".join(header) + markdown_table(report)
 
 
