@@ -127,6 +127,24 @@ def _sentencepiece_like(specials: list[str]):
     return tokenizer
 
 
+def _gemma_tokenizer(extra_specials: list[str], **tokens):
+    """Gemma's layout: <pad> <eos> <bos> <unk>, then ``extra_specials``, then the turn markers, all special."""
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", *extra_specials, "<start_of_turn>", "<end_of_turn>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_sentencepiece_like(specials),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=[t for t in specials[4:] if t not in tokens.values()],
+        **tokens,
+    )
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    return tokenizer
+
+
 def _tokenizer(kind: str):
     """``(tokenizer, embedding rows, what the chooser should pick)`` for each tokenizer kind buildable offline."""
     from transformers import PreTrainedTokenizerFast
@@ -144,16 +162,7 @@ def _tokenizer(kind: str):
         tokenizer.chat_template = CHATML
         return tokenizer, -(-len(tokenizer) // 64) * 64, "spare row"
     if kind == "gemma_unused":  # SentencePiece-like with <unusedN> special tokens, no spare rows
-        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<unused0>", "<unused1>", "<start_of_turn>", "<end_of_turn>"]
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=_sentencepiece_like(specials),
-            bos_token="<bos>",
-            eos_token="<eos>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            additional_special_tokens=specials[4:],
-        )
-        tokenizer.chat_template = GEMMA_TEMPLATE
+        tokenizer = _gemma_tokenizer(["<unused0>", "<unused1>"])
         return tokenizer, len(tokenizer), "<unused0>"
     if kind == "phi3_spare_rows":  # SentencePiece-like without reserved tokens, embedding padded (32011 -> 32064)
         specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -193,7 +202,6 @@ def test_mask_token_chooser_finds_a_valid_row_for_every_tokenizer_kind(kind):
 )
 def test_gemma3_presets_use_an_unused_token_the_chooser_accepts(preset, model):
     from conftest import compose
-    from transformers import PreTrainedTokenizerFast
 
     from pard_train.config import to_config
     from pard_train.mask_token import validate_mask_token
@@ -202,18 +210,7 @@ def test_gemma3_presets_use_an_unused_token_the_chooser_accepts(preset, model):
     assert (config.model.path, config.model.mask_token_id) == (model, 6)
     assert (config.pard.num_draft_tokens, config.pard.drop_ratio, config.pard.drop_ratio_min) == (8, 0.7, 0.2)
     # Gemma 3's first ids, rebuilt offline in order: id 6 is <unused0>, a special token no text or template emits.
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", *[f"<unused{i}>" for i in range(99)]]
-    specials += ["<start_of_turn>", "<end_of_turn>"]
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_sentencepiece_like(specials),
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-        additional_special_tokens=specials[5:],
-    )
-    tokenizer.chat_template = GEMMA_TEMPLATE
+    tokenizer = _gemma_tokenizer(["<mask>", "[multimodal]", *[f"<unused{i}>" for i in range(99)]], mask_token="<mask>")
     assert tokenizer.convert_ids_to_tokens([6, 105, 106]) == ["<unused0>", "<start_of_turn>", "<end_of_turn>"]
     validate_mask_token(tokenizer, len(tokenizer), 6)
 
