@@ -5,6 +5,7 @@ across methods is refused."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -110,18 +111,42 @@ def test_pard2_resume_is_bitwise_and_refuses_another_method(tiny_checkpoint, tmp
 
 
 @pytest.mark.slow
-def test_pard2_under_zero3_on_two_processes(tiny_checkpoint, tmp_path):
-    """The target loads whole on each rank (outside ZeRO-3's partitioning); W is sharded, trained and gathered."""
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["method.feature_drop=0"],  # KD, CAT and features: the target's hidden states and LM head, sharded
+        ["method.kd_weight=0", "method.features=false", "method.confidence_cache=true"],  # computed by every rank
+    ],
+    ids=["online", "confidence-cache"],
+)
+def test_pard2_under_zero3_shards_the_target_and_matches_one_process(tiny_checkpoint, tmp_path, settings):
+    """Under ZeRO-3 each rank holds about half of the target; the losses equal one process's with the target whole
+    over the same global batch (2 ranks x 1 micro-batch == 1 rank x 2); W is sharded, trained and gathered."""
     from launch import records, run, tiny_overrides
 
-    overrides = tiny_overrides(tiny_checkpoint, tmp_path, "deepspeed=zero3", "train.max_steps=4")
-    overrides[0] = "+config=pard2_tiny"
-    log = tmp_path / "log.txt"
-    assert run(overrides, nproc=2, log=log, timeout=400) == 0, log.read_text()[-3000:]
-    final = tmp_path / "pard2_tiny" / "final"
-    projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
-    assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0
-    assert [r["step"] for r in records(tmp_path / "pard2_tiny")] == [1, 2, 3, 4]
+    def overrides(root, *extra):
+        common = [*CONSTANT, "train.max_grad_norm=0.5", "train.max_steps=4", f"data.cache_dir={root}/cache"]
+        return ["+config=pard2_tiny", *tiny_overrides(tiny_checkpoint, root, *common, *settings, *extra)[1:]]
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    log = tmp_path / "two.txt"
+    assert run(overrides(two, "deepspeed=zero3"), nproc=2, log=log, timeout=400) == 0, log.read_text()[-3000:]
+    held = re.findall(r"PARD-2 target sharded by ZeRO-3: rank (\d) holds (\d+) of (\d+) parameters", log.read_text())
+    assert sorted(rank for rank, _, _ in held) == ["0", "1"], held
+    for _, part, total in held:
+        assert int(total) / 2 <= int(part) < 0.6 * int(total)  # half, plus the small tensors every rank keeps
+    log = tmp_path / "one.txt"
+    assert run(overrides(one, "train.grad_accum_steps=2"), log=log, timeout=400) == 0, log.read_text()[-3000:]
+    assert "sharded" not in log.read_text()
+
+    distributed, reference = records(two / "pard2_tiny"), records(one / "pard2_tiny")
+    assert [r["step"] for r in distributed] == [r["step"] for r in reference] == [1, 2, 3, 4]
+    for a, b in zip(distributed, reference, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    if "method.features=false" not in settings:
+        final = two / "pard2_tiny" / "final"
+        projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
+        assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0
 
 
 @pytest.mark.slow

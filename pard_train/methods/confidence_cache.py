@@ -81,12 +81,34 @@ class ConfidenceCache:
         return out.to(device)
 
 
-def build_or_load(teacher, rows: dict[str, list[PackedRow]], target: str, directory: Path, accelerator, log=print):
-    """The cache for ``rows`` and ``target``: computed on the main process the first time, then read by every rank."""
+def build_or_load(
+    teacher, rows: dict[str, list[PackedRow]], target: str, directory: Path, accelerator, sharded=False, log=print
+):
+    """The cache for ``rows`` and ``target``: computed the first time, then read by every rank. A target sharded by
+    ZeRO-3 needs every rank in each of its forwards, so then every rank computes and the main process writes;
+    otherwise the main process computes alone while the others wait."""
     path = Path(directory) / f"confidence-{fingerprint(rows, target)}.pt"
-    with accelerator.main_process_first():
-        if not path.exists():
-            log(f"computing the target's confidences for {sum(len(r) for r in rows.values())} rows into {path}")
-            ConfidenceCache.compute(teacher, rows, accelerator.device).save(path)
-            atomic_write_bytes(path.with_suffix(".json"), json.dumps({"target": target}).encode())
+
+    def compute() -> ConfidenceCache:
+        log(f"computing the target's confidences for {sum(len(r) for r in rows.values())} rows into {path}")
+        return ConfidenceCache.compute(teacher, rows, accelerator.device)
+
+    def save(cache: ConfidenceCache) -> None:
+        cache.save(path)
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps({"target": target}).encode())
+
+    if sharded:
+        missing = not path.exists()
+        accelerator.wait_for_everyone()  # nobody writes before every rank has looked
+        if missing:
+            cache = (
+                compute() if accelerator.is_main_process else ConfidenceCache.compute(teacher, rows, accelerator.device)
+            )
+            if accelerator.is_main_process:
+                save(cache)
+        accelerator.wait_for_everyone()
+    else:
+        with accelerator.main_process_first():
+            if not path.exists():
+                save(compute())
     return ConfidenceCache.load(path), path

@@ -12,7 +12,6 @@ Per labelled layout token (depth d, position p, anchor a = p - d):
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -170,19 +169,44 @@ def pard2_loss(
     return total, stats
 
 
-@contextmanager
-def _whole_weights():
-    """Load outside ZeRO-3's partitioning: the frozen target is not part of the DeepSpeed engine, so each rank holds
-    it whole (sharding it with the draft is not implemented). transformers partitions while loading whenever a
-    ZeRO-3 config is registered; unregister it for the duration."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+def _zero3_config(accelerator) -> dict | None:
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    return plugin.deepspeed_config
 
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored unchanged below
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+def _sharded_for_inference(target, accelerator):
+    """The frozen target, partitioned across ranks by ZeRO-3 and run by an inference engine (no optimizer, no
+    gradients): each rank keeps 1/world of its weights (small tensors such as norms stay whole), and every forward
+    gathers one layer's at a time. Every rank must run the same number of target forwards: the trainer and the
+    held-out evaluator do (filler batches), and the confidence cache is computed by every rank."""
+    import deepspeed
+
+    training = _zero3_config(accelerator)
+    hidden = target.config.get_text_config().hidden_size
+    zero = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 10 * hidden,
+        # No prefetch: the decoder and, in the loss chunks, the LM head are called on their own, so the module order
+        # DeepSpeed would trace changes from step to step.
+        "stage3_prefetch_bucket_size": 0,
+    }
+    if "offload_param" in training["zero_optimization"]:
+        zero["offload_param"] = training["zero_optimization"]["offload_param"]
+    config = {
+        "train_micro_batch_size_per_gpu": training["train_micro_batch_size_per_gpu"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(training.get("bf16", {}).get("enabled"))},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(model=target, config=config)
+    engine.eval()
+    # Small persistent tensors are held whole besides each rank's partition of the others.
+    held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in engine.module.parameters())
+    total = sum(p.ds_numel for p in engine.module.parameters())
+    print(f"PARD-2 target sharded by ZeRO-3: rank {accelerator.process_index} holds {held} of {total} parameters")
+    return engine
 
 
 class Pard2Objective(torch.nn.Module):
@@ -199,7 +223,8 @@ class Pard2Objective(torch.nn.Module):
 
 
 class Pard2Method:
-    """Loads the target once (frozen, bf16 on GPUs), checks it shares the draft's vocabulary, and builds W."""
+    """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
+    vocabulary, and builds W."""
 
     PROJECTION_FILE = "warp_model.bin"
     """Where the reference (and vLLM's PARD-2 loader) keeps W, under the key ``target_proj.weight``."""
@@ -211,7 +236,15 @@ class Pard2Method:
 
         settings = self.settings = config.method
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-        with _whole_weights():
+        self.target_engine = None
+        if _zero3_config(accelerator) is not None:
+            # transformers partitions while loading (ZeRO-3 is registered); an inference engine gathers each layer's
+            # weights for its forward, so no rank ever holds the whole target.
+            self.target_engine = _sharded_for_inference(
+                load_causal_lm(settings.target, backend, dtype=dtype), accelerator
+            )
+            target = self.target_engine.module
+        else:
             target = load_causal_lm(settings.target, backend, dtype=dtype).to(accelerator.device)
         if embedding_rows(target) != embedding_rows(draft):
             raise ConfigError(
@@ -241,9 +274,9 @@ class Pard2Method:
             directory = config.data.cache_dir if config.data.cache_dir else default_cache_dir()
             rows = {"train": data.train, "validation": data.validation}
             self.confidences, _ = confidence_cache.build_or_load(
-                self.teacher, rows, settings.target, directory, accelerator
+                self.teacher, rows, settings.target, directory, accelerator, sharded=self.target_engine is not None
             )
-            self.teacher = None  # the step no longer needs the target: give its memory back
+            self.teacher = self.target_engine = None  # the step no longer needs the target: give its memory back
             if accelerator.device.type == "cuda":
                 torch.cuda.empty_cache()
 
