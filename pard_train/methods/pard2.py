@@ -1,4 +1,4 @@
-"""PARD-2: the PARD layout trained for the acceptance length under a frozen target (``../shared/docs/pard2.md``).
+"""PARD-2: the PARD layout trained for the acceptance length under a frozen target (arXiv 2605.08632; README "PARD-2").
 
 Per labelled layout token (depth d, position p, anchor a = p - d):
 
