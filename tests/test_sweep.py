@@ -153,3 +153,39 @@ def test_export_puts_the_recommended_k_and_its_command_in_the_card(sweep, tmp_pa
     assert f"recommended K = {k} on the measured hardware" in card
     assert f'"model": "{exported.resolve()}"' in card and f'"num_speculative_tokens": {k}' in card
     assert ("WARNING: above the trained K = 4" in card) == (k > 4)
+
+
+def test_sweep_loads_each_model_once_and_decodes_target_only_once_per_target(tmp_path, monkeypatch):
+    """Target-only decoding does not depend on K: a K sweep runs it once per target and reuses it in every cell; each
+    model is loaded once, and a target is dropped before the next one loads."""
+    import pard_train.evaluate.runner as runner
+    import pard_train.model as model
+
+    targets = [str(tmp_path / "small"), str(tmp_path / "large")]
+    ensure_tiny_family(targets, tmp_path / "draft", num_draft_tokens=4)
+    loads, target_only = [], []
+    load, generate = model.load_causal_lm, runner.speculative_generate
+    monkeypatch.setattr(model, "load_causal_lm", lambda path, *a, **kw: loads.append(path) or load(path, *a, **kw))
+    monkeypatch.setattr(
+        runner,
+        "speculative_generate",
+        lambda *a, drafter, **kw: (drafter is None and target_only.append(1)) or generate(*a, drafter=drafter, **kw),
+    )
+    config = EvalConfig(
+        targets=targets,
+        draft=str(tmp_path / "draft"),
+        modes=[Mode.target, Mode.pard],
+        ks=[2, 3, 4],
+        benchmarks=["gsm8k"],
+        num_prompts=1,
+        max_new_tokens=6,
+        timing_context=8,
+        timing_repeats=1,
+        warmup=False,
+    )
+    report = run_sweep(config, log=lambda line: None)
+    assert sorted(loads) == sorted([*targets, str(tmp_path / "draft")])
+    assert len(target_only) == 2  # one prompt, one turn, per target
+    for target in targets:
+        baselines = [c["report"]["overall"]["target"] for c in report["cells"] if c["target"] == target]
+        assert len(baselines) == 3 and all(b == baselines[0] for b in baselines)

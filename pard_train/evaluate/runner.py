@@ -128,11 +128,19 @@ def resolve_dtype(config: EvalConfig, device: torch.device) -> torch.dtype:
     return {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}[config.dtype]
 
 
-def load_model(path: str, config: EvalConfig, device, dtype):
+def load_model(path: str, config: EvalConfig, device, dtype, models: dict | None = None):
+    """The model at ``path`` in eval mode on ``device``; with ``models``, loaded once per (path, device, dtype) and
+    reused (a sweep evaluates the same target and draft in many cells)."""
     from pard_train.model import load_causal_lm
 
+    key = (path, str(device), dtype)
+    if models is not None and key in models:
+        return models[key]
     model = load_causal_lm(path, AttentionBackend.sdpa, dtype, trust_remote_code=config.trust_remote_code)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if models is not None:
+        models[key] = model
+    return model
 
 
 def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
@@ -143,19 +151,22 @@ def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
     return int(k), mask
 
 
-def build_drafters(config: EvalConfig, target, tokenizer, device, dtype) -> tuple[dict[Mode, Drafter | None], int]:
+def build_drafters(
+    config: EvalConfig, target, tokenizer, device, dtype, models: dict | None = None
+) -> tuple[dict[Mode, Drafter | None], int]:
     """The drafter of each mode (None for ``target``) and K, after checking vocabularies and the mask token."""
     from pard_train.mask_token import validate_mask_token
 
     drafters: dict[Mode, Drafter | None] = {}
-    draft = load_model(config.draft, config, device, dtype) if config.draft else None
+    draft = load_model(config.draft, config, device, dtype, models) if config.draft else None
     k, mask_id = _draft_settings(config, draft)
     rows = target.get_input_embeddings().weight.shape[0]
     for mode in config.modes:
         if mode == Mode.target:
             drafters[mode] = None
             continue
-        model = draft if mode != Mode.ar or not config.ar_draft else load_model(config.ar_draft, config, device, dtype)
+        ar_draft = config.ar_draft
+        model = draft if mode != Mode.ar or not ar_draft else load_model(ar_draft, config, device, dtype, models)
         path = config.draft if model is draft else config.ar_draft
         if model.get_input_embeddings().weight.shape[0] != rows:
             raise ConfigError(
@@ -191,8 +202,13 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def evaluate(config: EvalConfig, log=print) -> dict:
-    """Measure every benchmark in every mode; returns the report (written by :mod:`pard_train.evaluate.report`)."""
+def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_runs: dict | None = None) -> dict:
+    """Measure every benchmark in every mode; returns the report (written by :mod:`pard_train.evaluate.report`).
+
+    A sweep calls this once per cell and passes the same ``models`` (loaded models, see :func:`load_model`) and, per
+    target and thinking setting, the same ``target_runs``: target-mode results by benchmark, filled by the first call
+    and reused by the next ones, since target-only decoding does not depend on K.
+    """
     from pard_train.model import load_tokenizer
 
     if config.build_tiny:
@@ -202,8 +218,8 @@ def evaluate(config: EvalConfig, log=print) -> dict:
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     tokenizer = load_tokenizer(config.target, config.trust_remote_code)
-    target = load_model(config.target, config, device, dtype)
-    drafters, k = build_drafters(config, target, tokenizer, device, dtype)
+    target = load_model(config.target, config, device, dtype, models)
+    drafters, k = build_drafters(config, target, tokenizer, device, dtype, models)
     trained_k = trained_num_draft_tokens(drafters.get(Mode.pard))
     if trained_k is not None and k > trained_k:
         log(
@@ -217,6 +233,10 @@ def evaluate(config: EvalConfig, log=print) -> dict:
 
     results: dict[str, dict[Mode, ModeResult]] = {}
     for mode, drafter in drafters.items():
+        if mode == Mode.target and target_runs:
+            for name, _ in benchmarks:
+                results.setdefault(name, {})[mode] = target_runs[name]
+            continue
 
         def generate(ids, drafter=drafter, budget=config.max_new_tokens):
             return speculative_generate(
@@ -248,6 +268,8 @@ def evaluate(config: EvalConfig, log=print) -> dict:
                 f"{name:>10} {mode.value:>6}: AL {summary['acceptance_length']:.3f}, "
                 f"{summary['tokens_per_s']:.1f} tok/s, {result.stats.generated_tokens} tokens"
             )
+    if target_runs is not None and not target_runs and Mode.target in drafters:
+        target_runs.update({name: modes[Mode.target] for name, modes in results.items()})
     report = build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
     report["trained_num_draft_tokens"] = trained_k
     return report

@@ -62,24 +62,18 @@ def expected_speedup(al: float, t_draft: float, t_verify: float, t_decode: float
     return al * t_decode / (t_draft + t_verify)
 
 
-def _cells(config: EvalConfig) -> list[tuple[str, int | None, bool]]:
-    targets = config.targets or [config.target]
-    ks = config.ks or [config.num_draft_tokens]
-    thinking = [False, True] if config.compare_thinking else [config.enable_thinking]
-    return [(target, k, think) for target in targets for k in ks for think in thinking]
-
-
 def _pard_al(report: dict) -> float | None:
     return report["overall"].get("pard", {}).get("acceptance_length")
 
 
-def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], log) -> dict:
+def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], models: dict, log) -> dict:
     """Forward times of the target and the draft at the shapes each K runs, and the expected speed-up per K."""
     from pard_train.evaluate.runner import load_model, resolve_device, resolve_dtype
 
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    target, draft = load_model(target_path, config, device, dtype), load_model(config.draft, config, device, dtype)
+    target = load_model(target_path, config, device, dtype, models)
+    draft = load_model(config.draft, config, device, dtype, models)
     context, repeats = config.timing_context, config.timing_repeats
     t_decode = forward_seconds(target, context, 1, repeats)
     rows = {}
@@ -96,7 +90,6 @@ def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, flo
             "expected_speedup": expected_speedup(al, t_draft, t_verify, t_decode),
         }
         log(f"K={k}: AL {al:.3f}, expected speed-up {rows[str(k)]['expected_speedup']:.2f}x")
-    del target, draft
     return rows
 
 
@@ -111,21 +104,34 @@ def run_sweep(config: EvalConfig, log=print) -> dict:
             ensure_tiny_family(config.targets, config.draft, num_draft_tokens=4)
         else:
             ensure_tiny_pair(config.target, config.draft, num_draft_tokens=4)
-    cells = []
-    for target, k, thinking in _cells(config):
-        log(f"--- target {target}, K={k or 'from draft'}, thinking {'on' if thinking else 'off'}")
-        single = replace(
-            config,
-            target=target,
-            targets=None,
-            num_draft_tokens=k,
-            ks=None,
-            enable_thinking=thinking,
-            compare_thinking=False,
-            build_tiny=False,
-        )
-        report = evaluate(single, log=log)
-        cells.append({"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report})
+    # Each model is loaded once, target-only decoding (independent of K) runs once per target and thinking setting,
+    # and a target leaves memory before the next one loads (a family's largest may need all of it).
+    cells, models, timings = [], {}, {}
+    timed = config.enable_thinking and not config.compare_thinking  # K is chosen with thinking off if both ran
+    for target in config.targets or [config.target]:
+        for thinking in [False, True] if config.compare_thinking else [config.enable_thinking]:
+            target_runs: dict = {}
+            for k in config.ks or [config.num_draft_tokens]:
+                log(f"--- target {target}, K={k or 'from draft'}, thinking {'on' if thinking else 'off'}")
+                single = replace(
+                    config,
+                    target=target,
+                    targets=None,
+                    num_draft_tokens=k,
+                    ks=None,
+                    enable_thinking=thinking,
+                    compare_thinking=False,
+                    build_tiny=False,
+                )
+                report = evaluate(single, log=log, models=models, target_runs=target_runs)
+                cells.append(
+                    {"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report}
+                )
+        if config.ks and len(config.ks) > 1:
+            swept = [c for c in cells if c["target"] == target and c["thinking"] == timed]
+            timings[target] = _k_sweep_rows(config, target, swept, models, log)
+        for key in [key for key in models if key[0] == target and target != config.draft]:
+            del models[key]
     sweep = {
         "kind": "sweep",
         "config": cells[0]["report"]["config"] | {"targets": config.targets, "ks": config.ks},
@@ -133,19 +139,20 @@ def run_sweep(config: EvalConfig, log=print) -> dict:
         "trained_num_draft_tokens": cells[0]["report"].get("trained_num_draft_tokens"),
         "cells": cells,
     }
-    if config.ks and len(config.ks) > 1:
-        sweep["k_sweep"] = {"formula": SPEEDUP_FORMULA, "timing_context": config.timing_context, "targets": {}}
-        thinking = config.enable_thinking and not config.compare_thinking  # K is chosen with thinking off if both ran
-        for target in config.targets or [config.target]:
-            swept = [c for c in cells if c["target"] == target and c["thinking"] == thinking]
-            measured = [(c["k"], _pard_al(c["report"])) for c in swept]
-            rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], log)
-            for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
-                if str(cell["k"]) in rows:
-                    rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")
-            best = max(rows, key=lambda key: rows[key]["expected_speedup"]) if rows else None
-            sweep["k_sweep"]["targets"][target] = {"per_k": rows, "recommended_k": None if best is None else int(best)}
+    if timings:
+        sweep["k_sweep"] = {"formula": SPEEDUP_FORMULA, "timing_context": config.timing_context, "targets": timings}
     return sweep
+
+
+def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], models: dict, log) -> dict:
+    """Per K: AL, measured forward times, expected and measured speed-up; and the recommended K."""
+    measured = [(c["k"], _pard_al(c["report"])) for c in swept]
+    rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], models, log)
+    for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
+        if str(cell["k"]) in rows:
+            rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")
+    best = max(rows, key=lambda key: rows[key]["expected_speedup"]) if rows else None
+    return {"per_k": rows, "recommended_k": None if best is None else int(best)}
 
 
 def recommended_serving(report: dict, draft_path: str = "PATH_TO_DRAFT", target: str | None = None):
