@@ -29,10 +29,6 @@ from pard_train.vocab import check_target_vocabulary, pad_vocabulary
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _speculative_config(path: str, num_draft_tokens: int) -> dict:
     return {
         "model": path,
@@ -206,7 +202,7 @@ def export_draft(
     dtype = dtype or next(model.parameters()).dtype
     rows = embedding_rows(model)
     validate_mask_token(tokenizer, rows, mask_token_id)
-    if _text_config(model.config).vocab_size != rows:
+    if model.config.get_text_config().vocab_size != rows:
         raise ExportError(f"config.vocab_size {model.config.vocab_size} != {rows} embedding rows; the model is corrupt")
     vocabulary = check_target_vocabulary(rows, tokenizer, target)  # raises VocabularyError; pads below if smaller
 

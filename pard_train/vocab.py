@@ -61,10 +61,6 @@ class VocabularyCheck:
         return f"vocabulary checked: {self.draft_rows} rows, equal to target {self.target} ({tokenizer})"
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _read_target(target):
     """``(name, config, tokenizer or None)`` of a model directory / hub id, a transformers config, or a model."""
     from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
@@ -92,7 +88,7 @@ def check_target_vocabulary(draft_rows: int, draft_tokenizer, target) -> Vocabul
     if target is None:
         return VocabularyCheck(target=None, draft_rows=draft_rows)
     name, config, target_tokenizer = _read_target(target)
-    target_rows = _text_config(config).vocab_size
+    target_rows = config.get_text_config().vocab_size
     if target_tokenizer is not None and target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
         raise VocabularyError(
             f"tokenizer mismatch: the draft's and the target's ({name}) tokenizers map tokens to different ids; "

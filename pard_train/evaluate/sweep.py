@@ -62,10 +62,6 @@ def expected_speedup(al: float, t_draft: float, t_verify: float, t_decode: float
     return al * t_decode / (t_draft + t_verify)
 
 
-def _pard_al(report: dict) -> float | None:
-    return report["overall"].get("pard", {}).get("acceptance_length")
-
-
 def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], models: dict, log) -> dict:
     """Forward times of the target and the draft at the shapes each K runs, and the expected speed-up per K."""
     from pard_train.evaluate.runner import load_model, resolve_device, resolve_dtype
@@ -146,7 +142,9 @@ def run_sweep(config: EvalConfig, log=print) -> dict:
 
 def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], models: dict, log) -> dict:
     """Per K: AL, measured forward times, expected and measured speed-up; and the recommended K."""
-    measured = [(c["k"], _pard_al(c["report"])) for c in swept]
+    from pard_train.evaluate.sweep_report import pard_al
+
+    measured = [(c["k"], pard_al(c["report"])) for c in swept]
     rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], models, log)
     for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
         if str(cell["k"]) in rows:

@@ -23,7 +23,8 @@ def _benchmarks(sweep: dict) -> list[str]:
     return list(sweep["cells"][0]["report"]["benchmarks"])
 
 
-def _al(report: dict, benchmark: str | None) -> float | None:
+def pard_al(report: dict, benchmark: str | None = None) -> float | None:
+    """PARD mode's AL in one evaluation report, on one benchmark or (None) over all."""
     entry = report["overall"] if benchmark is None else report["benchmarks"].get(benchmark, {})
     return entry.get("pard", {}).get("acceptance_length")
 
@@ -32,7 +33,7 @@ def al_matrix(sweep: dict) -> tuple[list[str], list[str], list[list[float | None
     """``(row labels, benchmarks + 'all', AL)``: one row per cell (target, K, thinking), PARD mode."""
     columns = [*_benchmarks(sweep), "all"]
     rows = [cell_label(c) for c in sweep["cells"]]
-    values = [[_al(c["report"], None if b == "all" else b) for b in columns] for c in sweep["cells"]]
+    values = [[pard_al(c["report"], None if b == "all" else b) for b in columns] for c in sweep["cells"]]
     return rows, columns, values
 
 
@@ -69,8 +70,7 @@ def markdown_sweep(sweep: dict) -> str:
                 c for c in sweep["cells"] if (c["target"], c["k"], c["thinking"]) == (on["target"], on["k"], False)
             )
             lines.append(
-                f"| {_name(on['target'])} | {on['k']} | {fmt(_al(off['report'], None))} | "
-                f"{fmt(_al(on['report'], None))} |"
+                f"| {_name(on['target'])} | {on['k']} | {fmt(pard_al(off['report']))} | {fmt(pard_al(on['report']))} |"
             )
     if "k_sweep" in sweep:
         lines += ["", "## K sweep", "", sweep["k_sweep"]["formula"], ""]

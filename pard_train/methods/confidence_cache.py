@@ -90,7 +90,8 @@ def build_or_load(
     path = Path(directory) / f"confidence-{fingerprint(rows, target)}.pt"
 
     def compute() -> ConfidenceCache:
-        log(f"computing the target's confidences for {sum(len(r) for r in rows.values())} rows into {path}")
+        if accelerator.is_main_process:
+            log(f"computing the target's confidences for {sum(len(r) for r in rows.values())} rows into {path}")
         return ConfidenceCache.compute(teacher, rows, accelerator.device)
 
     def save(cache: ConfidenceCache) -> None:
@@ -101,9 +102,7 @@ def build_or_load(
         missing = not path.exists()
         accelerator.wait_for_everyone()  # nobody writes before every rank has looked
         if missing:
-            cache = (
-                compute() if accelerator.is_main_process else ConfidenceCache.compute(teacher, rows, accelerator.device)
-            )
+            cache = compute()
             if accelerator.is_main_process:
                 save(cache)
         accelerator.wait_for_everyone()
