@@ -83,6 +83,8 @@ def method_settings(config: Config, spec: DraftSpec) -> dict:
         "pard.drop_ratio_min": config.pard.drop_ratio_min,
         "model.mask_token_id (resolved)": spec.mask_token_id,
         "model.path": config.model.path,
+        # Only set for derived drafts, so checkpoints of other runs keep matching.
+        **({"model.keep_layers": config.model.keep_layers} if config.model.keep_layers is not None else {}),
         "method.name": config.method.name.value,
         **_method_details(config),
     }

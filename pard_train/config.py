@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -68,10 +69,31 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory (only for architectures transformers lacks)."""
+    keep_layers: Any = None
+    """Derive the draft from ``path`` by keeping some of its decoder layers (pard_train/derive.py): a list of layer
+    indices (negative count from the end), or a count N, kept evenly spaced with the first and last layer included.
+    The derived checkpoint is written once to ``derived_path``; ``path`` stays the acceptance target by default."""
+    derived_path: str | None = None
+    """Where the derived draft is written (null: ``<path>-keep<N or indices>`` beside ``path``)."""
 
     def __post_init__(self):
         require(self.path != "", "model.path", "set it to a Hugging Face id or a local directory")
         require(self.mask_token_id is None or self.mask_token_id >= 0, "model.mask_token_id", "must be >= 0")
+        keep = self.keep_layers
+        counted = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1
+        listed = isinstance(keep, list) and len(keep) > 0 and all(type(i) is int for i in keep)
+        wanted = f"a count >= 1 or a list of layer indices, got {keep!r}"
+        require(keep is None or counted or listed, "model.keep_layers", wanted)
+
+    @property
+    def draft_path(self) -> str:
+        """The directory the draft is loaded from: ``path`` itself, or the derived draft's directory."""
+        if self.keep_layers is None:
+            return self.path
+        if self.derived_path:
+            return self.derived_path
+        tag = str(self.keep_layers) if isinstance(self.keep_layers, int) else "-".join(map(str, self.keep_layers))
+        return f"{self.path.rstrip('/')}-keep{tag}"
 
 
 @dataclass

@@ -76,7 +76,8 @@ def embedding_rows(model) -> int:
 
 def prepare_model_files(config: ModelConfig, train_files: list[str]) -> None:
     """Write what ``model.path`` must hold before it can be loaded: the tiny preset's random checkpoint (its BPE
-    tokenizer trained on the training files), or the GGUF package's conversion. Run it on one process first
+    tokenizer trained on the training files), or the GGUF package's conversion; then, with ``model.keep_layers``,
+    the draft derived from it (``model.draft_path``). Run it on one process first
     (``main_process_first``); loading is collective."""
     if config.gguf_package:
         from pard_train.gguf import ensure_converted
@@ -88,6 +89,10 @@ def prepare_model_files(config: ModelConfig, train_files: list[str]) -> None:
 
         texts = [path.read_text(encoding="utf-8") for path in expand_files(train_files)]
         ensure_tiny_checkpoint(config.path, texts=texts)
+    if config.keep_layers is not None:
+        from pard_train.derive import ensure_derived
+
+        ensure_derived(config.path, config.draft_path, config.keep_layers, config.trust_remote_code)
 
 
 def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens: int):
@@ -97,8 +102,9 @@ def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens:
     which is a collective. Returns ``(model, tokenizer, DraftSpec)``; the model is in float32 (mixed precision casts
     on the fly).
     """
-    tokenizer = load_tokenizer(config.path, config.trust_remote_code)
-    model = load_causal_lm(config.path, backend, trust_remote_code=config.trust_remote_code)
+    path = config.draft_path  # model.path, or the draft derived from it (model.keep_layers)
+    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    model = load_causal_lm(path, backend, trust_remote_code=config.trust_remote_code)
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
         # The loss runs the LM head itself: post-processing this architecture adds to its logits would be skipped.
         warnings.warn(
@@ -111,4 +117,4 @@ def load_draft(config: ModelConfig, backend: AttentionBackend, num_draft_tokens:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model, tokenizer, DraftSpec(num_draft_tokens, mask_token_id, config.path)
+    return model, tokenizer, DraftSpec(num_draft_tokens, mask_token_id, path)

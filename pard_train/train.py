@@ -68,7 +68,8 @@ class Trainer:
             prepare_model_files(config.model, config.data.train_files)
         # Every rank loads together: under ZeRO-3 loading partitions the weights, a collective.
         draft, self.tokenizer, self.spec = load_draft(config.model, self.backend, config.pard.num_draft_tokens)
-        print0(acc, f"draft {config.model.path}: mask token {self.spec.mask_token_id}, K={self.spec.num_draft_tokens}")
+        spec = self.spec
+        print0(acc, f"draft {config.model.draft_path}: mask token {spec.mask_token_id}, K={spec.num_draft_tokens}")
 
         data = build_data(config.data, self.tokenizer, acc)
         self.rows = data.train
@@ -121,7 +122,7 @@ class Trainer:
         acc, config = self.accelerator, self.config
         if config.acceptance.before_training and self.state.step == 0:
             if acc.is_main_process:  # the harness runs on one device; the other ranks wait for it
-                acceptance.measure(config, config.model.path, self.spec, "before")
+                acceptance.measure(config, config.model.draft_path, self.spec, "before")
             acc.wait_for_everyone()
         if acc.is_main_process:
             atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
