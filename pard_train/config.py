@@ -397,12 +397,16 @@ class AcceptanceConfig:
     max_new_tokens: int = 128
     """Tokens generated per turn at most."""
     modes: list[str] = field(default_factory=lambda: ["pard"])
-    """Harness modes: ``pard``, plus ``target`` for a speed-up baseline."""
+    """Harness modes: ``pard``, plus ``target`` for a speed-up baseline (measured after training only: before it,
+    the mask row is untrained and only its acceptance is of interest)."""
+    repeats: int = 1
+    """With ``target``: decode the prompts this many times per mode, interleaved; speed-up is the median."""
 
     def __post_init__(self):
         require(self.every_steps >= 0, "acceptance.every_steps", f"must be >= 0, got {self.every_steps}")
         require(self.num_prompts >= 1, "acceptance.num_prompts", f"must be >= 1, got {self.num_prompts}")
         require(self.max_new_tokens >= 1, "acceptance.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(self.repeats >= 1, "acceptance.repeats", f"must be >= 1, got {self.repeats}")
         require(
             "pard" in self.modes and set(self.modes) <= {"pard", "target"},
             "acceptance.modes",

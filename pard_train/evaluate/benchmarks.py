@@ -34,8 +34,23 @@ def _turns(row: dict, where: str) -> list[str]:
     raise BenchmarkError(f"{where}: no prompt found; give 'turns', 'messages' or one of {', '.join(PROMPT_KEYS)}")
 
 
+SPLITS = ("tune", "report")
+"""``NAME:tune`` is the first half of a built-in benchmark, ``NAME:report`` the second: choose settings (K, layers,
+training) on the first, report on the second, which nothing was tuned on."""
+
+
+def _split(name_or_path: str) -> tuple[str, str | None]:
+    name, _, split = name_or_path.partition(":")
+    if split and name in BUILTIN:
+        if split not in SPLITS:
+            raise BenchmarkError(f"benchmark {name_or_path!r}: the split must be one of {', '.join(SPLITS)}")
+        return name, split
+    return name_or_path, None
+
+
 def resolve(name_or_path: str) -> tuple[str, Path]:
-    """``(name, path)`` of a built-in benchmark name or a JSONL path."""
+    """``(name, path)`` of a built-in benchmark name (with or without a split) or a JSONL path."""
+    name_or_path, _ = _split(name_or_path)
     if name_or_path in BUILTIN:
         return name_or_path, BENCHMARK_DIR / f"{name_or_path}.jsonl"
     path = Path(name_or_path)
@@ -47,13 +62,16 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
 
 
 def load_prompts(name_or_path: str, limit: int | None = None) -> tuple[str, list[Prompt]]:
-    """Read the first ``limit`` prompts (all if None) of a benchmark; returns ``(name, prompts)``."""
+    """Read the first ``limit`` prompts (all if None) of a benchmark or of its split; returns ``(name, prompts)``."""
     name, path = resolve(name_or_path)
+    split = _split(name_or_path)[1]
     prompts: list[Prompt] = []
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+        numbered = [(number, line) for number, line in enumerate(handle, 1) if line.strip()]
+        if split is not None:
+            half = len(numbered) // 2
+            numbered = numbered[:half] if split == "tune" else numbered[half:]
+        for number, line in numbered:
             if limit is not None and len(prompts) >= limit:
                 break
             where = f"{path}:{number}"

@@ -53,6 +53,14 @@ class EvalConfig:
     """K sweep: prefix length (tokens in the KV cache) at which draft and target forwards are timed."""
     timing_repeats: int = 5
     """K sweep: timed forwards per shape (the fastest is used)."""
+    threads: int | None = None
+    """CPU threads torch uses for both models (null: torch's default); recorded in the report's conditions."""
+    repeats: int = 1
+    """Decode every benchmark this many times per mode, the modes interleaved (their order rotates each repeat):
+    tokens/s and speed-up are reported per repeat, as median and spread (acceptance is the same every time)."""
+    expected_speedup: bool = True
+    """With ``target`` and a drafting mode: also time the forwards in isolation and report the expected speed-up
+    beside the measured one, naming the term that is off when they disagree by more than 20%."""
     mask_token_id: int | None = None
     """The PARD mask token; null reads ``pard_token`` from the draft's config.json."""
     benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])
@@ -88,6 +96,8 @@ class EvalConfig:
         )
         require(self.ks is None or (len(self.ks) > 0 and min(self.ks) >= 1), "ks", "give K values >= 1")
         require(self.timing_repeats >= 1, "timing_repeats", "must be >= 1")
+        require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
+        require(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}")
         require(len(self.modes) > 0, "modes", "give at least one of target, ar, pard")
         needs_draft = (
             Mode.pard in self.modes or Mode.pard2 in self.modes or (Mode.ar in self.modes and not self.ar_draft)

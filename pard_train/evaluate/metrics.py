@@ -34,6 +34,7 @@ class AcceptanceStats:
     target_seconds: float = 0.0
     draft_seconds: float = 0.0
     wall_seconds: float = 0.0
+    prefill_seconds: float = 0.0
     position_reached: list[int] = field(default_factory=list)
     """[i]: rounds where draft position i+1 was drafted and every earlier position accepted."""
     position_drafted: list[int] = field(default_factory=list)
@@ -54,6 +55,7 @@ class AcceptanceStats:
         self.target_seconds += generation.target_seconds
         self.draft_seconds += generation.draft_seconds
         self.wall_seconds += generation.wall_seconds
+        self.prefill_seconds += generation.prefill_seconds
         for round_ in generation.rounds:
             self.rounds += 1
             self.drafted_tokens += round_.drafted

@@ -74,7 +74,33 @@ def markdown_report(report: dict) -> str:
             f"Outputs that differ from target mode in {env['dtype']} are expected from rounding at near-ties; rerun "
             "with `dtype=fp32` to check losslessness.",
         ]
-    return "\n".join(header) + markdown_table(report)
+    return "\n".join(header) + markdown_table(report) + wallclock_markdown(report)
+
+
+def wallclock_markdown(report: dict) -> str:
+    """The wall-clock table: tokens/s per mode over the repeats, speed-up, and the expected speed-up beside it."""
+    section = report.get("wallclock")
+    if not section:
+        return ""
+    c = section["conditions"]
+    lines = [
+        "",
+        f"## Wall-clock ({section['repeats']} repeat(s), modes interleaved; {c['dtype']}, {c['threads']} threads, "
+        f"KV cache, warm-up {'excluded' if c['warmup_excluded'] else 'included'})",
+        "",
+        "| mode | tokens/s (median) | min–max | spread | speed-up (median) | min–max | expected | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in _modes(section["modes"]):
+        entry = section["modes"][mode]
+        rate, speed = entry["tokens_per_s"], entry.get("speedup")
+        expected = entry.get("expected")
+        lines.append(
+            f"| {mode} | {rate['median']:.1f} | {rate['min']:.1f}–{rate['max']:.1f} | {_pct(rate['spread'])} | "
+            + (f"{speed['median']:.2f}x | {speed['min']:.2f}–{speed['max']:.2f} | " if speed else "– | – | ")
+            + (f"{expected['expected_speedup']:.2f}x | {expected['summary']} |" if expected else "– | |")
+        )
+    return "\n".join(lines) + "\n"
 
 
 def plot_acceptance_length(report: dict, path: Path) -> None:

@@ -5,6 +5,7 @@ Also :func:`measure_acceptance`, the small PARD-mode measurement the trainer cal
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -215,6 +216,8 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
         from pard_train.evaluate.tiny_pair import ensure_tiny_pair
 
         ensure_tiny_pair(config.target, config.draft, num_draft_tokens=config.num_draft_tokens or 4)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     tokenizer = load_tokenizer(config.target, config.trust_remote_code)
@@ -231,48 +234,124 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
     benchmarks = [load_prompts(name, config.num_prompts) for name in config.benchmarks]
     log(f"target {config.target}, draft {config.draft}, K={k}, {device} {str(dtype).removeprefix('torch.')}")
 
-    results: dict[str, dict[Mode, ModeResult]] = {}
-    for mode, drafter in drafters.items():
-        if mode == Mode.target and target_runs:
-            for name, _ in benchmarks:
-                results.setdefault(name, {})[mode] = target_runs[name]
-            continue
-
-        def generate(ids, drafter=drafter, budget=config.max_new_tokens):
+    def generator(drafter, budget=config.max_new_tokens):
+        def generate(ids):
             return speculative_generate(
                 target, ids, drafter=drafter, num_draft_tokens=k, max_new_tokens=budget, stop_token_ids=stops
             )
 
-        if config.warmup:
-            hello = [{"role": "user", "content": "Hello"}]
-            generate(render(tokenizer, hello, system_prompt=None, use_chat_template=config.use_chat_template), budget=8)
-        for name, prompts in benchmarks:
-            result = results.setdefault(name, {}).setdefault(mode, ModeResult())
-            for prompt in prompts:
-                outputs, stats = conversation.run(prompt, generate)
-                result.stats = result.stats + stats
-                result.outputs[prompt.id] = outputs
-                summary = stats.summary()
-                result.prompts.append(
-                    {
-                        "id": prompt.id,
-                        "turns": len(prompt.turns),
-                        "acceptance_length": summary["acceptance_length"],
-                        "generated_tokens": stats.generated_tokens,
-                        "tokens_per_s": summary["tokens_per_s"],
-                        "rounds": stats.rounds,
-                    }
-                )
-            summary = result.stats.summary()
-            log(
-                f"{name:>10} {mode.value:>6}: AL {summary['acceptance_length']:.3f}, "
-                f"{summary['tokens_per_s']:.1f} tok/s, {result.stats.generated_tokens} tokens"
-            )
+        return generate
+
+    reused = Mode.target in drafters and bool(target_runs)
+    if config.warmup:  # one short untimed generation per mode: lazy initialisation does not count in tokens/s
+        hello = [{"role": "user", "content": "Hello"}]
+        ids = render(tokenizer, hello, system_prompt=None, use_chat_template=config.use_chat_template)
+        for mode, drafter in drafters.items():
+            if not (mode == Mode.target and reused):
+                generator(drafter, 8)(ids)
+
+    results: dict[str, dict[Mode, ModeResult]] = {}
+    totals: dict[str, list[tuple[int, float]]] = {mode.value: [] for mode in drafters}
+    order = list(drafters)
+    for repeat in range(config.repeats):
+        # The modes take turns, in an order that rotates each repeat, so load on the machine hits them alike.
+        for mode in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            if mode == Mode.target and reused:
+                if repeat == 0:
+                    for name, _ in benchmarks:
+                        results.setdefault(name, {})[mode] = target_runs[name]
+                continue
+            tokens, seconds = 0, 0.0
+            for name, prompts in benchmarks:
+                if repeat == 0:
+                    result = results.setdefault(name, {}).setdefault(mode, ModeResult())
+                    _run_benchmark(result, prompts, conversation, generator(drafters[mode]))
+                    stats = result.stats
+                    log(
+                        f"{name:>10} {mode.value:>6}: AL {stats.acceptance_length:.3f}, "
+                        f"{stats.generated_tokens / stats.wall_seconds:.1f} tok/s, {stats.generated_tokens} tokens"
+                    )
+                else:  # acceptance and outputs are those of repeat 0 (greedy): only the time is new
+                    result = _run_benchmark(ModeResult(), prompts, conversation, generator(drafters[mode]))
+                tokens += result.stats.generated_tokens
+                seconds += result.stats.wall_seconds
+            totals[mode.value].append((tokens, seconds))
+    if reused:
+        stats = [results[name][Mode.target].stats for name, _ in benchmarks]
+        totals["target"] = [(sum(s.generated_tokens for s in stats), sum(s.wall_seconds for s in stats))]
     if target_runs is not None and not target_runs and Mode.target in drafters:
         target_runs.update({name: modes[Mode.target] for name, modes in results.items()})
     report = build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
     report["trained_num_draft_tokens"] = trained_k
+    report["wallclock"] = wallclock_section(config, report, totals, target, drafters, k, log)
+    for mode, entry in report["wallclock"]["modes"].items():  # over all repeats, not the first alone
+        report["overall"][mode]["tokens_per_s"] = entry["tokens_per_s"]["median"]
+        if "speedup" in entry:
+            report["overall"][mode]["speedup"] = entry["speedup"]["median"]
     return report
+
+
+def _run_benchmark(result: ModeResult, prompts, conversation: Conversation, generate) -> ModeResult:
+    """Every prompt of one benchmark in one mode, added to ``result``."""
+    for prompt in prompts:
+        outputs, stats = conversation.run(prompt, generate)
+        result.stats = result.stats + stats
+        result.outputs[prompt.id] = outputs
+        summary = stats.summary()
+        result.prompts.append(
+            {
+                "id": prompt.id,
+                "turns": len(prompt.turns),
+                "acceptance_length": summary["acceptance_length"],
+                "generated_tokens": stats.generated_tokens,
+                "tokens_per_s": summary["tokens_per_s"],
+                "rounds": stats.rounds,
+            }
+        )
+    return result
+
+
+def wallclock_section(config: EvalConfig, report: dict, totals: dict, target, drafters: dict, k: int, log) -> dict:
+    """Tokens/s per mode over the repeats, speed-up over target-only, and the expected speed-up beside it."""
+    from pard_train.evaluate import wallclock
+    from pard_train.evaluate.sweep import forward_seconds
+
+    section = {
+        "repeats": config.repeats,
+        "conditions": {
+            "dtype": report["environment"]["dtype"],
+            "threads": torch.get_num_threads(),
+            "kv_cache": True,
+            "warmup_excluded": config.warmup,
+            "interleaved": True,
+        },
+        "modes": wallclock.per_repeat_speed(totals),
+    }
+    overall = report["overall"]
+    drafting = [mode for mode in drafters if mode != Mode.target and drafters[mode] is not None]
+    if not (config.expected_speedup and Mode.target in drafters and drafting):
+        return section
+    context, repeats = config.timing_context, config.timing_repeats
+    t_decode = forward_seconds(target, context, 1, repeats)
+    t_verify = forward_seconds(target, context, k + 1, repeats)
+    for mode in drafting:
+        al = overall[mode.value]["acceptance_length"]
+        if al is None:
+            continue
+        model = drafters[mode].lm.model
+        fed = max(1, math.ceil(al))  # the tokens accepted last round, fed before drafting
+        if mode == Mode.ar:  # k sequential forwards: the accepted tokens, then one token at a time
+            t_draft = forward_seconds(model, context, fed, repeats) + (k - 1) * forward_seconds(model, context, 1, 1)
+        else:  # one forward of the accepted tokens and k-1 masks
+            t_draft = forward_seconds(model, context, k - 1 + fed, repeats)
+        isolated = {"t_decode": t_decode, "t_verify": t_verify, "t_draft": t_draft}
+        seen = wallclock.run_terms(overall["target"], overall[mode.value])
+        measured = section["modes"][mode.value].get("speedup", {}).get("median")
+        entry = wallclock.explain(al, isolated, seen, measured)
+        entry["summary"] = wallclock.describe(entry)
+        section["modes"][mode.value]["expected"] = entry
+        log(f"{mode.value}: {entry['summary']}")
+    return section
 
 
 def trained_num_draft_tokens(drafter: Drafter | None) -> int | None:

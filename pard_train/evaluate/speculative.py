@@ -216,6 +216,8 @@ class Generation:
     target_seconds: float = 0.0
     draft_seconds: float = 0.0
     wall_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    """Part of ``target_seconds`` spent on the prompt's forward (the rest is decoding or verification)."""
     prompt_tokens: int = 0
     stopped: bool = False
     """True if an end-of-turn/EOS token ended the generation (False: max_new_tokens)."""
@@ -249,6 +251,7 @@ def speculative_generate(
     prefill = verifier.forward(tokens, 0, 1, hidden_layers=layers)
     if layers is not None:
         drafter.observe_target(verifier.last_features, 0)
+    prefill_seconds = verifier.timer.seconds
     generated = [int(prefill[-1].argmax())]
     rounds: list[Round] = []
     # The first token comes from the prefill; the pending token is the newest one, not yet in the target cache.
@@ -285,6 +288,7 @@ def speculative_generate(
         target_forwards=verifier.forwards,
         draft_forwards=0 if drafter is None else drafter.forwards,
         target_seconds=verifier.timer.seconds,
+        prefill_seconds=prefill_seconds,
         draft_seconds=0.0 if drafter is None else drafter.seconds,
         wall_seconds=time.perf_counter() - started,
         prompt_tokens=len(tokens),
