@@ -51,11 +51,10 @@ def load_causal_lm(path: str, backend: AttentionBackend, dtype: torch.dtype = to
 
 
 def mark_as_pard(model, mask_token_id: int, num_draft_tokens: int) -> None:
-    """Record what a server needs in the model config: vLLM reads ``pard_token`` (and ``mask_token_id``)."""
-    model.config.pard_token = mask_token_id
-    model.config.mask_token_id = mask_token_id
-    model.config.spd_type = "pard"
-    model.config.num_draft_tokens = num_draft_tokens
+    """Record what a server needs in the model config (the fields of :mod:`pard_train.draft_format`)."""
+    from pard_train.draft_format import DraftFormat
+
+    DraftFormat(num_draft_tokens, mask_token_id).mark(model.config)
 
 
 @dataclass(frozen=True)

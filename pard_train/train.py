@@ -216,7 +216,7 @@ class Trainer:
                 target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
                 overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
                 state_dict=state_dict,
-                method_files=self.method.export_files(extras),
+                pard2=self.method.export_files(extras),
                 log=lambda line: print0(acc, f"export: {line}"),
             )
             print0(acc, f"exported the PARD draft to {final_dir} after {self.state.step} steps")

@@ -226,9 +226,6 @@ class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
     vocabulary, and builds W."""
 
-    PROJECTION_FILE = "warp_model.bin"
-    """Where the reference (and vLLM's PARD-2 loader) keeps W, under the key ``target_proj.weight``."""
-
     def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator, data=None):
         from pard_train.errors import ConfigError
         from pard_train.methods.teacher import Teacher
@@ -302,17 +299,20 @@ class Pard2Method:
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:
         return Pard2Stats.zeros(num_depths, device)
 
-    def export_files(self, trained_extras: dict[str, Tensor]) -> tuple[dict, dict[str, dict]]:
-        """The PARD-2 config fields and W, in the reference's format; the base draft stays a plain PARD draft."""
+    def export_files(self, trained_extras: dict[str, Tensor]):
+        """The PARD-2 fields and W of a target-dependent draft; None when trained without features (CAT/KD only),
+        which makes a plain PARD draft that no server mistakes for a target-dependent one."""
+        from pard_train.draft_format import Pard2Fields
+
         settings = self.settings
-        fields_ = {"pard2": True, "spd_type": "pard2", "pard2_scale": settings.feature_scale}
         if not settings.features:
-            return fields_, {}
+            return None
         weight = trained_extras["projection.weight"]
-        fields_.update(
-            pard2_proj_bias=False,
-            pard2_target_dim=int(weight.shape[1]),
-            pard2_target_layers=list(settings.feature_layers),
-            pard2_target=settings.target,
+        fields_ = Pard2Fields(
+            target_layers=tuple(settings.feature_layers),
+            target_dim=int(weight.shape[1]),
+            scale=settings.feature_scale,
+            proj_bias=False,
+            target=settings.target,
         )
-        return fields_, {self.PROJECTION_FILE: {"target_proj.weight": weight}}
+        return fields_, weight
