@@ -17,6 +17,7 @@ from pard_train.checkpoint import ResumeError
 from pard_train.config import to_config
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.runner import evaluate
+from pard_train.serving_check import check_serving
 from pard_train.train import train
 
 SETTINGS = ["data.max_samples=96", "data.max_length=128", "train.micro_batch_size=2", "train.log_every=1"]
@@ -55,6 +56,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     card = (final / "README.md").read_text()
     assert "## PARD-2: two modes" in card and "Target-dependent" in card and "#55257" in card
     reloaded = AutoModelForCausalLM.from_pretrained(final)  # the base draft stays a plain causal LM (TI mode)
+    check_serving(final, tiny_checkpoint)  # the serving preflight passes, against the target it was trained with
     assert reloaded.config.pard_token == config["pard_token"]
 
     # Both modes in the harness, lossless against the target's own greedy output.
@@ -160,6 +162,11 @@ def test_offline_confidence_cache_trains_like_the_online_target(tiny_checkpoint,
     for a, b in zip(_records(online), _records(offline), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["cat_weight/depth_2"] == pytest.approx(a["cat_weight/depth_2"], rel=1e-5)
+    # Trained without features: a plain PARD draft (no server may take it for a target-dependent one).
+    config = json.loads((offline / "config.json").read_text())
+    assert config["spd_type"] == "pard" and not [key for key in config if key.startswith("pard2")]
+    assert "PARD-2's CAT objective" in (offline / "README.md").read_text()
+    check_serving(offline, tiny_checkpoint)
     caches = sorted(cache_dir.glob("confidence-*.pt"))
     assert len(caches) == 1
     built = caches[0].stat().st_mtime_ns

@@ -1,0 +1,131 @@
+"""The serving preflight (``python -m pard_train.export --check DRAFT [--target TARGET]``): every kind of export passes
+it, and each of its rules has a directory that fails it, with exit 2 and a one-line reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pard_train import draft_format
+from pard_train.draft_format import Pard2Fields
+from pard_train.evaluate.tiny_pair import build_pair
+from pard_train.export import export_draft
+from pard_train.export import main as export_main
+from pard_train.model import DraftSpec
+from pard_train.serving_check import ServingCheckError, check_serving, resolve_layer_ids, resolve_mask_token
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A plain PARD export and a target-dependent PARD-2 export of the tiny draft, and the target's directory."""
+    root = tmp_path_factory.mktemp("exports")
+    target, draft, tokenizer, mask_id = build_pair(num_draft_tokens=K)
+    target.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    spec = DraftSpec(K, mask_id, "tiny")
+    export_draft(draft, tokenizer, root / "pard", spec, target=root / "target")
+    width = 2 * target.config.hidden_size
+    weight = torch.randn(draft.config.hidden_size, width, generator=torch.Generator().manual_seed(0))
+    fields = Pard2Fields((-1, -2), width, 0.02)
+    export_draft(draft, tokenizer, root / "td", spec, target=root / "target", pard2=(fields, weight))
+    return root
+
+
+def _cli(*argv, capsys):
+    code = export_main(["--check", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("kind", ["pard", "td"])
+def test_every_export_kind_passes_with_and_without_the_target(exports, kind, capsys):
+    code, out, err = _cli(exports / kind, "--target", exports / "target", capsys=capsys)
+    assert code == 0, err
+    assert f"mask token {draft_format.read(exports / kind).mask_token_id} (from mask_token_id)" in out
+    assert '"num_speculative_tokens": 4' in out and "use_heterogeneous_vocab not needed" in out
+    if kind == "td":
+        assert "aux hidden-state ids [2, 1]" in out and "before the final norm" in out
+    assert _cli(exports / kind, capsys=capsys)[0] == 0
+
+
+def test_rules_transcribed_from_vllm():
+    # get_parallel_drafting_token_id's order: dflash_config first, a null mask_token_id skipped, pard_token late.
+    assert resolve_mask_token({"pard_token": 7, "dflash_config": {"mask_token_id": 3}}) == (
+        3,
+        "dflash_config.mask_token_id",
+    )
+    assert resolve_mask_token({"mask_token_id": None, "pard_token": 7}) == (7, "pard_token")
+    assert resolve_mask_token({"pard_token": 7, "dspark_noise_token_id": 9}) == (9, "dspark_noise_token_id")
+    assert resolve_layer_ids([-1, -8, -16, -24], 36) == [36, 29, 21, 13]
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def _drop_lm_head(directory):
+    tensors = load_file(str(directory / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _edit_config(directory, tie_word_embeddings=True)
+
+
+def _wrong_w(directory):
+    torch.save({"target_proj.weight": torch.zeros(3, 128)}, directory / "warp_model.bin")
+
+
+RULES = [
+    ("pard", lambda d: (d / "config.json").unlink(), "has no config.json"),
+    ("pard", lambda d: _edit_config(d, mask_token_id=1), "mask_token_id 1 != pard_token"),
+    ("pard", lambda d: _edit_config(d, dflash_config={"mask_token_id": 1}), "vLLM masks with dflash_config"),
+    ("pard", lambda d: _edit_config(d, mask_token_id=None, pard_token=None), "no mask token"),
+    ("pard", lambda d: _edit_config(d, mask_token_id=99999, pard_token=99999), "outside the draft's vocabulary"),
+    ("pard", lambda d: _edit_config(d, num_draft_tokens=None), "the trained K is unknown"),
+    ("pard", lambda d: _edit_config(d, num_draft_tokens=0), "outside 1..0"),
+    ("pard", lambda d: _edit_config(d, vocab_size=448), "vocab_size: draft 448, target"),
+    ("td", lambda d: _edit_config(d, pard2_target_layers=None), "no pard2_target_layers"),
+    ("td", lambda d: _edit_config(d, spd_type="pard"), "disagree"),
+    ("td", lambda d: (d / "warp_model.bin").unlink(), "without its W"),
+    ("td", lambda d: _edit_config(d, model_type="gemma3_text"), "for llama, qwen3 only"),
+    ("td", lambda d: _edit_config(d, pard2_scale=None), "vLLM would use 1.0"),
+    ("td", _wrong_w, "W is (3, 128)"),
+    ("td", lambda d: _edit_config(d, pard2_proj_bias=True), "holds no bias"),
+    ("td", _drop_lm_head, "would use the target's LM head"),
+    ("td", lambda d: _edit_config(d, pard2_target_layers=[-1, -9]), "outside the target"),
+    ("td", lambda d: _edit_config(d, pard2_target_layers=[-1, 2]), "repeated aux ids [2, 2]"),
+    ("td", lambda d: _edit_config(d, pard2_target_layers=[-1, -2, -3]), "silently serve it"),
+]
+
+
+@pytest.mark.parametrize(("kind", "damage", "says"), RULES, ids=[says for _, _, says in RULES])
+def test_each_rule_has_a_directory_that_fails_it(exports, tmp_path, kind, damage, says, capsys):
+    broken = tmp_path / kind
+    shutil.copytree(exports / kind, broken)
+    damage(broken)
+    code, _, err = _cli(broken, "--target", exports / "target", capsys=capsys)
+    assert code == 2 and says in err, err
+    assert err.startswith("pard_train.export: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_the_width_rule_needs_the_target(exports, tmp_path):
+    """Without a target the TD width cannot be compared; with one of another hidden size, TI fallback is refused."""
+    from transformers import LlamaConfig
+
+    lines = check_serving(exports / "td")
+    assert any("pass --target" in line for line in lines)
+    wider = LlamaConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(ServingCheckError, match="target hidden 128 x 2 layers = 256"):
+        check_serving(exports / "td", wider)
