@@ -45,6 +45,8 @@ class LrSchedule(str, Enum):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
+    cosine_with_min_lr = "cosine_with_min_lr"
+    """Cosine down to ``train.min_lr_rate`` of the peak (the reference's PARD-2 Qwen3 schedule)."""
 
 
 def require(condition: bool, key: str, message: str) -> None:
@@ -248,9 +250,14 @@ class TrainConfig:
     """Peak learning rate of AdamW (reference: Llama 1e-5, Qwen 3e-5, R1-distill 8e-5)."""
     schedule: LrSchedule = LrSchedule.constant
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all optimizer steps (the reference's ``warmup_ratio``); used when warmup_steps is 0."""
+    min_lr_rate: float = 0.1
+    """``cosine_with_min_lr``: the LR the cosine ends at, as a fraction of the peak."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    """The reference presets use 0.999 (transformers' TrainingArguments default, which the reference trains with)."""
     epochs: int = 4
     max_steps: int | None = None
     """Stop after this many optimizer steps (null: run all epochs)."""
@@ -272,6 +279,8 @@ class TrainConfig:
         require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
         require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(0.0 <= self.min_lr_rate <= 1.0, "train.min_lr_rate", f"must be in [0, 1], got {self.min_lr_rate}")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
 

@@ -76,8 +76,8 @@ def training_recipe(config: dict, steps: int | None = None) -> dict:
         "loss_on": data.get("loss_on"),
         "max_length": data.get("max_length"),
         "optimizer": (
-            f"AdamW lr={train.get('lr')} ({train.get('schedule')}, {train.get('warmup_steps')} warm-up steps), "
-            f"weight decay {train.get('weight_decay')}"
+            f"AdamW lr={train.get('lr')} ({_schedule(train)}), betas ({train.get('adam_beta1')}, "
+            f"{train.get('adam_beta2')}), weight decay {train.get('weight_decay')}"
         ),
         "batch": f"{train.get('micro_batch_size')} rows x {train.get('grad_accum_steps')} accumulation per process",
         "epochs": train.get("epochs"),
@@ -89,6 +89,16 @@ def training_recipe(config: dict, steps: int | None = None) -> dict:
     if steps is not None:
         recipe["steps"] = steps
     return {key: value for key, value in recipe.items() if value is not None}
+
+
+def _schedule(train: dict) -> str:
+    """``cosine, 100 warm-up steps`` / ``cosine_with_min_lr to 0.1 of the peak, warm-up ratio 0.03``."""
+    schedule = str(train.get("schedule"))
+    if schedule == "cosine_with_min_lr":
+        schedule += f" to {train.get('min_lr_rate')} of the peak"
+    if not train.get("warmup_steps") and train.get("warmup_ratio"):
+        return f"{schedule}, warm-up ratio {train.get('warmup_ratio')}"
+    return f"{schedule}, {train.get('warmup_steps')} warm-up steps"
 
 
 def _pard2_objective(method: dict) -> str:

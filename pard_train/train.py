@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from pard_train import acceptance
 from pard_train.atomic import atomic_write_text
@@ -41,6 +40,7 @@ from pard_train.evaluators import build_evaluators, run_due
 from pard_train.export import export_draft, training_recipe
 from pard_train.layout import DropTokenSchedule
 from pard_train.loss import DepthStats
+from pard_train.lr_schedule import build_scheduler
 from pard_train.methods import build_method
 from pard_train.model import load_draft, prepare_model_files
 from pard_train.runlock import hold_run_lock
@@ -102,7 +102,7 @@ class Trainer:
         parameters = self.method.objective.parameters()  # the draft, and W for PARD-2 (the teacher is frozen)
         optimizer = torch.optim.AdamW(parameters, lr=train.lr, betas=betas, weight_decay=train.weight_decay)
         # Not prepared by accelerate: it would step the schedule once per process; we step it once per optimizer step.
-        self.scheduler = get_scheduler(train.schedule.value, optimizer, train.warmup_steps, self.last_step)
+        self.scheduler = build_scheduler(train, optimizer, self.last_step)
         self.model, self.optimizer = acc.prepare(self.method.objective, optimizer)
         self.model.train()
 
