@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from pard_train.config import require, to_dataclass
+from pard_train.evaluate.feature_capture import FeatureCapture
 
 
 class Mode(str, Enum):
@@ -54,7 +55,10 @@ class EvalConfig:
     timing_repeats: int = 5
     """K sweep: timed forwards per shape (the fastest is used)."""
     mask_token_id: int | None = None
-    """The PARD mask token; null reads ``pard_token`` from the draft's config.json."""
+    """The PARD mask token; null reads it from the draft's config.json."""
+    feature_capture: FeatureCapture = FeatureCapture.training
+    """``pard2`` mode: the target states the draft reads, ``training`` (as trained: layer -1 after the final norm) or
+    ``vllm`` (as vLLM's PARD-2 serving feeds them: layer -1 before it); see ``evaluate/feature_capture.py``."""
     benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])
     """Built-in benchmark names (humaneval, gsm8k, math_500, mt_bench) or paths of JSONL prompt files."""
     num_prompts: int | None = None

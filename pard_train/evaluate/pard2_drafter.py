@@ -16,13 +16,24 @@ from torch import Tensor
 
 from pard_train import draft_format
 from pard_train.errors import ConfigError
+from pard_train.evaluate.feature_capture import FeatureCapture
 from pard_train.evaluate.speculative import PardDrafter
 
 
 class Pard2Drafter(PardDrafter):
-    def __init__(self, model, mask_token_id: int, projection: torch.nn.Module, scale: float, layers: Sequence[int]):
+    def __init__(
+        self,
+        model,
+        mask_token_id: int,
+        projection: torch.nn.Module,
+        scale: float,
+        layers: Sequence[int],
+        feature_capture: FeatureCapture = FeatureCapture.training,
+    ):
         super().__init__(model, mask_token_id)
         self.projection, self.scale, self.target_layers = projection, scale, list(layers)
+        self.feature_capture = feature_capture
+        """Which target states the verification loop hands over (:mod:`pard_train.evaluate.feature_capture`)."""
         self.features: Tensor | None = None
 
     def reset(self) -> None:
@@ -61,7 +72,9 @@ class Pard2Drafter(PardDrafter):
         return [int(token) for token in logits.argmax(-1)]
 
 
-def load_pard2_drafter(draft, draft_dir: str, mask_token_id: int, target_width: int) -> Pard2Drafter:
+def load_pard2_drafter(
+    draft, draft_dir: str, mask_token_id: int, target_width: int, capture: FeatureCapture = FeatureCapture.training
+) -> Pard2Drafter:
     """The TD drafter of an exported PARD-2 draft: W, the scale and layers from its directory
     (:func:`pard_train.draft_format.read`). Refuses a target whose feature width differs from W's (vLLM falls back to
     TI there; a measurement should not)."""
@@ -79,4 +92,4 @@ def load_pard2_drafter(draft, draft_dir: str, mask_token_id: int, target_width: 
     projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).to(device, weight.dtype)
     with torch.no_grad():
         projection.weight.copy_(weight.to(device))
-    return Pard2Drafter(draft, mask_token_id, projection, pard2.scale, layers)
+    return Pard2Drafter(draft, mask_token_id, projection, pard2.scale, layers, capture)

@@ -185,7 +185,7 @@ def build_drafters(
                 from pard_train.evaluate.pard2_drafter import load_pard2_drafter
 
                 width = target.config.get_text_config().hidden_size
-                drafters[mode] = load_pard2_drafter(model, config.draft, mask_id, width)
+                drafters[mode] = load_pard2_drafter(model, config.draft, mask_id, width, config.feature_capture)
             else:
                 drafters[mode] = PardDrafter(model, mask_id)
         else:
