@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--target", help="target model directory: same tokenizer required; the draft is padded to its vocab_size"
     )
-    parser.add_argument("--num-draft-tokens", type=int, help="trained K (default: num_draft_tokens in config.json)")
-    parser.add_argument("--mask-token-id", type=int, help="default: pard_token in config.json")
+    parser.add_argument("--num-draft-tokens", type=int, help="trained K (default: the K the checkpoint records)")
+    parser.add_argument("--mask-token-id", type=int, help="default: the mask token the checkpoint records")
     parser.add_argument("--base-model", help="the AR model the draft was trained from (default: from the recipe)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype on disk (default: the checkpoint's)")
     parser.add_argument("--al-table", type=Path, help="evaluation report.json or a Markdown table for the model card")
