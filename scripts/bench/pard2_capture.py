@@ -1,5 +1,5 @@
 """python scripts/bench/pard2_capture.py [--root runs] [--keep-layers 10] [--steps 40] [--prompts 2]
-    [--max-new-tokens 48] [--w-init zero,default] [--out FILE.json]
+    [--max-new-tokens 48] [--w-init zero,default] [--train-files GLOB] [--max-samples N] [--out FILE.json]
 
 PARD-2 target-dependent (TD) acceptance as trained against as vLLM serves it, on a real pair whose draft is smaller
 than its target: SmolLM2-135M-Instruct (30 layers) is the target, and the draft is the same model cut to
@@ -10,7 +10,8 @@ the harness measures TD AL on a reporting split (prompts from the second half of
 ``feature_capture=training`` (layer -1 after the final norm, as trained) and ``feature_capture=vllm`` (before it, as
 vLLM's PARD-2 serving captures it), plus the target-independent AL. Prints a table and writes JSON.
 
-Needs runs/cache/smollm2-135m-instruct and runs/cache/demo-data (``make demo``'s first two steps) under --root.
+Needs runs/cache/smollm2-135m-instruct (``make demo``'s first step) under --root, and runs/cache/demo-data (its
+second) unless ``--train-files`` names other data.
 """
 
 from __future__ import annotations
@@ -48,17 +49,18 @@ def sliced_draft(model_dir: Path, out: Path, keep: int) -> Path:
     return out
 
 
-def train(root: Path, draft: Path, target: Path, data: Path, name: str, steps: int, w_init: str) -> Path:
+def train(root: Path, draft: Path, target: Path, data: str, name: str, args, w_init: str) -> Path:
     overrides = [
         "+config=demo",
         f"run.output_root={root}",
         f"run.name={name}",
         f"model.path={draft}",
         "model.gguf_package=null",
-        f"data.train_files=[{data}/*.jsonl]",
+        f"data.train_files=[{data}]",
         "method=pard2",
         f"method.target={target}",
-        f"train.max_steps={steps}",
+        f"train.max_steps={args.steps}",
+        *([f"data.max_samples={args.max_samples}"] if args.max_samples else []),
         "checkpoint.every_steps=0",
         "acceptance.before_training=false",
         "acceptance.after_training=false",
@@ -124,11 +126,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="reporting-split prompts per benchmark")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--w-init", default="zero,default")
+    parser.add_argument("--train-files", help="training data (default: the demo's regenerated answers)")
+    parser.add_argument("--max-samples", type=int, help="use at most this many conversations")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "pard2_capture.json")
     args = parser.parse_args()
-    target, data = args.root / "cache" / "smollm2-135m-instruct", args.root / "cache" / "demo-data"
-    if not (target / "config.json").exists() or not data.exists():
-        sys.exit(f"{target} or {data} is missing: run `make demo` (or its first two steps) first")
+    target = args.root / "cache" / "smollm2-135m-instruct"
+    data = args.train_files or str(args.root / "cache" / "demo-data" / "*.jsonl")
+    if not (target / "config.json").exists():
+        sys.exit(f"{target} is missing: run `make demo` (or its first step) first")
     root = args.root / "pard2_capture"
     root.mkdir(parents=True, exist_ok=True)
     benchmarks = reporting_split(root / "reporting_split", args.prompts)
@@ -136,7 +141,7 @@ def main() -> None:
 
     results = {}
     for w_init in args.w_init.split(","):
-        run_dir = train(root, draft, target, data, f"td_w_{w_init}", args.steps, w_init)
+        run_dir = train(root, draft, target, data, f"td_w_{w_init}", args, w_init)
         final = run_dir / "final"
         both = evaluate(target, final, ["pard", "pard2"], "training", benchmarks, root / f"eval_{w_init}_train", args)
         served = evaluate(target, final, ["pard2"], "vllm", benchmarks, root / f"eval_{w_init}_vllm", args)
