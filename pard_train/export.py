@@ -309,10 +309,7 @@ def export_draft(
             # vLLM's PARD-2 model never ties its head; without this tensor it would use the target's. The config keeps
             # its tie flag, so transformers still ties (the same values) and the TI path loads as before.
             draft_format.add_lm_head(staging, head)
-        try:  # the serving preflight's rules: no export that vLLM would refuse or serve differently
-            check_config(json.loads(config_path.read_text()), staging, TargetShape.of(target))
-        except ServingCheckError as error:
-            raise ExportError(f"vLLM would not serve this export as trained: {error}") from error
+        served_with = _preflight(json.loads(config_path.read_text()), staging, target)
         if not (staging / draft_format.GENERATION_CONFIG_FILE).exists():
             from transformers import GenerationConfig
 
@@ -324,7 +321,27 @@ def export_draft(
         card.write(staging)
     if log is not None:
         log(vocabulary.note())
+        if served_with:
+            log(f"warning: {served_with}")
     return card
+
+
+def _preflight(config: dict, staging: Path, target) -> str | None:
+    """The serving preflight's rules (:mod:`pard_train.serving_check`) on the staged directory: no export that vLLM
+    would refuse or serve differently from how it was trained. A directory that passes on its own but not with this
+    target (a TD draft measured against a target of another width) is still written, and the reason returned for the
+    log: the training result is not thrown away for the choice of a measurement target."""
+    try:
+        check_config(config, staging, None)
+    except ServingCheckError as error:
+        raise ExportError(f"vLLM would not serve this export as trained: {error}") from error
+    if target is None:
+        return None
+    try:
+        check_config(config, staging, TargetShape.of(target))
+    except ServingCheckError as error:
+        return f"with the target {target if isinstance(target, str | Path) else type(target).__name__}: {error}"
+    return None
 
 
 def _al_table_from(path: Path) -> str:
