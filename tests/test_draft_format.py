@@ -187,3 +187,17 @@ def test_card_of_a_draft_re_exported_away_from_its_run_directory(pair, tmp_path)
     assert f"base_model: {recipe['base_model']}" in card and str(moved) not in card
     assert recipe["data"] and all(f"`{name}`" in card for name in recipe["data"])
     assert '"steps": 7' in card and "(cosine," in card
+
+
+def test_a_sharded_tied_checkpoint_gets_its_head_as_an_indexed_shard(tied, tmp_path):
+    tied.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert "lm_head.weight" not in draft_format.weight_names(tmp_path)
+    draft_format.add_lm_head(tmp_path, tied.get_input_embeddings().weight)
+    assert "lm_head.weight" in draft_format.weight_names(tmp_path)
+    with safe_open(str(tmp_path / draft_format.LM_HEAD_FILE), framework="pt") as handle:
+        torch.testing.assert_close(handle.get_tensor("lm_head.weight"), tied.get_input_embeddings().weight)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 17, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tied(ids).logits)
