@@ -283,6 +283,8 @@ class RunConfig:
     output_root: str = "runs"
     dir: str | None = None
     """Run directory shared by all ranks (checkpoints, metrics, resolved config)."""
+    force: bool = False
+    """Train again a run that already finished with this configuration (otherwise a rerun says so and exits 0)."""
 
     @property
     def path(self) -> str:

@@ -196,3 +196,20 @@ class MetricsWindow:
             raise FloatingPointError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
         self._reset()
         return record
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (the checkpoint a run resumes from): the steps after it
+    are trained again, and each step must appear once. Rewritten atomically; a torn last line is dropped too."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))

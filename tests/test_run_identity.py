@@ -1,0 +1,124 @@
+"""A run directory belongs to one configuration (issue 21, items 1, 2 and 6), through the real entry point, in process:
+another configuration is refused in one line naming the keys and ``final/`` is kept; a finished rerun says so and exits
+0 (``run.force=true`` trains again); a multirun gives each job its own directory; a resume applies, logs or refuses
+each changed key, and the run's files record what ran; the model is identified by its files, not its path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from launch import REPO, entry, one_error_line, records
+
+from pard_train.run_record import key_class
+
+DATA = str(REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl")
+
+
+def overrides(model: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "+config=tiny",
+        f"model.path={model}",
+        f"run.output_root={root}",
+        f"data.train_files=[{DATA}]",
+        "data.max_samples=32",
+        "data.max_length=64",
+        "train.micro_batch_size=2",
+        "train.max_steps=3",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_another_configuration_is_refused_a_finished_one_is_not_retrained(tiny_checkpoint, tmp_path, capsys):
+    run_dir, args = tmp_path / "tiny", overrides(tiny_checkpoint, tmp_path)
+    code, _, err = entry(capsys, *args)
+    assert code == 0, err[-3000:]
+    assert not (run_dir / "checkpoints").exists()  # a short run: no checkpoint, the guard must not depend on one
+    first = digest(run_dir / "final")
+
+    error = one_error_line(*entry(capsys, *args, "pard.num_draft_tokens=3")[::2])
+    assert "pard.num_draft_tokens: 4 there, 3 now" in error and "run.name=" in error, error
+    assert digest(run_dir / "final") == first
+
+    code, out, _ = entry(capsys, *args)
+    assert code == 0 and "already holds this configuration's finished draft" in out and "run.force=true" in out
+    assert digest(run_dir / "final") == first and len(records(run_dir)) == 3
+
+    # The same model by another path, a byte-identical copy: the same run (finished).
+    copy = tmp_path / "copy-of-tiny"
+    shutil.copytree(tiny_checkpoint, copy)
+    code, out, _ = entry(capsys, *overrides(copy, tmp_path))
+    assert code == 0 and "already holds" in out
+    # Another model at the same path: refused, naming the model files.
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    error = one_error_line(*entry(capsys, *overrides(copy, tmp_path))[::2])
+    assert "model files:" in error and "config and weight sha256" in error, error
+
+    code, out, err = entry(capsys, *args, "run.force=true")
+    assert code == 0 and "already holds" not in out, err[-2000:]
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3]  # trained again from step 0, each step once
+
+
+def test_multirun_gives_each_job_its_own_directory(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Hydra's own files must not land in the current directory
+    code, _, err = entry(
+        capsys, "-m", *overrides(tiny_checkpoint, tmp_path / "runs", "train.max_steps=1"), "pard.num_draft_tokens=2,3"
+    )
+    assert code == 0, err[-3000:]
+    for k in (2, 3):
+        final = tmp_path / "runs" / "tiny" / f"pard.num_draft_tokens={k}" / "final"
+        assert json.loads((final / "config.json").read_text())["num_draft_tokens"] == k
+    assert not (tmp_path / "multirun").exists() and (tmp_path / "runs" / "multirun").is_dir()
+
+
+def test_resume_applies_logs_or_refuses_each_key(tiny_checkpoint, tmp_path, capsys):
+    run_dir = tmp_path / "tiny"
+    args = overrides(tiny_checkpoint, tmp_path, "train.max_steps=4", "checkpoint.every_steps=2")
+    code, _, err = entry(capsys, *args)
+    assert code == 0, err[-3000:]
+    assert (run_dir / "checkpoints" / "step_00000002").is_dir()
+
+    # Refused: a setting the optimizer state or the data depend on.
+    error = one_error_line(*entry(capsys, *args, "train.max_steps=6", "train.weight_decay=0.1")[::2])
+    assert "train.weight_decay: 0.0 there, 0.1 now" in error, error
+
+    # Applied silently (length, logging) and applied with a line (LR): resumes from step 2 at the new LR.
+    code, out, err = entry(capsys, *args, "train.max_steps=6", "train.log_every=2", "train.lr=1e-4")
+    assert code == 0, err[-3000:]
+    assert "resume at step 2: train.lr changed from 0.003 to 0.0001; applied from step 3" in out, out
+    assert "log_every" not in out and "max_steps" not in out
+    rows = records(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 4, 6]  # each step once: steps 3 and 4 of the first launch are gone
+    assert all(r["lr"] <= 1e-4 for r in rows[2:]) and rows[1]["lr"] > 1e-3, rows
+    saved = (run_dir / "config.yaml").read_text()
+    assert saved.startswith("# changed on resume: train.lr 0.003 -> 0.0001 at step 2") and "lr: 0.0001" in saved
+    card = (run_dir / "final" / "README.md").read_text()
+    assert "train.lr 0.003 -> 0.0001 at step 2" in card and "lr=0.0001" in card
+
+
+@pytest.mark.parametrize(
+    "key, kind",
+    [
+        ("train.max_steps", "applied"),
+        ("checkpoint.every_steps", "applied"),
+        ("train.log_every", "applied"),
+        ("model.path", "applied"),  # compared by content instead
+        ("train.lr", "logged"),
+        ("train.schedule", "logged"),
+        ("train.weight_decay", "identity"),
+        ("pard.num_draft_tokens", "identity"),
+        ("data.max_length", "identity"),
+        ("train.precision", "identity"),
+    ],
+)
+def test_every_key_has_a_class(key, kind):
+    assert key_class(key) == kind
