@@ -7,6 +7,7 @@ Everything after the entry point takes dataclasses, never a DictConfig.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -266,7 +267,12 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be a finite number > 0, got {self.lr}")
+        require(
+            self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+            "train.weight_decay",
+            f"must be a finite number >= 0, got {self.weight_decay}",
+        )
         require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
         require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.utils import logging as hf_logging
 
 from pard_train import acceptance, run_record
 from pard_train.atomic import atomic_write_text
@@ -38,6 +39,7 @@ from pard_train.distributed import (
     print0,
     shutdown,
 )
+from pard_train.errors import ExportError
 from pard_train.evaluators import build_evaluators, run_due
 from pard_train.export import export_draft, training_recipe
 from pard_train.layout import DropTokenSchedule
@@ -47,7 +49,7 @@ from pard_train.model import load_draft, prepare_model_files
 from pard_train.model_identity import model_fingerprint
 from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals
-from pard_train.tracking import MetricsWindow, build_tracker, truncate_metrics
+from pard_train.tracking import MetricsWindow, build_tracker, check_tracking_ready, truncate_metrics
 
 
 def train(config: Config) -> Path | None:
@@ -58,9 +60,20 @@ def train(config: Config) -> Path | None:
         return Trainer(config, teardown).train()
 
 
+def _close_bar(progress, failed: bool) -> None:
+    """Close the training bar; on an error clear it, so that the error's line is the last thing on the terminal."""
+    if failed:
+        progress.leave = False
+    progress.close()
+
+
 class Trainer:
     def __init__(self, config: Config, teardown: ExitStack):
         self.config = config
+        # transformers' loading and saving bars would stand before any error line; this loop reports its own steps.
+        hf_logging.disable_progress_bar()
+        check_tracking_ready(config)  # before anything slow: wandb would prompt for a key at the first log
+        acceptance.check_benchmarks(config)  # not after training
         self.accelerator = acc = build_accelerator(config)
         teardown.callback(shutdown, acc)
         self.run_dir = Path(config.run.path)
@@ -78,6 +91,12 @@ class Trainer:
         # Every rank loads together: under ZeRO-3 loading partitions the weights, a collective.
         draft, self.tokenizer, self.spec = load_draft(config.model, self.backend, config.pard.num_draft_tokens)
         print0(acc, f"draft {config.model.path}: mask token {self.spec.mask_token_id}, K={self.spec.num_draft_tokens}")
+        if config.pard.num_draft_tokens == 1:
+            print0(
+                acc,
+                "warning: pard.num_draft_tokens=1 trains depth 0 only (plain next-token prediction): the mask token "
+                "is never trained, so the export drafts one token per pass like its base model; use K >= 2",
+            )
 
         data = build_data(config.data, self.tokenizer, acc)
         self.rows = data.train
@@ -195,7 +214,7 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        self.teardown.callback(progress.close)
+        self.teardown.push(lambda kind, error, trace: _close_bar(progress, failed=kind is not None))
         tracker = self.tracker
         for batch in loader:
             inputs, weight = self._prepare(batch)
@@ -269,24 +288,36 @@ class Trainer:
         state_dict = {name.removeprefix("draft."): v for name, v in gathered.items() if name.startswith("draft.")}
         extras = {name: value for name, value in gathered.items() if not name.startswith("draft.")}
         if acc.is_main_process:
-            card = export_draft(
-                acc.unwrap_model(self.model).draft,
-                self.tokenizer,
-                final_dir,
-                self.spec,
-                dtype="bf16" if mixed_precision_for(config.train.precision) == "bf16" else "fp32",
-                recipe=self._recipe(),
-                target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
-                overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
-                state_dict=state_dict,
-                method_files=self.method.export_files(extras),
-                log=lambda line: print0(acc, f"export: {line}"),
-            )
+            try:
+                card = self._export(final_dir, state_dict, extras)
+                run_record.finish(self.run_dir, self.record, config, self.state.step)
+            except OSError as error:  # a read-only or full run directory: one line, not a traceback
+                where = f" ({error.filename})" if error.filename else ""
+                raise ExportError(
+                    f"could not write the trained draft to {final_dir}: {error.strerror or error}{where}; make the "
+                    "run directory writable (or free space) and rerun the same command: it resumes from the newest "
+                    "checkpoint and exports"
+                ) from error
             print0(acc, f"exported the PARD draft to {final_dir} after {self.state.step} steps")
-            run_record.finish(self.run_dir, self.record, config, self.state.step)
             if config.acceptance.after_training:
                 record, table = acceptance.after_training(config, self.spec, final_dir)
                 replace(card, al_table=table).write(final_dir)
                 self.tracker.log(record, self.state.step)
         acc.wait_for_everyone()
         return final_dir
+
+    def _export(self, final_dir: Path, state_dict: dict, extras: dict):
+        acc, config = self.accelerator, self.config
+        return export_draft(
+            acc.unwrap_model(self.model).draft,
+            self.tokenizer,
+            final_dir,
+            self.spec,
+            dtype="bf16" if mixed_precision_for(config.train.precision) == "bf16" else "fp32",
+            recipe=self._recipe(),
+            target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
+            overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
+            state_dict=state_dict,
+            method_files=self.method.export_files(extras),
+            log=lambda line: print0(acc, f"export: {line}"),
+        )

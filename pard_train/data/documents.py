@@ -130,6 +130,8 @@ def _build(source: Source, tokenizer, config: DataConfig, destination: Path | No
 def _build_quietly(source: Source, tokenizer, config: DataConfig, destination: Path | None):
     started = time.perf_counter()
     raw = read_raw(source)
+    if len(raw) == 0:
+        raise DataError(f"{source.label}: holds no rows (an empty file?); give a file with conversations")
     num_proc = config.num_proc or (min(8, os.cpu_count() or 1) if len(raw) >= PARALLEL_FROM_ROWS else 1)
     kwargs = {
         "tokenizer": tokenizer,
