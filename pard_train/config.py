@@ -422,6 +422,11 @@ def to_dataclass(cfg: DictConfig, schema: type, hint: str):
     Raises ConfigError with one actionable line: the first missing key (``hint`` says how to set it) or the first
     line of OmegaConf's or ``__post_init__``'s complaint."""
     cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+    from pard_train.unknown_keys import check_known_keys
+
+    unknown = check_known_keys(cfg, schema)  # a "+key=value" Hydra added: conversion would drop it silently
+    if unknown:
+        raise ConfigError(unknown)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required; {hint} or set {missing[0]}=...")
