@@ -187,3 +187,10 @@ def compose_evaluate(*overrides: str):
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return hydra_compose(config_name="evaluate", overrides=list(overrides))
+
+
+def test_a_plus_typo_through_the_entry_point_is_one_line(capsys):
+    from launch import entry, one_error_line
+
+    line = one_error_line(*entry(capsys, "+config=tiny", "+train.learning_rate=1e-4")[::2])
+    assert line.endswith("did you mean train.lr?"), line

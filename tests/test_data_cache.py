@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from conftest import REPO
 
 from pard_train.config import DataConfig, LossOn
 from pard_train.data import build_data
@@ -129,3 +130,35 @@ def test_manifest_catches_damage_that_keeps_size_and_time_when_asked_in_full(tmp
     assert verify(tmp_path, full=True) == "a.bin does not match its sha256"
     (tmp_path / "extra").write_text("x")
     assert "extra is not in the manifest" in verify(tmp_path)
+
+
+def test_a_training_run_on_a_damaged_cache_rebuilds_it_and_ends_equal(tiny_checkpoint, tmp_path, capsys):
+    """Through the entry point: corrupt bytes of the same size in the cache the first run built; the next run names
+    the damage, rebuilds, and trains to the same weights as the clean run."""
+    import hashlib
+
+    from launch import entry
+
+    data = REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl"
+    common = [
+        "+config=tiny",
+        f"model.path={tiny_checkpoint}",
+        f"run.output_root={tmp_path}",
+        f"data.train_files=[{data}]",
+    ]
+    common += ["data.max_samples=32", "data.max_length=64", "train.micro_batch_size=2", "train.max_steps=2"]
+    code, _, err = entry(capsys, *common, "run.name=clean")
+    assert code == 0, err[-2000:]
+    (cache_entry,) = [p for p in (tmp_path / "cache" / "data").iterdir() if p.is_dir()]
+    arrow = max((cache_entry / "documents").glob("*.arrow"), key=lambda p: p.stat().st_size)
+    damaged = bytearray(arrow.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    arrow.write_bytes(bytes(damaged))
+    code, out, err = entry(capsys, *common, "run.name=rebuilt")
+    assert code == 0, err[-2000:]
+    assert f"data cache {cache_entry} is damaged (" in out and "rebuilding it" in out, out
+
+    def weights(name):
+        return hashlib.sha256((tmp_path / name / "final" / "model.safetensors").read_bytes()).hexdigest()
+
+    assert weights("rebuilt") == weights("clean")
