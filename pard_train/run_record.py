@@ -144,6 +144,17 @@ def _legacy_identity(run_dir: Path) -> dict | None:
         return None
 
 
+def holds_work(run_dir: Path) -> bool:
+    """Whether anything was trained here: a final model, a checkpoint (complete or not) or a logged step."""
+    metrics = run_dir / "metrics.jsonl"
+    checkpoints = run_dir / "checkpoints"
+    return (
+        (run_dir / "final").exists()
+        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        or (metrics.exists() and metrics.stat().st_size > 0)
+    )
+
+
 def claim(run_dir: Path, config: Config, model: str) -> tuple[RunRecord, str]:
     """The run's record, and what to do: ``finished`` (this configuration's draft is in ``final/``: nothing to
     train), ``retrain`` (it is, but ``run.force=true``: train again from step 0) or ``continue``.
@@ -159,6 +170,8 @@ def claim(run_dir: Path, config: Config, model: str) -> tuple[RunRecord, str]:
         differing = _differences(legacy, identity) if legacy is not None else []
         if differing:
             raise _refuse(run_dir, differing)
+        record = RunRecord(identity, model)
+    elif not holds_work(run_dir):  # a launch that failed before its first step (a bad setting fixed since): no run
         record = RunRecord(identity, model)
     else:
         differing = _differences(record.identity, identity)
@@ -179,12 +192,12 @@ def claim(run_dir: Path, config: Config, model: str) -> tuple[RunRecord, str]:
 
 def check_data(run_dir: Path, record: RunRecord, fingerprint: str) -> RunRecord:
     """The data's rows are part of the identity: recorded the first time, refused when they differ later."""
-    if record.data is not None and record.data != fingerprint:
+    if record.data is not None and record.data != fingerprint and holds_work(run_dir):
         raise ResumeError(
             f"{run_dir} was trained on other data (fingerprint {record.data}, now {fingerprint}): restore the "
             "training files, or train this data in another run.name / run.dir"
         )
-    if record.data is None:
+    if record.data != fingerprint:
         record.data = fingerprint
         record.write(run_dir)
     return record

@@ -128,3 +128,22 @@ def test_resume_applies_logs_or_refuses_each_key(tiny_checkpoint, tmp_path, caps
 )
 def test_every_key_has_a_class(key, kind):
     assert key_class(key) == kind
+
+
+def test_a_launch_that_trained_nothing_does_not_claim_the_directory(tmp_path):
+    """A first launch that failed before its first step (a bad mask id, say) leaves run.json; fixing the setting must
+    not be refused as "another configuration". Once a step is logged, it is."""
+    from conftest import compose
+
+    from pard_train.config import to_config
+    from pard_train.errors import ResumeError
+    from pard_train.run_record import claim
+
+    first = to_config(compose("+config=tiny", "model.mask_token_id=7"))
+    fixed = to_config(compose("+config=tiny", "model.mask_token_id=9"))
+    claim(tmp_path, first, "m")
+    record, status = claim(tmp_path, fixed, "m")
+    assert status == "continue" and record.identity["model.mask_token_id"] == 9
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ResumeError, match="model.mask_token_id: 9 there, 7 now"):
+        claim(tmp_path, first, "m")
