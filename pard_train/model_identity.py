@@ -2,9 +2,9 @@
 absolute path, a symlink, a byte-identical copy) is the same model, and an edited one at the same path is not.
 
 Hashing a multi-GB model takes seconds per GB, so digests are remembered in ``<cache>/model_hashes.json`` keyed by
-the file's resolved path, size, modification time and inode: an unchanged file is hashed once. Hub snapshots name
-their large files by sha256 already (``blobs/<sha256>``), which is used as is. A hub id that is not downloaded
-(nothing to read) is identified by its name.
+the file's resolved path, size, modification time and inode: an unchanged file is hashed once. A directory of a hub
+snapshot names its large files by sha256 already (links to ``blobs/<sha256>``), which is used as is. A hub id is
+identified by its name: the first launch may not have downloaded it yet.
 """
 
 from __future__ import annotations
@@ -74,23 +74,12 @@ class _DigestCache:
                 atomic_write_text(self.path, json.dumps(self.entries, indent=0))
 
 
-def _local_directory(path: str) -> Path | None:
-    if Path(path).is_dir():
-        return Path(path)
-    try:  # a hub id already downloaded: its snapshot directory (offline, nothing fetched)
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(path, local_files_only=True))
-    except Exception:  # not a hub id, or not downloaded: identified by name
-        return None
-
-
 def model_files_digest(path: str, cache: Path | None = None) -> dict[str, str]:
-    """``{file name: sha256}`` of the model at ``path`` (a directory or a downloaded hub id); ``{"id": path}`` when
-    there are no files to read."""
-    directory = _local_directory(path)
-    if directory is None:
+    """``{file name: sha256}`` of the model directory at ``path``; ``{"id": path}`` for a hub id (the first launch
+    may not have downloaded it yet, so its files cannot identify it: the name does)."""
+    if not Path(path).is_dir():
         return {"id": path}
+    directory = Path(path)
     digests = _DigestCache(cache)
     found = {file.name: _blob_digest(file) or digests.digest(file) for file in _model_files(directory)}
     digests.save()
