@@ -147,3 +147,30 @@ def test_a_launch_that_trained_nothing_does_not_claim_the_directory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ResumeError, match="model.mask_token_id: 9 there, 7 now"):
         claim(tmp_path, first, "m")
+
+
+def test_model_identity_is_the_files_not_the_path(tmp_path):
+    from pard_train.model_identity import model_files_digest, model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / "model.safetensors").write_bytes(b"weights" * 100)
+    (model / "README.md").write_text("a model card edit is the same model")
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(model, copy)
+    (copy / "README.md").write_text("another card")
+    hashes = tmp_path / "hashes.json"
+    assert model_fingerprint(str(model), hashes) == model_fingerprint(str(copy), hashes)
+    assert model_fingerprint(str(model), hashes) == model_fingerprint(str(tmp_path / "elsewhere" / ".." / "model"))
+    (copy / "model.safetensors").write_bytes(b"weightz" * 100)  # same size, other bytes
+    assert model_fingerprint(str(model), hashes) != model_fingerprint(str(copy), hashes)
+    assert model_files_digest("meta-llama/Llama-3.2-1B-Instruct") == {"id": "meta-llama/Llama-3.2-1B-Instruct"}
+    # A hub snapshot's file links to blobs/<sha256>: that name is its digest, the blob is not read.
+    blob = tmp_path / "blobs" / ("ab" * 32)
+    blob.parent.mkdir()
+    blob.write_bytes(b"not what the name says")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors").symlink_to(blob)
+    assert model_files_digest(str(snapshot)) == {"model.safetensors": "ab" * 32}
