@@ -16,7 +16,9 @@ by this configuration, for the same length of training) is not trained again unl
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -180,12 +182,18 @@ def claim(run_dir: Path, config: Config, model: str) -> tuple[RunRecord, str]:
         if differing:
             raise _refuse(run_dir, differing)
     length = {key: settings[key] for key in LENGTH}
-    done = record.finished is not None and record.finished.get("length") == length and (run_dir / "final").is_dir()
+    finished = record.finished or {}
+    done = (
+        finished.get("length") == length
+        and finished.get("data_files") == data_files(config)  # other data: built, then compared (check_data)
+        and (run_dir / "final").is_dir()
+    )
     if done and not config.run.force:
         return record, "finished"
-    record.finished = None  # trained (again, longer or forced): final/ is rewritten by this configuration
     if done:
-        record.changes = []
+        record.changes = []  # trained again from step 0: the earlier changes are history
+    # ``finished`` stays until this launch finishes (finish() replaces it): a launch refused later (other data) or
+    # stopped early leaves the record of the draft in final/ as it was.
     record.write(run_dir)
     return record, "retrain" if done else "continue"
 
@@ -205,8 +213,25 @@ def check_data(run_dir: Path, record: RunRecord, fingerprint: str) -> RunRecord:
 
 def finish(run_dir: Path, record: RunRecord, config: Config, step: int) -> None:
     settings = flat_settings(config)
-    record.finished = {"step": step, "length": {key: settings[key] for key in LENGTH}}
+    length = {key: settings[key] for key in LENGTH}
+    record.finished = {"step": step, "length": length, "data_files": data_files(config)}
     record.write(run_dir)
+
+
+def data_files(config: Config) -> list:
+    """The training sources as found on disk (path, size, modification time; a dataset name as is): a finished run
+    is only finished for the same data. Cheap (``stat``); the rows' fingerprint decides once the data is built."""
+    found = []
+    patterns = list(config.data.train_files) + [source.path for source in config.data.sources]
+    for pattern in patterns:
+        paths = sorted(glob.glob(pattern, recursive=True)) or [pattern]
+        for path in paths:
+            try:
+                stat = os.stat(path)
+                found.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+            except OSError:
+                found.append([path])
+    return found
 
 
 def logged_changes(before: dict, config: Config) -> dict:

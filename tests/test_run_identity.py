@@ -52,6 +52,12 @@ def test_another_configuration_is_refused_a_finished_one_is_not_retrained(tiny_c
     assert code == 0 and "already holds this configuration's finished draft" in out and "run.force=true" in out
     assert digest(run_dir / "final") == first and len(records(run_dir)) == 3
 
+    # Other data in a finished run: not "finished", refused once its rows are known.
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(Path(DATA).read_text().splitlines(keepends=True)[40:120]))
+    error = one_error_line(*entry(capsys, *args, f"data.train_files=[{changed}]")[::2])
+    assert "was trained on other data (fingerprint" in error and "another run.name" in error, error
+
     # The same model by another path, a byte-identical copy: the same run (finished).
     copy = tmp_path / "copy-of-tiny"
     shutil.copytree(tiny_checkpoint, copy)
