@@ -4,7 +4,8 @@ Without this every job of a sweep would train into the same ``<output_root>/<nam
 first one's run (refused, or worse with the same identity). Each job goes to ``<name>/<its swept overrides>``, e.g.
 ``runs/tiny/pard.num_draft_tokens=2``: the job's values of the keys the command line sweeps (all its overrides when
 the command line is not at hand, as under a SLURM launcher), minus those that name places (paths, run.*, the
-preset), or ``<name>/job<N>`` when nothing is left. An explicit ``run.dir`` is kept as given.
+preset), or ``<name>/job<N>`` when nothing is left. An explicit ``run.dir``, or a ``run.name`` given on the command
+line (``run.name='lr${train.lr}'``), is kept as given.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def job_run_name(run: RunConfig) -> str:
     if hydra.mode != RunMode.MULTIRUN:
         return run.name
     overrides = list(hydra.overrides.task)
+    if any(o.partition("=")[0].lstrip("+~") == "run.name" for o in overrides):
+        return run.name  # named on the command line (run.name='lr${train.lr}'): the user chose each job's directory
     swept = swept_keys(sys.argv[1:])
     if swept is not None:
         overrides = [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]

@@ -180,3 +180,13 @@ def test_model_identity_is_the_files_not_the_path(tmp_path):
     snapshot.mkdir()
     (snapshot / "model.safetensors").symlink_to(blob)
     assert model_files_digest(str(snapshot)) == {"model.safetensors": "ab" * 32}
+
+
+def test_sweep_job_directory_names():
+    from pard_train.sweep_dirs import job_dir_name, swept_keys
+
+    argv = ["+config=tiny", "model.path=/m/x", "pard.num_draft_tokens=2,3", "train.lr=range(1,3)", "-m"]
+    assert swept_keys(argv) == {"pard.num_draft_tokens", "train.lr"}
+    assert swept_keys(["+config=tiny", "train.lr=1"]) is None
+    assert job_dir_name(["pard.num_draft_tokens=2", "train.lr=1e-4"], 0) == "pard.num_draft_tokens=2,train.lr=1e-4"
+    assert job_dir_name(["model.path=/a/b", "run.output_root=x", "+config=tiny"], 7) == "job7"
