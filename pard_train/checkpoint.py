@@ -74,15 +74,16 @@ class TrainState:
     """Fingerprint of the packed training rows (``TrainingData.fingerprint``): the samples the steps map onto."""
 
 
-def method_settings(config: Config, spec: DraftSpec) -> dict:
-    """The settings that define the PARD method of a run: a checkpoint made with other values is another model."""
+def method_settings(config: Config, spec: DraftSpec, model: str | None = None) -> dict:
+    """The settings that define the PARD method of a run: a checkpoint made with other values is another model.
+    ``model`` identifies the model by content (:func:`pard_train.model_identity.model_fingerprint`), not by path."""
     return {
         "pard.num_draft_tokens": config.pard.num_draft_tokens,
         "pard.drop_tokens": config.pard.drop_tokens,
         "pard.drop_ratio": config.pard.drop_ratio,
         "pard.drop_ratio_min": config.pard.drop_ratio_min,
         "model.mask_token_id (resolved)": spec.mask_token_id,
-        "model.path": config.model.path,
+        "model (files)": model or config.model.path,
         "method.name": config.method.name.value,
         **_method_details(config),
     }
@@ -105,7 +106,7 @@ def check_resumable(saved: TrainState, current: TrainState, where: Path, deepspe
     changed = [
         f"{key}: checkpoint {recorded.get(key)!r}, now {value!r}"
         for key, value in current.method.items()
-        if recorded.get(key) != value
+        if recorded.get(key) != value and (key in recorded or key != "model (files)")  # older ones named a path
     ]
     if changed:
         raise ResumeError(
@@ -179,6 +180,17 @@ class Checkpoints:
         if self.accelerator.is_main_process:
             print(f"resuming from {latest} (step {loaded.step})", flush=True)
         return replace(state, step=loaded.step, best_al=loaded.best_al)
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove staging directories of saves that died (``.step_N.partial``), whatever their step: with another
+        ``every_steps`` no later save would reuse the name, and each holds a model and optimizer copy. Main process,
+        under the run lock (no live save can own one)."""
+        removed = []
+        if self.root.is_dir():
+            for path in sorted(self.root.glob(".step_*.partial")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        return removed
 
     def choose(self) -> tuple[Path, TrainState] | None:
         """The newest complete checkpoint whose files match its manifest, and its state (collective).

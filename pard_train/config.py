@@ -7,6 +7,7 @@ Everything after the entry point takes dataclasses, never a DictConfig.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -273,7 +274,12 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be a finite number > 0, got {self.lr}")
+        require(
+            self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+            "train.weight_decay",
+            f"must be a finite number >= 0, got {self.weight_decay}",
+        )
         require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
         require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -292,6 +298,8 @@ class RunConfig:
     output_root: str = "runs"
     dir: str | None = None
     """Run directory shared by all ranks (checkpoints, metrics, resolved config)."""
+    force: bool = False
+    """Train again a run that already finished with this configuration (otherwise a rerun says so and exits 0)."""
 
     @property
     def path(self) -> str:
@@ -423,6 +431,11 @@ def to_dataclass(cfg: DictConfig, schema: type, hint: str):
     Raises ConfigError with one actionable line: the first missing key (``hint`` says how to set it) or the first
     line of OmegaConf's or ``__post_init__``'s complaint."""
     cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+    from pard_train.unknown_keys import check_known_keys
+
+    unknown = check_known_keys(cfg, schema)  # a "+key=value" Hydra added: conversion would drop it silently
+    if unknown:
+        raise ConfigError(unknown)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required; {hint} or set {missing[0]}=...")

@@ -85,7 +85,8 @@ def prepare_model_files(config: ModelConfig, train_files: list[str]) -> None:
         from pard_train.data.dataset import expand_files
         from pard_train.tiny import ensure_tiny_checkpoint
 
-        texts = [path.read_text(encoding="utf-8") for path in expand_files(train_files)]
+        # Read only if the tokenizer is built; any bytes do for its training (the data loader judges the rows).
+        texts = (path.read_text(encoding="utf-8", errors="replace") for path in expand_files(train_files))
         ensure_tiny_checkpoint(config.path, texts=texts)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pard_train.atomic import atomic_write_text
-from pard_train.config import Config, TrackerKind
+from pard_train.config import Config, ConfigError, TrackerKind
 from pard_train.loss import DepthStats
 
 
@@ -196,3 +196,42 @@ class MetricsWindow:
             raise FloatingPointError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
         self._reset()
         return record
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (the checkpoint a run resumes from): the steps after it
+    are trained again, and each step must appear once. Rewritten atomically; a torn last line is dropped too."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def check_tracking_ready(config: Config, environ=None) -> None:
+    """Fail at start, in one line, when wandb would stop to prompt for a key (on a terminal) or crash (elsewhere):
+    wandb selected, online, and no key in the environment or in ``~/.netrc`` (where ``wandb login`` puts it)."""
+    import netrc
+    import os
+
+    environ = os.environ if environ is None else environ
+    if config.tracking.backend != TrackerKind.wandb:
+        return
+    if environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(
+        "tracking.backend=wandb: no wandb API key (WANDB_API_KEY, or `wandb login`) and WANDB_MODE is not offline: "
+        "log in, set WANDB_MODE=offline to log locally, or use tracking.backend=tensorboard"
+    )

@@ -97,7 +97,7 @@ def test_pard2_resume_is_bitwise_and_refuses_another_method(tiny_checkpoint, tmp
     w = [torch.load(d / "warp_model.bin", weights_only=True)["target_proj.weight"] for d in (whole, resumed)]
     assert torch.equal(*w)
 
-    with pytest.raises(ResumeError, match="method.name: checkpoint 'pard2', now 'pard'"):
+    with pytest.raises(ResumeError, match="method.name: 'pard2' there, 'pard' now"):
         config = to_config(
             compose(
                 "+config=tiny",

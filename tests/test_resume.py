@@ -81,7 +81,7 @@ def test_sigterm_saves_exits_zero_and_restart_continues(tiny_checkpoint, tmp_pat
         text=True,
         timeout=300,
     )
-    assert changed.returncode == 2 and "pard.drop_ratio: checkpoint 0.7, now 0.5" in changed.stderr, changed.stderr
+    assert changed.returncode == 2 and "pard.drop_ratio: 0.7 there, 0.5 now" in changed.stderr, changed.stderr
 
     assert start(overrides, log=tmp_path / "second.txt").wait(timeout=300) == 0
     assert f"(step {step})" in (tmp_path / "second.txt").read_text()

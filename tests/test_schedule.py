@@ -111,3 +111,19 @@ def test_group_by_length_pads_less_and_keeps_the_epoch_a_permutation():
 def test_too_little_data_for_one_step_is_a_config_error():
     with pytest.raises(ConfigError, match="one optimizer step needs 8"):
         _schedule(_rows(5), grad_accum_steps=4)
+
+
+def test_a_ctrl_c_does_not_kill_the_loader_workers():
+    """A terminal's Ctrl-C reaches the workers too; they ignore it, so the trainer can finish its step and save."""
+    import os
+    import signal
+
+    rows = _rows(40)
+    schedule = _schedule(rows)
+    reference = _steps(rows, schedule, 1, 6, workers=0)
+    with step_loader(StepBatches(rows, schedule, COLLATE, 1, 6), 1, torch.device("cpu")) as steps:
+        got = [next(steps)]
+        for worker in steps._workers:
+            os.kill(worker.pid, signal.SIGINT)
+        got += list(steps)
+    _assert_same_steps(got, reference)
