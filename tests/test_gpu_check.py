@@ -46,6 +46,45 @@ DRIVER = textwrap.dedent(
 )
 
 
+def _tiny_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel (one module), written by hand: what the install step does with any wheel."""
+    import base64
+    import hashlib
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "gpu_check_probe.py": "VALUE = 42\n",
+        "gpu_check_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 1.0\n",
+        "gpu_check_probe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    record.append("gpu_check_probe-1.0.dist-info/RECORD,,")
+    files["gpu_check_probe-1.0.dist-info/RECORD"] = "\n".join(record) + "\n"
+    path = folder / "gpu_check_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return folder
+
+
+def test_install_goes_to_a_target_directory_and_leaves_the_interpreter_untouched(tmp_path):
+    sys.path.insert(0, str(CHECK.parent))
+    import check
+
+    site = tmp_path / "site"
+    result = check.install(_tiny_wheel(tmp_path / "wheels"), site, limit=120)
+    assert result["status"] == "ok" and result["wheels"] == 1
+    assert (site / "gpu_check_probe.py").exists()
+    probe = "import gpu_check_probe; print(gpu_check_probe.VALUE)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode != 0  # not installed here
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={"PYTHONPATH": str(site)})
+    assert shown.stdout.strip() == "42"
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -106,13 +145,15 @@ def test_bad_budget_is_a_user_error(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_runs_every_section_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, str(CHECK), "--cpu-smoke", f"--out={tmp_path}", "--budget=1500"]
+    wheels = _tiny_wheel(tmp_path / "wheels")
+    out = tmp_path / "out"
+    command = [sys.executable, str(CHECK), "--cpu-smoke", f"--out={out}", "--budget=1500", f"--wheelhouse={wheels}"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1600)
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     statuses = {name: section["status"] for name, section in report["sections"].items()}
     assert result.returncode == 0, (statuses, result.stderr[-3000:])
     expected = ["environment", "entry_point_1b", "vs_reference", "long_K16_L4096", "flex_vs_sdpa", "zero", "harness"]
-    assert statuses == {"install": statuses["install"], **dict.fromkeys(expected, "ok")}
+    assert statuses == {"install": "ok", **dict.fromkeys(expected, "ok")}
     environment = report["sections"]["environment"]
     for package in ("torch", "transformers", "accelerate", "pyarrow", "fsspec", "numpy", "triton"):
         assert package in environment["versions"]
@@ -125,6 +166,6 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path):
     assert zero["zero3"]["steps"] == [1, 2, 3, 4, 5, 6] and zero["zero3"]["final_exported"]
     reference = report["sections"]["vs_reference"]["results"]
     assert {r["variant"] for r in reference} == {"ours", "reference"}
-    markdown = (tmp_path / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
     assert "| 2 | entry_point_1b | ok |" in markdown and "reference" in markdown
-    assert (tmp_path / "02_entry_point_1b.json").exists() and (tmp_path / "07_harness.md").exists()
+    assert (out / "02_entry_point_1b.json").exists() and (out / "07_harness.md").exists()

@@ -288,6 +288,8 @@ def compare(args) -> list[dict]:
             ):
                 best[(variant, layout)] = result
             print(f"  {variant:5s} {layout:4s}: {_brief(result)}", file=sys.stderr, flush=True)
+            # What is measured so far, in case whoever runs this is cut short (the GPU check's time-outs).
+            write_json(args.out, {"partial": True, "results": list(best.values())})
     variants = args.variant_list
     baseline = variants[1][0]
     results = [best[key] for key in variants]

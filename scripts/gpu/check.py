@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,15 @@ def kill_tree(group: int) -> None:
         reap()
 
 
+def remove_stale_locks(extensions: Path) -> None:
+    """Every process of the last section is gone, so a JIT build's ``lock`` left in our extensions directory is stale
+    (torch's FileBaton would otherwise make the next section's build wait for it forever)."""
+    for lock in extensions.rglob("lock") if extensions.is_dir() else []:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+            say(f"removed a stale build lock left by a killed section: {lock}")
+
+
 def reap() -> None:
     """Collect finished children (as a subreaper this process inherits zombies)."""
     while True:
@@ -190,6 +200,8 @@ def run_sections(
             say(f"{section.name}: started (time-out {limit:.0f} s, {left:.0f} s of the budget left)")
             result = run_one(section, limit, env)
         say(f"{section.name}: {result['status']} ({result['seconds']} s)")
+        if env.get("PARD_GPU_CHECK_OWN_EXTENSIONS"):
+            remove_stale_locks(Path(env["TORCH_EXTENSIONS_DIR"]))
         if result.get("summary"):  # the environment's versions, printed as soon as they are known
             say(result["summary"])
         results[section.name] = result
@@ -296,10 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     become_subreaper()
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     env = dict(os.environ)
-    # Compiled kernels and JIT extensions shared by every section: a kernel compiled in one is reused by the next.
+    # Compiled kernels shared by every section: a kernel compiled in one is reused by the next. DeepSpeed's JIT ops go
+    # to a directory of our own too: a section killed while building one leaves a lock file that would make every
+    # later build wait forever, and only in our own directory may such a lock be removed (run_sections does).
+    # (--cpu-smoke keeps the usual shared cache, ~/.cache/torch_extensions: DeepSpeed's CPU op builds once per machine
+    # rather than once per check, which a CI time-out could not afford.)
+    if "TORCH_EXTENSIONS_DIR" not in env and not args.cpu_smoke:
+        env["TORCH_EXTENSIONS_DIR"] = str(scratch / "torch_extensions")
+        env["PARD_GPU_CHECK_OWN_EXTENSIONS"] = "1"
     env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor")
     env["TRITON_CACHE_DIR"] = str(scratch / "triton")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(scratch / "torch_extensions"))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PARD_GPU_CHECK_SCRATCH"] = str(scratch)
     path = [str(REPO)]
@@ -325,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     sections = planned_sections(args.cpu_smoke, args.out)
     if args.only:
         sections = [s for s in sections if s.name in args.only]
-    numbered = run_sections(sections, args.out, deadline, env)
+    try:
+        numbered = run_sections(sections, args.out, deadline, env)
+    finally:  # the models, checkpoints and caches the sections wrote (gigabytes on a GPU)
+        shutil.rmtree(scratch, ignore_errors=True)
     results.update(numbered)
     header = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit()}
     header.update(budget_s=args.budget, total_s=round(time.monotonic() - started, 1))
