@@ -142,6 +142,16 @@ def test_bad_budget_is_a_user_error(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("pard_train: error: --budget")
 
 
+def test_without_a_gpu_the_check_refuses_and_says_how_to_smoke_it(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    command = [sys.executable, str(CHECK), f"--out={tmp_path}", "--wheelhouse=/nonexistent"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "pard_train: error:" in done.stderr and "--cpu-smoke" in done.stderr
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_every_section_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
