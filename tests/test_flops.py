@@ -77,3 +77,21 @@ def test_datasheet_peaks():
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("cpu") is None
+
+
+def test_trainer_mfu_is_the_flop_count_over_time_and_peak():
+    from types import SimpleNamespace
+
+    from pard_train.loss import DepthStats
+    from pard_train.tracking import MetricsWindow
+
+    model = _tiny_llama()
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, reduce=lambda tensor, reduction: tensor)
+    window = MetricsWindow(2, model, accelerator, log_every=1)
+    window.peak = 1e9  # as on a known GPU (on the CPU no MFU is logged)
+    batch = collate_rows([build_row(torch.tensor([5, 6, 7]), 15, 2)], pad_token_id=0, pad_to_multiple_of=8)
+    stats = DepthStats(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0]))
+    window.add(stats, grad_norm=1.0, micro_batches=[batch, batch])
+    record = window.flush(step=1, epoch=0, lr=1e-3)
+    elapsed = record["labelled_tokens"] / record["labelled_tokens_per_s"]
+    assert record["mfu"] == pytest.approx(2 * 15168 / elapsed / 1e9, rel=1e-6)
