@@ -9,9 +9,10 @@ device with one random model and the same data:
 - **dense**: the reference's approach, rebuilt here for the purpose: a float additive ``(K*L)^2`` mask built per sample
   in the collator and ``eager`` attention. Everything else is ours (same layout, same labelled-token LM head and
   loss), so the ratio isolates the mask and the attention path.
-- **reference** (``--variants``; what ``make gpu-check`` compares against): the reference's path as it runs: the float
-  ``(K*L)^2`` mask built on the CPU in the collator, transformers' default attention (SDPA) given that mask, and the
-  Hugging Face loss over every position's logits (``[B, T, vocabulary]``).
+- **reference** (``--baseline reference``; what the GPU check compares against): the reference's path as it runs:
+  its collator builds the float32 ``(K*L)^2`` mask of the full layout on the CPU and gathers the tokens drop-token
+  kept, transformers' default attention (SDPA) gets that mask, and the loss is over every position's logits
+  (``[B, T, vocabulary]``).
 
 Each is measured with the full layout and with drop-token (r=0.7, r_min=0.2). Every variant runs in its own
 subprocess so its peak memory (ru_maxrss on CPU, torch.cuda.max_memory_allocated on CUDA) is its own. A step is
@@ -19,8 +20,9 @@ collate + forward + backward + AdamW; tokens/s uses the median step time after -
 
 On CPU (automatic when no CUDA device is visible): a small random Llama (hidden 256, 4 layers, vocab 32000), fp32,
 K=8, L=512, batch 1. On CUDA (selected automatically): a Llama-3.2-1B-shaped random model (hidden 2048, 16 layers,
-32 heads, 8 KV heads, intermediate 8192, vocab 128256) in bf16, FlexAttention for ours, plus MFU (6 N tokens/s over
-the device's peak bf16 FLOP/s) and a search for the longest L at K=16 that fits (--no-search to skip).
+32 heads, 8 KV heads, intermediate 8192, vocab 128256), ``--as-run`` by default (fp32 weights under bf16 autocast,
+gradient checkpointing: how both train), FlexAttention for ours, plus MFU (useful FLOPs from pard_train/flops.py, the
+trainer's count, over the device's datasheet bf16 peak) and a search for the longest L at K=16 (--no-search skips it).
 """
 
 from __future__ import annotations
