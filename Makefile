@@ -55,10 +55,8 @@ wheelhouse: $(STAMP)  ## Wheels the bare GPU image lacks (Python 3.12, < 64 MiB)
 	bash scripts/gpu/wheelhouse.sh $(BIN)
 
 GPU_PY ?= python3
-gpu-check:  ## On a GPU (CUDA or ROCm): install wheelhouse/ into the image's Python, torch untouched; write runs/gpu-check.
-	@test -d wheelhouse || { echo "gpu-check: no wheelhouse/ here: run make wheelhouse on a machine with PyPI, carry it"; exit 2; }
-	$(GPU_PY) -m pip install -q --no-index --no-deps --find-links wheelhouse wheelhouse/*.whl
-	PYTHONPATH=$(CURDIR) $(GPU_PY) scripts/gpu/gpu_check.py --out runs/gpu-check
+gpu-check:  ## On a GPU: the whole check in one command (scripts/gpu/check.py; --budget 420 s); writes runs/gpu-check.
+	$(GPU_PY) scripts/gpu/check.py $(GPU_CHECK_ARGS)
 
 COMPAT := .ci-compat/transformers-5.17
 COMPAT_TESTS := tests/test_layout_rule.py tests/test_block_mask.py tests/test_train_equals_inference.py \
