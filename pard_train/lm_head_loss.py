@@ -68,10 +68,10 @@ def gather_head_with(module: torch.nn.Module, model) -> None:
     """
     partitioned = [p for p in head_parameters(model) if hasattr(p, "ds_id")]
     if partitioned:
-        from deepspeed.zero import register_external_parameter
+        import deepspeed  # ``deepspeed.zero`` is an attribute of the package, not an importable module
 
         for parameter in partitioned:
-            register_external_parameter(module, parameter)
+            deepspeed.zero.register_external_parameter(module, parameter)
 
 
 class _GradientsFromForward(torch.autograd.Function):
