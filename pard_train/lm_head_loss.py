@@ -5,7 +5,9 @@ head runs on chunks of tokens. Each chunk's gradients with respect to its hidden
 computed in the forward pass, right after its loss, and its logits are freed; the backward pass only hands those
 gradients on, scaled by the gradient it receives (as fused linear cross-entropy kernels do, here in plain torch so CPU
 and ROCm run it). Recomputing each chunk in the backward pass instead (checkpointing) would run the head matmul and
-the softmax twice. Per chunk: one matmul forward and two backward, against four with recomputation.
+the softmax twice. Per chunk: one matmul forward and two backward, against four with recomputation. The price: the
+head's gradient (fp32, vocabulary x width) is held from the forward to the backward pass, and under ZeRO-3 the head's
+weight stays gathered for the objective's whole forward and backward (:func:`gather_head_with`).
 
 Used by PARD's cross-entropy (:func:`pard_train.loss.pard_loss`) and PARD-2's weighted CE + KD
 (:func:`pard_train.methods.pard2.pard2_loss`).
