@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pard_train.attention import AttentionBackend, transformers_attn_implementation
+from pard_train.attention import AttentionBackend, flex_attention_in_one_dtype, transformers_attn_implementation
 from pard_train.config import ModelConfig
 from pard_train.errors import ModelNotFoundError  # noqa: F401 - re-exported
 from pard_train.loss import SUPPORTED_ARCHITECTURES
@@ -40,6 +40,8 @@ def load_causal_lm(path: str, backend: AttentionBackend, dtype: torch.dtype = to
     """``AutoModelForCausalLM`` with the attention implementation the backend needs (never eager)."""
     from transformers import AutoModelForCausalLM
 
+    if backend == AttentionBackend.flex:
+        flex_attention_in_one_dtype()
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=transformers_attn_implementation(backend), **kwargs

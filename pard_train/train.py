@@ -241,8 +241,10 @@ class Trainer:
     def _prepare(self, batch: StepBatch) -> tuple[list, float]:
         """Each micro-batch on the device, as the method's inputs (PARD-2 runs its teacher here), and their weight."""
         device = self.accelerator.device
+        # Asynchronous copies from the loader's pinned tensors: all micro-batches' copies are queued before any waits.
+        on_device = [b.to(device, non_blocking=True) for b in batch.micro_batches]
         prepared = [
-            self.method.prepare(b.to(device), batch.step, i, rows) for i, (b, rows) in enumerate(zip(*batch.parts))
+            self.method.prepare(b, batch.step, i, rows) for i, (b, rows) in enumerate(zip(on_device, batch.row_ids))
         ]
         return [inputs for inputs, _ in prepared], sum(weight for _, weight in prepared)
 

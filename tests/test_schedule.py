@@ -127,3 +127,33 @@ def test_a_ctrl_c_does_not_kill_the_loader_workers():
             os.kill(worker.pid, signal.SIGINT)
         got += list(steps)
     _assert_same_steps(got, reference)
+
+
+def _a_step(rows):
+    return StepBatches(rows, _schedule(rows), COLLATE, 1, 1)[0]
+
+
+def test_batch_to_moves_every_field_and_keeps_values():
+    batch = _a_step(_rows(8)).micro_batches[0]
+    names = ("input_ids", "position_ids", "depth", "anchor", "document", "labels")
+    on_meta = batch.to("meta", non_blocking=True)  # a device other than the source, without a GPU
+    for name in names:
+        moved, source = getattr(on_meta, name), getattr(batch, name)
+        assert moved.device.type == "meta" and moved.shape == source.shape and moved.dtype == source.dtype, name
+    copied = batch.to(torch.device("cpu"), non_blocking=True)
+    for name in names:
+        assert torch.equal(getattr(copied, name), getattr(batch, name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device")
+def test_pinned_batch_copies_to_the_gpu_asynchronously_with_its_values():
+    step = _a_step(_rows(8))
+    pinned = step.pin_memory()  # what the DataLoader's pinning thread does on GPUs
+    source = pinned.micro_batches[0]
+    assert all(getattr(source, name).is_pinned() for name in ("input_ids", "labels", "anchor"))
+    on_gpu = source.to(torch.device("cuda"), non_blocking=True)
+    torch.cuda.synchronize()
+    for name in ("input_ids", "position_ids", "depth", "anchor", "document", "labels"):
+        moved = getattr(on_gpu, name)
+        assert moved.is_cuda and torch.equal(moved.cpu(), getattr(step.micro_batches[0], name)), name
