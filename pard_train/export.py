@@ -84,7 +84,16 @@ def training_recipe(config: dict, steps: int | None = None) -> dict:
         "precision": train.get("precision"),
     }
     if method.get("name") == "pard2":
-        keys = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_layers")
+        keys = (
+            "target",
+            "ce_weight",
+            "kd_weight",
+            "kd_temperature",
+            "cat",
+            "features",
+            "feature_layers",
+            "feature_capture",
+        )
         recipe["method"] = {"name": "pard2", **{key: method.get(key) for key in keys}}
     if steps is not None:
         recipe["steps"] = steps
