@@ -94,16 +94,18 @@ def _method_details(config: Config) -> dict:
         return {}
     method = config.method
     keys = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_scale", "feature_drop")
-    return {f"method.{key}": getattr(method, key) for key in keys} | {
-        "method.feature_layers": list(method.feature_layers),
-        "method.feature_capture": FeatureCapture(method.feature_capture).value,
+    details = {f"method.{key}": getattr(method, key) for key in keys} | {
+        "method.feature_layers": list(method.feature_layers)
     }
+    if method.features:  # without features no target state is read: the capture changes nothing
+        details["method.feature_capture"] = FeatureCapture(method.feature_capture).value
+    return details
 
 
 def check_resumable(saved: TrainState, current: TrainState, where: Path, deepspeed: bool) -> None:
     """Raise ResumeError naming every method setting that differs, or a batch/world change that breaks exactness."""
     recorded = {"method.name": "pard", **saved.method}  # checkpoints from before the method switch are PARD
-    if recorded["method.name"] == "pard2":
+    if recorded["method.name"] == "pard2" and recorded.get("method.features"):
         # PARD-2 checkpoints from before method.feature_capture trained on HF hidden_states.
         recorded.setdefault("method.feature_capture", FeatureCapture.training.value)
     changed = [
