@@ -25,6 +25,7 @@ import torch
 
 from pard_train import draft_format
 from pard_train.atomic import atomic_directory, atomic_write_text
+from pard_train.config import FeatureCapture
 from pard_train.draft_format import DraftFormat, Pard2Fields
 from pard_train.errors import ExportError, PardTrainError
 from pard_train.mask_token import validate_mask_token
@@ -110,6 +111,17 @@ def _schedule(train: dict) -> str:
     return f"{schedule}, {train.get('warmup_steps')} warm-up steps"
 
 
+def _capture_sentence(pard2: Pard2Fields) -> str:
+    """Which target states the TD mode was trained on (``pard2_feature_capture``), and whether vLLM feeds the same."""
+    key = f"`{draft_format.PARD2_FEATURE_CAPTURE}: {pard2.feature_capture.value}`"
+    if pard2.feature_capture == FeatureCapture.vllm:
+        return f"Trained on the target states vLLM's PARD-2 serving feeds (layer -1 before the final norm; {key})."
+    return (
+        f"Trained on Hugging Face's `hidden_states` (layer -1 after the final norm; {key}); vLLM feeds layer -1 "
+        "before the final norm, so served features differ from trained ones where the layers include -1."
+    )
+
+
 def _pard2_objective(method: dict) -> str:
     """``CAT + KD`` (the parts of PARD-2's loss a recipe used)."""
     parts = [name for name, used in (("CAT", method.get("cat")), ("KD", (method.get("kd_weight") or 0) > 0)) if used]
@@ -164,6 +176,7 @@ class ModelCard:
             f"through `W` (`{draft_format.PROJECTION_FILE}`, {pard2.target_dim} -> hidden size, scale "
             f"{pard2.scale}); needs a vLLM build with PARD-2 serving (vllm-project/vllm pull request #55257, open "
             "when this card was written) and a target of the hidden size it was trained with.",
+            f"- {_capture_sentence(pard2)}",
             "",
         ]
 

@@ -4,6 +4,7 @@ of export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -171,14 +172,21 @@ def test_card_of_a_plain_pard_draft(pair, tmp_path):
     assert "LrSchedule" not in card and "Precision" not in card and "Enum" not in card
 
 
-def test_card_of_a_target_dependent_pard2_draft(pair, tmp_path):
+@pytest.mark.parametrize("capture", list(FeatureCapture))
+def test_card_of_a_target_dependent_pard2_draft(pair, tmp_path, capture):
     target, draft, tokenizer, mask_id = pair
     out = tmp_path / "td"
-    recipe = _recipe(target="tiny-target", kd_weight=0.5, cat=True, features=True)
-    export_draft(draft, tokenizer, out, DraftSpec(K, mask_id, "b"), recipe=recipe, pard2=_td(draft, target))
+    recipe = _recipe(target="tiny-target", kd_weight=0.5, cat=True, features=True, feature_capture=capture.value)
+    fields, weight = _td(draft, target)
+    fields = dataclasses.replace(fields, feature_capture=capture)
+    export_draft(draft, tokenizer, out, DraftSpec(K, mask_id, "b"), recipe=recipe, pard2=(fields, weight))
     card = _card(out)
     assert "## PARD-2: two modes" in card and "CAT + KD objective and target features" in card
     assert "layers [-1, -2]" in card and "warp_model.bin" in card and '"spd_type": "pard2"' in card
+    assert f"`pard2_feature_capture: {capture.value}`" in card and f'"feature_capture": "{capture.value}"' in card
+    served_differently = "vLLM feeds layer -1 before the final norm, so served features differ" in card
+    assert served_differently == (capture == FeatureCapture.training)
+    assert draft_format.read(out).pard2.feature_capture == capture
 
 
 def test_card_of_a_cat_only_pard2_draft_is_a_plain_pard_card_naming_its_objective(pair, tmp_path):
