@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pard_train.atomic import atomic_write_text, fsync_directory
-from pard_train.config import CheckpointConfig, Config
+from pard_train.config import CheckpointConfig, Config, FeatureCapture
 from pard_train.errors import CheckpointSaveError, ResumeError
 from pard_train.model import DraftSpec
 
@@ -95,14 +95,20 @@ def _method_details(config: Config) -> dict:
         return {}
     method = config.method
     keys = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_scale", "feature_drop")
-    return {f"method.{key}": getattr(method, key) for key in keys} | {
+    details = {f"method.{key}": getattr(method, key) for key in keys} | {
         "method.feature_layers": list(method.feature_layers)
     }
+    if method.features:  # without features no target state is read: the capture changes nothing
+        details["method.feature_capture"] = FeatureCapture(method.feature_capture).value
+    return details
 
 
 def check_resumable(saved: TrainState, current: TrainState, where: Path, deepspeed: bool) -> None:
     """Raise ResumeError naming every method setting that differs, or a batch/world change that breaks exactness."""
     recorded = {"method.name": "pard", **saved.method}  # checkpoints from before the method switch are PARD
+    if recorded["method.name"] == "pard2" and recorded.get("method.features"):
+        # PARD-2 checkpoints from before method.feature_capture trained on HF hidden_states.
+        recorded.setdefault("method.feature_capture", FeatureCapture.training.value)
     changed = [
         f"{key}: checkpoint {recorded.get(key)!r}, now {value!r}"
         for key, value in current.method.items()

@@ -104,6 +104,16 @@ class MethodName(str, Enum):
     pard2 = "pard2"
 
 
+class FeatureCapture(str, Enum):
+    """Which target hidden states a target-dependent PARD-2 draft reads (pard_train/evaluate/feature_capture.py
+    computes both; training and the harness share it)."""
+
+    training = "training"
+    """``output_hidden_states[l]``: layer -1 after the final norm (what the reference trains on)."""
+    vllm = "vllm"
+    """vLLM's PARD-2 aux hidden states: layer -1 before the final norm."""
+
+
 @dataclass
 class MethodConfig:
     """The training method; pick with ``method=pard|pard2`` (configs/method/). With ``pard2`` a frozen target model
@@ -126,6 +136,13 @@ class MethodConfig:
     feature_layers: list[int] = field(default_factory=lambda: [-1, -8, -16, -24])
     """Target layers whose hidden states are concatenated (``output_hidden_states`` indexing: -1 is after the final
     norm)."""
+    feature_capture: FeatureCapture = FeatureCapture.vllm
+    """Which states of ``feature_layers`` W trains on: ``vllm`` (default), what vLLM's PARD-2 serving feeds, where
+    layer -1 is the last layer's output BEFORE the final norm; or ``training``, HF ``hidden_states``, layer -1 after
+    it (the reference's choice). vLLM is the server, and no fixed W undoes the final norm (a per-token rescale: the -1
+    block's RMS is ~20x larger as served, docs/benchmarks.md "Issue 20"), so a draft served by vLLM trains on what
+    vLLM feeds. Without -1 (or the last layer's index) in ``feature_layers`` the two are the same states. Recorded
+    in the exported draft (``pard2_feature_capture``): the harness measures with it, the preflight reports it."""
     feature_scale: float = 0.02
     """s: the projected features enter the embedding as ``s * W f``."""
     feature_drop: float = 0.1

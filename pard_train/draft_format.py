@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pard_train.config import FeatureCapture
 from pard_train.errors import PardTrainError
 
 CONFIG_FILE = "config.json"
@@ -46,6 +47,10 @@ PARD2_PROJ_BIAS = "pard2_proj_bias"
 PARD2_TARGET_DIM = "pard2_target_dim"
 PARD2_TARGET_LAYERS = "pard2_target_layers"
 PARD2_TARGET = "pard2_target"
+PARD2_FEATURE_CAPTURE = "pard2_feature_capture"
+"""Ours, not vLLM's: which target states W was trained on (``training``: HF ``hidden_states``, layer -1 after the
+final norm; ``vllm``: what vLLM's PARD-2 serving captures, layer -1 before it). Missing means ``training`` (every
+draft exported before the key existed, and the reference's). The harness measures with it; the preflight reports it."""
 TIE_WORD_EMBEDDINGS = "tie_word_embeddings"
 
 SPD_PARD, SPD_PARD2 = "pard", "pard2"
@@ -68,6 +73,8 @@ class Pard2Fields:
     proj_bias: bool = False
     target: str | None = None
     """The target it was trained with (informational)."""
+    feature_capture: FeatureCapture = FeatureCapture.training
+    """Which target states W was trained on (:data:`PARD2_FEATURE_CAPTURE`)."""
 
     def config_fields(self) -> dict:
         fields = {
@@ -76,6 +83,7 @@ class Pard2Fields:
             PARD2_PROJ_BIAS: self.proj_bias,
             PARD2_TARGET_DIM: self.target_dim,
             PARD2_TARGET_LAYERS: list(self.target_layers),
+            PARD2_FEATURE_CAPTURE: FeatureCapture(self.feature_capture).value,
         }
         if self.target is not None:
             fields[PARD2_TARGET] = self.target
@@ -164,12 +172,19 @@ def from_config(config, where: str = "the draft") -> DraftFormat:
                 f"{where}: {SPD_TYPE}={spd_type!r} and {PARD2}={config.get(PARD2)} disagree; a target-dependent "
                 f'draft has both {SPD_TYPE}: "{SPD_PARD2}" and {PARD2}: true'
             )
+        capture = config.get(PARD2_FEATURE_CAPTURE, FeatureCapture.training.value)
+        if capture not in {member.value for member in FeatureCapture}:
+            raise DraftFormatError(
+                f"{where}: {PARD2_FEATURE_CAPTURE}={capture!r}; expected one of "
+                f"{', '.join(member.value for member in FeatureCapture)}"
+            )
         pard2 = Pard2Fields(
             target_layers=tuple(int(layer) for layer in config[PARD2_TARGET_LAYERS]),
             target_dim=int(config[PARD2_TARGET_DIM]),
             scale=float(config.get(PARD2_SCALE, DEFAULT_PARD2_SCALE)),
             proj_bias=bool(config.get(PARD2_PROJ_BIAS, False)),
             target=config.get(PARD2_TARGET),
+            feature_capture=FeatureCapture(capture),
         )
     elif any(key.startswith(PARD2) for key in config):
         stray = sorted(key for key in config if key.startswith(PARD2))

@@ -25,6 +25,7 @@ import torch
 
 from pard_train import draft_format
 from pard_train.atomic import atomic_directory, atomic_write_text
+from pard_train.config import FeatureCapture
 from pard_train.draft_format import DraftFormat, Pard2Fields
 from pard_train.errors import ExportError, PardTrainError
 from pard_train.mask_token import validate_mask_token
@@ -84,7 +85,16 @@ def training_recipe(config: dict, steps: int | None = None) -> dict:
         "precision": train.get("precision"),
     }
     if method.get("name") == "pard2":
-        keys = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_layers")
+        keys = (
+            "target",
+            "ce_weight",
+            "kd_weight",
+            "kd_temperature",
+            "cat",
+            "features",
+            "feature_layers",
+            "feature_capture",
+        )
         recipe["method"] = {"name": "pard2", **{key: method.get(key) for key in keys}}
     if steps is not None:
         recipe["steps"] = steps
@@ -99,6 +109,17 @@ def _schedule(train: dict) -> str:
     if not train.get("warmup_steps") and train.get("warmup_ratio"):
         return f"{schedule}, warm-up ratio {train.get('warmup_ratio')}"
     return f"{schedule}, {train.get('warmup_steps')} warm-up steps"
+
+
+def _capture_sentence(pard2: Pard2Fields) -> str:
+    """Which target states the TD mode was trained on (``pard2_feature_capture``), and whether vLLM feeds the same."""
+    key = f"`{draft_format.PARD2_FEATURE_CAPTURE}: {pard2.feature_capture.value}`"
+    if pard2.feature_capture == FeatureCapture.vllm:
+        return f"Trained on the target states vLLM's PARD-2 serving feeds (layer -1 before the final norm; {key})."
+    return (
+        f"Trained on Hugging Face's `hidden_states` (layer -1 after the final norm; {key}); vLLM feeds layer -1 "
+        "before the final norm, so served features differ from trained ones where the layers include -1."
+    )
 
 
 def _pard2_objective(method: dict) -> str:
@@ -155,6 +176,7 @@ class ModelCard:
             f"through `W` (`{draft_format.PROJECTION_FILE}`, {pard2.target_dim} -> hidden size, scale "
             f"{pard2.scale}); needs a vLLM build with PARD-2 serving (vllm-project/vllm pull request #55257, open "
             "when this card was written) and a target of the hidden size it was trained with.",
+            f"- {_capture_sentence(pard2)}",
             "",
         ]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pard_train import draft_format
+from pard_train.config import FeatureCapture
 from pard_train.errors import PardTrainError
 
 PARD2_ARCHITECTURES = ("llama", "qwen3")
@@ -166,6 +167,7 @@ def _pard2_rules(config, text, directory: Path, draft, target: TargetShape | Non
         f"W {tuple(weight.shape)}"
     )
     if target is None:
+        lines.extend(_capture_lines(pard2, pard2.target_layers, -1))
         lines.append("PARD-2 branch: pass --target to check the feature width and layer ids against the target")
         return lines
     # vllm/config/speculative.py _pard2_target_dim_matches: TD only if pard2_target_dim == hidden x layers; otherwise
@@ -186,12 +188,26 @@ def _pard2_rules(config, text, directory: Path, draft, target: TargetShape | Non
     lines.append(
         f"PARD-2 branch: aux hidden-state ids {ids} (l mod {depth + 1}); captured in ascending order {sorted(ids)}"
     )
-    if depth in ids:
-        lines.append(
-            f"PARD-2 branch: id {depth} (layer -1) is the last layer's output before the final norm; training read "
-            "it after the norm (see README 'PARD-2', which hidden state vLLM feeds)"
-        )
+    lines.extend(_capture_lines(pard2, ids, depth))
     return lines
+
+
+def _capture_lines(pard2, ids, last_id: int) -> list[str]:
+    """What the draft's recorded feature capture means served: vLLM feeds aux id ``last_id`` (layer -1) as the last
+    layer's output before the final norm (``resolve_layer_ids``), so a draft trained on HF's ``hidden_states[-1]``
+    (after the norm) reads other features than it trained on. A warning, not a refusal: vLLM serves it, losslessly,
+    only with a lower acceptance."""
+    key = draft_format.PARD2_FEATURE_CAPTURE
+    capture = pard2.feature_capture
+    if last_id not in ids:
+        return [f"PARD-2 branch: feature capture {capture.value} ({key}); no layer -1, so either capture is the same"]
+    if capture == FeatureCapture.vllm:
+        return [f"PARD-2 branch: trained on vLLM's capture ({key}: vllm): layer -1 before the final norm, as served"]
+    return [
+        f"warning: trained on the training capture ({key}: {capture.value}, layer -1 after the final norm), but vLLM "
+        "feeds layer -1 before the final norm: served features differ from trained ones; retrain with "
+        "method.feature_capture=vllm (README 'PARD-2')"
+    ]
 
 
 def check_serving(draft: str | Path, target=None) -> list[str]:

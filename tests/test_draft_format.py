@@ -4,6 +4,7 @@ of export."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from pard_train import draft_format
-from pard_train.config import to_config
+from pard_train.config import FeatureCapture, to_config
 from pard_train.draft_format import DraftFormat, DraftFormatError, Pard2Fields
 from pard_train.evaluate.tiny_pair import build_pair
 from pard_train.export import export_draft, training_recipe
@@ -72,6 +73,21 @@ def test_write_then_read_gives_the_same_format(tmp_path):
     assert draft_format.read(tmp_path) == DraftFormat(8, 300)
 
 
+@pytest.mark.parametrize("capture", list(FeatureCapture))
+def test_the_feature_capture_round_trips_and_a_draft_without_it_reads_as_training(tmp_path, capture):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    fields = Pard2Fields((-1, -8), 128, 0.02, feature_capture=capture)
+    DraftFormat(8, 300, fields).write(tmp_path, torch.ones(16, 128))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config[draft_format.PARD2_FEATURE_CAPTURE] == capture.value
+    assert draft_format.read(tmp_path).pard2.feature_capture == capture
+    del config[draft_format.PARD2_FEATURE_CAPTURE]  # exported before the key existed (or by the reference)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert draft_format.read(tmp_path).pard2.feature_capture == FeatureCapture.training
+    DraftFormat(8, 300).write(tmp_path)  # a plain PARD draft carries no capture
+    assert draft_format.PARD2_FEATURE_CAPTURE not in json.loads((tmp_path / "config.json").read_text())
+
+
 @pytest.mark.parametrize(
     ("fields", "says"),
     [
@@ -82,6 +98,11 @@ def test_write_then_read_gives_the_same_format(tmp_path):
             "disagree",
         ),
         ({"pard_token": 5, "spd_type": "pard", "pard2_scale": 0.02}, "carries pard2_scale"),
+        (
+            {"pard_token": 5, "spd_type": "pard2", "pard2": True, "pard2_target_layers": [-1], "pard2_target_dim": 4}
+            | {"pard2_feature_capture": "pre_norm"},
+            "pard2_feature_capture='pre_norm'; expected one of training, vllm",
+        ),
     ],
 )
 def test_read_refuses_disagreeing_keys_in_one_line(tmp_path, fields, says):
@@ -151,14 +172,21 @@ def test_card_of_a_plain_pard_draft(pair, tmp_path):
     assert "LrSchedule" not in card and "Precision" not in card and "Enum" not in card
 
 
-def test_card_of_a_target_dependent_pard2_draft(pair, tmp_path):
+@pytest.mark.parametrize("capture", list(FeatureCapture))
+def test_card_of_a_target_dependent_pard2_draft(pair, tmp_path, capture):
     target, draft, tokenizer, mask_id = pair
     out = tmp_path / "td"
-    recipe = _recipe(target="tiny-target", kd_weight=0.5, cat=True, features=True)
-    export_draft(draft, tokenizer, out, DraftSpec(K, mask_id, "b"), recipe=recipe, pard2=_td(draft, target))
+    recipe = _recipe(target="tiny-target", kd_weight=0.5, cat=True, features=True, feature_capture=capture.value)
+    fields, weight = _td(draft, target)
+    fields = dataclasses.replace(fields, feature_capture=capture)
+    export_draft(draft, tokenizer, out, DraftSpec(K, mask_id, "b"), recipe=recipe, pard2=(fields, weight))
     card = _card(out)
     assert "## PARD-2: two modes" in card and "CAT + KD objective and target features" in card
     assert "layers [-1, -2]" in card and "warp_model.bin" in card and '"spd_type": "pard2"' in card
+    assert f"`pard2_feature_capture: {capture.value}`" in card and f'"feature_capture": "{capture.value}"' in card
+    served_differently = "vLLM feeds layer -1 before the final norm, so served features differ" in card
+    assert served_differently == (capture == FeatureCapture.training)
+    assert draft_format.read(out).pard2.feature_capture == capture
 
 
 def test_card_of_a_cat_only_pard2_draft_is_a_plain_pard_card_naming_its_objective(pair, tmp_path):

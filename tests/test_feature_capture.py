@@ -1,17 +1,25 @@
-"""The harness's ``feature_capture``: ``vllm`` feeds what vLLM's PARD-2 serving captures (layer -1 before the final
-norm, the other layers as ``output_hidden_states``), and with it the TD drafter's logits equal the training layout's
-computed from the same serving features, at every anchor and depth, while decoding stays lossless."""
+"""``feature_capture`` in the harness and in training (``method.feature_capture``): ``vllm`` feeds what vLLM's PARD-2
+serving captures (layer -1 before the final norm, the other layers as ``output_hidden_states``). The trainer's teacher
+captures exactly what the harness's verification loop does, so with the ``vllm`` capture the TD drafter's logits equal
+the training layout's at every anchor and depth, while decoding stays lossless; the harness measures a draft with the
+capture it records."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from pard_train import draft_format
+from pard_train.config import AttentionBackend
+from pard_train.draft_format import DraftFormat, Pard2Fields
 from pard_train.evaluate.feature_capture import FeatureCapture, final_norm_input, target_features
-from pard_train.evaluate.pard2_drafter import Pard2Drafter
+from pard_train.evaluate.pard2_drafter import Pard2Drafter, load_pard2_drafter
 from pard_train.evaluate.speculative import speculative_generate
 from pard_train.layout import IGNORE_INDEX, build_row, collate_rows, dense_attention_mask
 from pard_train.methods.pard2 import anchor_features
+from pard_train.methods.teacher import Teacher
 from pard_train.tiny import build_tiny_model
 
 K, VOCAB, MASK = 4, 128, 127
@@ -58,11 +66,12 @@ def test_with_the_serving_capture_the_harness_equals_the_training_layout_at_ever
     verified = len(tokens) - 1  # the last token is still pending
     torch.testing.assert_close(drafter.features[:verified], serving[:verified], rtol=1e-4, atol=1e-5)
 
-    # The training layout of the same sequence, its features taken the serving way.
+    # The training layout of the same sequence, its features captured by the trainer's teacher with
+    # method.feature_capture=vllm (a decoder forward over the layout's real tokens, not the harness's).
     n = len(tokens)
     batch = collate_rows([build_row(torch.tensor(tokens), MASK, K, drop_tokens=None)], pad_token_id=0)
-    real = torch.zeros(1, batch.input_ids.shape[1], serving.shape[1])
-    real[0, :n] = serving
+    real = Teacher(target, AttentionBackend.sdpa, LAYERS, FeatureCapture.vllm)(batch).features
+    torch.testing.assert_close(real[0, :n], serving, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         embeds = draft.get_input_embeddings()(batch.input_ids)
         embeds = embeds + scale * anchor_features(batch, projection(real), torch.ones(1, 1, dtype=torch.bool))
@@ -79,3 +88,43 @@ def test_with_the_serving_capture_the_harness_equals_the_training_layout_at_ever
             torch.testing.assert_close(drafter.last_logits[depth], layout[t].float(), rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked > 60
+
+
+@pytest.mark.parametrize("capture", list(FeatureCapture))
+def test_the_trainers_teacher_captures_what_the_harness_does(models, capture):
+    """Both captures, through the teacher's decoder forward over a padded layout batch of two rows, equal the
+    harness's full-model forward of each sequence alone; the training capture keeps HF's hidden_states."""
+    _, target = models
+    sequences = [list(range(5, 25)), list(range(30, 41))]
+    rows = [build_row(torch.tensor(ids), MASK, K, drop_tokens=None) for ids in sequences]
+    features = Teacher(target, AttentionBackend.sdpa, LAYERS, capture)(collate_rows(rows, pad_token_id=0)).features
+    for row, ids in enumerate(sequences):
+        torch.testing.assert_close(features[row, : len(ids)], _features(target, ids, capture), rtol=1e-4, atol=1e-5)
+    if capture == FeatureCapture.training:
+        with torch.no_grad():
+            out = target(torch.tensor([sequences[0]]), output_hidden_states=True)
+        expected = torch.cat([out.hidden_states[layer] for layer in LAYERS], dim=-1)[0]
+        torch.testing.assert_close(features[0, : len(sequences[0])], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "override", "used"),
+    [
+        (FeatureCapture.vllm, None, FeatureCapture.vllm),
+        (FeatureCapture.training, None, FeatureCapture.training),
+        (None, None, FeatureCapture.training),  # a draft from before the key: trained on hidden_states
+        (FeatureCapture.vllm, FeatureCapture.training, FeatureCapture.training),  # feature_capture=training wins
+    ],
+)
+def test_the_harness_measures_a_draft_with_the_capture_it_was_trained_on(models, tmp_path, recorded, override, used):
+    draft, _ = models
+    draft.save_pretrained(tmp_path)
+    width = len(LAYERS) * 96
+    fields = Pard2Fields(tuple(LAYERS), width, 0.5, feature_capture=recorded or FeatureCapture.training)
+    DraftFormat(K, MASK, fields).write(tmp_path, torch.ones(64, width))
+    if recorded is None:
+        config = json.loads((tmp_path / draft_format.CONFIG_FILE).read_text())
+        del config[draft_format.PARD2_FEATURE_CAPTURE]
+        (tmp_path / draft_format.CONFIG_FILE).write_text(json.dumps(config))
+    drafter = load_pard2_drafter(draft, str(tmp_path), MASK, 96, override)
+    assert drafter.feature_capture == used

@@ -46,6 +46,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     config = json.loads((final / "config.json").read_text())
     assert config["spd_type"] == "pard2" and config["pard2"] and config["pard_token"] == config["mask_token_id"]
     assert config["pard2_target_layers"] == [-1, -2, -3] and config["pard2_target_dim"] == 3 * 64
+    assert config["pard2_feature_capture"] == "vllm"  # the method's default: what vLLM's PARD-2 serving feeds
     projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
     assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0  # W starts at zero and was trained
 
@@ -56,7 +57,8 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     card = (final / "README.md").read_text()
     assert "## PARD-2: two modes" in card and "Target-dependent" in card and "#55257" in card
     reloaded = AutoModelForCausalLM.from_pretrained(final)  # the base draft stays a plain causal LM (TI mode)
-    check_serving(final, tiny_checkpoint)  # the serving preflight passes, against the target it was trained with
+    # The serving preflight passes against the target it was trained with, and has nothing to warn about.
+    assert not [line for line in check_serving(final, tiny_checkpoint) if line.startswith("warning:")]
     assert reloaded.config.pard_token == config["pard_token"]
 
     # Both modes in the harness, lossless against the target's own greedy output.
@@ -71,6 +73,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
         output_dir=str(tmp_path / "eval"),
     )
     report = evaluate(harness, log=lambda *_: None)
+    assert report["feature_capture"] == "vllm"  # feature_capture=null: the capture the draft was trained on
     for mode in ("pard", "pard2"):
         assert report["overall"][mode]["mismatched_prompts"] == 0
         assert len(report["overall"][mode]["conditional_acceptance"]) == 4
@@ -81,6 +84,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     assert export_main(["--checkpoint", str(final), "--output", str(tmp_path / "exported")]) == 0
     again = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert again["spd_type"] == "pard2" and again["pard2_target_dim"] == config["pard2_target_dim"]
+    assert again["pard2_feature_capture"] == "vllm"
     exported_w = torch.load(tmp_path / "exported" / "warp_model.bin", weights_only=True)["target_proj.weight"]
     assert torch.equal(exported_w, projection)
 
@@ -97,6 +101,8 @@ def test_pard2_resume_is_bitwise_and_refuses_another_method(tiny_checkpoint, tmp
     w = [torch.load(d / "warp_model.bin", weights_only=True)["target_proj.weight"] for d in (whole, resumed)]
     assert torch.equal(*w)
 
+    with pytest.raises(ResumeError, match="method.feature_capture: 'vllm' there, 'training' now"):
+        _train(tiny_checkpoint, resumed_root, *CONSTANT, "train.max_steps=8", "method.feature_capture=training")
     with pytest.raises(ResumeError, match="method.name: 'pard2' there, 'pard' now"):
         config = to_config(
             compose(

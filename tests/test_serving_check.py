@@ -3,6 +3,7 @@ it, and each of its rules has a directory that fails it, with exit 2 and a one-l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pard_train import draft_format
+from pard_train.config import FeatureCapture
 from pard_train.draft_format import Pard2Fields
 from pard_train.evaluate.tiny_pair import build_pair
 from pard_train.export import export_draft
@@ -35,6 +37,38 @@ def exports(tmp_path_factory):
     fields = Pard2Fields((-1, -2), width, 0.02)
     export_draft(draft, tokenizer, root / "td", spec, target=root / "target", pard2=(fields, weight))
     return root
+
+
+@pytest.mark.parametrize("capture", list(FeatureCapture))
+@pytest.mark.parametrize("with_target", [True, False])
+def test_the_preflight_warns_a_draft_trained_on_the_training_capture(exports, tmp_path, capsys, capture, with_target):
+    """vLLM feeds layer -1 before the final norm: a draft trained after it is served (exit 0) with a warning line."""
+    directory = tmp_path / "td"
+    shutil.copytree(exports / "td", directory)
+    recorded = draft_format.read(directory)
+    fields = dataclasses.replace(recorded.pard2, feature_capture=capture)
+    draft_format.DraftFormat(recorded.num_draft_tokens, recorded.mask_token_id, fields).write(
+        directory, draft_format.load_projection(directory)
+    )
+    code, out, err = _cli(directory, *(["--target", exports / "target"] if with_target else []), capsys=capsys)
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    if capture == FeatureCapture.training:
+        assert len(warnings) == 1 and "vLLM feeds layer -1 before the final norm" in warnings[0]
+        assert "method.feature_capture=vllm" in warnings[0]
+    else:
+        assert not warnings and "trained on vLLM's capture (pard2_feature_capture: vllm)" in out
+
+
+def test_the_preflight_does_not_warn_without_layer_minus_one(exports, tmp_path, capsys):
+    directory = tmp_path / "td"
+    shutil.copytree(exports / "td", directory)
+    config = json.loads((directory / draft_format.CONFIG_FILE).read_text())
+    config[draft_format.PARD2_TARGET_LAYERS] = [-2, -3]  # ids 1 and 0 of the 2-layer target: before the last layer
+    (directory / draft_format.CONFIG_FILE).write_text(json.dumps(config))
+    code, out, err = _cli(directory, "--target", exports / "target", capsys=capsys)
+    assert code == 0, err
+    assert "warning:" not in out and "no layer -1, so either capture is the same" in out
 
 
 def _cli(*argv, capsys):

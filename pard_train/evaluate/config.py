@@ -56,9 +56,11 @@ class EvalConfig:
     """K sweep: timed forwards per shape (the fastest is used)."""
     mask_token_id: int | None = None
     """The PARD mask token; null reads it from the draft's config.json."""
-    feature_capture: FeatureCapture = FeatureCapture.training
-    """``pard2`` mode: the target states the draft reads, ``training`` (as trained: layer -1 after the final norm) or
-    ``vllm`` (as vLLM's PARD-2 serving feeds them: layer -1 before it); see ``evaluate/feature_capture.py``."""
+    feature_capture: FeatureCapture | None = None
+    """``pard2`` mode: the target states the draft reads; null (default) uses the capture the draft was trained on
+    (its ``pard2_feature_capture``; ``training`` when it records none), ``training`` forces HF ``hidden_states`` (layer
+    -1 after the final norm), ``vllm`` what vLLM's PARD-2 serving feeds (layer -1 before it, which is how vLLM serves
+    any draft); see ``evaluate/feature_capture.py``."""
     benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])
     """Built-in benchmark names (humaneval, gsm8k, math_500, mt_bench) or paths of JSONL prompt files."""
     num_prompts: int | None = None

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from enum import Enum
 
 import torch
 from torch import Tensor
 
+from pard_train.config import FeatureCapture
 
-class FeatureCapture(str, Enum):
-    training = "training"
-    """``output_hidden_states[l]``: layer -1 after the final norm (what ``pard_train`` and the reference train on)."""
-    vllm = "vllm"
-    """vLLM's aux hidden states: layer -1 before the final norm."""
+__all__ = ["FeatureCapture", "final_norm_input", "target_features"]
 
 
 @contextmanager

@@ -73,11 +73,11 @@ class Pard2Drafter(PardDrafter):
 
 
 def load_pard2_drafter(
-    draft, draft_dir: str, mask_token_id: int, target_width: int, capture: FeatureCapture = FeatureCapture.training
+    draft, draft_dir: str, mask_token_id: int, target_width: int, capture: FeatureCapture | None = None
 ) -> Pard2Drafter:
-    """The TD drafter of an exported PARD-2 draft: W, the scale and layers from its directory
-    (:func:`pard_train.draft_format.read`). Refuses a target whose feature width differs from W's (vLLM falls back to
-    TI there; a measurement should not)."""
+    """The TD drafter of an exported PARD-2 draft: W, the scale, layers and feature capture from its directory
+    (:func:`pard_train.draft_format.read`); ``capture`` overrides the capture the draft was trained on. Refuses a
+    target whose feature width differs from W's (vLLM falls back to TI there; a measurement should not)."""
     pard2 = draft_format.read(draft_dir).pard2
     if pard2 is None:
         raise ConfigError(f"modes: pard2 needs a target-dependent PARD-2 draft; {draft_dir} is a plain PARD draft")
@@ -92,4 +92,5 @@ def load_pard2_drafter(
     projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).to(device, weight.dtype)
     with torch.no_grad():
         projection.weight.copy_(weight.to(device))
+    capture = pard2.feature_capture if capture is None else capture
     return Pard2Drafter(draft, mask_token_id, projection, pard2.scale, layers, capture)

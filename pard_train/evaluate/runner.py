@@ -273,6 +273,8 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
         target_runs.update({name: modes[Mode.target] for name, modes in results.items()})
     report = build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
     report["trained_num_draft_tokens"] = trained_k
+    if Mode.pard2 in drafters:  # the capture used, resolved from the draft when the setting is null
+        report["feature_capture"] = drafters[Mode.pard2].feature_capture.value
     return report
 
 

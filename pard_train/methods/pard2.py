@@ -253,7 +253,7 @@ class Pard2Method:
             bad = [layer for layer in layers if not -depth <= layer < depth]
             if bad:
                 raise ConfigError(f"method.feature_layers: {bad} outside the target's {depth} hidden states")
-        self.teacher = Teacher(target, backend, layers)
+        self.teacher = Teacher(target, backend, layers, settings.feature_capture)
         projection = None
         if layers is not None:
             draft_width = draft.config.get_text_config().hidden_size
@@ -313,5 +313,6 @@ class Pard2Method:
             scale=settings.feature_scale,
             proj_bias=False,
             target=settings.target,
+            feature_capture=settings.feature_capture,
         )
         return fields_, weight

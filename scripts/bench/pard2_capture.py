@@ -1,14 +1,18 @@
 """python scripts/bench/pard2_capture.py [--root runs] [--keep-layers 10] [--steps 40] [--prompts 2]
-    [--max-new-tokens 48] [--w-init zero,default] [--train-files GLOB] [--max-samples N] [--out FILE.json]
+    [--max-new-tokens 48] [--w-init zero,default] [--captures training,vllm] [--train-files GLOB] [--max-samples N]
+    [--out FILE.json]
 
-PARD-2 target-dependent (TD) acceptance as trained against as vLLM serves it, on a real pair whose draft is smaller
-than its target: SmolLM2-135M-Instruct (30 layers) is the target, and the draft is the same model cut to
+PARD-2 target-dependent (TD) acceptance by the target states W trains on and is served, on a real pair whose draft is
+smaller than its target: SmolLM2-135M-Instruct (30 layers) is the target, and the draft is the same model cut to
 ``--keep-layers`` evenly spaced layers (its state dict sliced here; the first and last layers kept). The draft is
 trained with method=pard2 (reference weights: CAT, 0.1 CE + 1.0 KD, features at layers -1/-8/-16/-24) for ``--steps``
-steps, once per W initialisation in ``--w-init`` (``zero``: ours; ``default``: nn.Linear's, the reference's), then
-the harness measures TD AL on a reporting split (prompts from the second half of each benchmark file) with
-``feature_capture=training`` (layer -1 after the final norm, as trained) and ``feature_capture=vllm`` (before it, as
-vLLM's PARD-2 serving captures it), plus the target-independent AL. Prints a table and writes JSON.
+steps, once per W initialisation in ``--w-init`` (``zero``: ours; ``default``: nn.Linear's, the reference's) and per
+``method.feature_capture`` in ``--captures`` (``training``: layer -1 after the final norm, the reference's;
+``vllm``: before it, what vLLM's PARD-2 serving feeds, our default). The harness then measures, on a reporting split
+(prompts from the second half of each benchmark file), the TD AL of each draft served the vLLM way
+(``feature_capture=vllm``, what a vLLM server does with any draft) and, for a training-capture draft, also as it was
+trained (``feature_capture=training``, the reference's own inference), plus the target-independent AL. Prints a table
+and writes JSON.
 
 Needs runs/cache/smollm2-135m-instruct (``make demo``'s first step) under --root, and runs/cache/demo-data (its
 second) unless ``--train-files`` names other data.
@@ -49,7 +53,7 @@ def sliced_draft(model_dir: Path, out: Path, keep: int) -> Path:
     return out
 
 
-def train(root: Path, draft: Path, target: Path, data: str, name: str, args, w_init: str) -> Path:
+def train(root: Path, draft: Path, target: Path, data: str, name: str, args, w_init: str, capture: str) -> Path:
     overrides = [
         "+config=demo",
         f"run.output_root={root}",
@@ -59,6 +63,7 @@ def train(root: Path, draft: Path, target: Path, data: str, name: str, args, w_i
         f"data.train_files=[{data}]",
         "method=pard2",
         f"method.target={target}",
+        f"method.feature_capture={capture}",
         f"train.max_steps={args.steps}",
         *([f"data.max_samples={args.max_samples}"] if args.max_samples else []),
         "checkpoint.every_steps=0",
@@ -98,7 +103,7 @@ def _train_with_default_w_init(overrides: list[str]) -> None:
     runpy.run_module("pard_train", run_name="__main__", alter_sys=True)
 
 
-def evaluate(target: Path, draft: Path, modes: list[str], capture: str, benchmarks, out: Path, args) -> dict:
+def evaluate(target: Path, draft: Path, modes: list[str], capture: str | None, benchmarks, out: Path, args) -> dict:
     if not (out / "report.json").exists():
         command = [
             sys.executable,
@@ -107,7 +112,7 @@ def evaluate(target: Path, draft: Path, modes: list[str], capture: str, benchmar
             f"target={target}",
             f"draft={draft}",
             f"modes=[{','.join(modes)}]",
-            f"feature_capture={capture}",
+            f"feature_capture={capture or 'null'}",
             f"benchmarks=[{','.join(benchmarks)}]",
             f"max_new_tokens={args.max_new_tokens}",
             "warmup=false",
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="reporting-split prompts per benchmark")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--w-init", default="zero,default")
+    parser.add_argument("--captures", default="training,vllm", help="method.feature_capture values to train with")
     parser.add_argument("--train-files", help="training data (default: the demo's regenerated answers)")
     parser.add_argument("--max-samples", type=int, help="use at most this many conversations")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "pard2_capture.json")
@@ -141,24 +147,27 @@ def main() -> None:
 
     results = {}
     for w_init in args.w_init.split(","):
-        run_dir = train(root, draft, target, data, f"td_w_{w_init}", args, w_init)
-        final = run_dir / "final"
-        both = evaluate(target, final, ["pard", "pard2"], "training", benchmarks, root / f"eval_{w_init}_train", args)
-        served = evaluate(target, final, ["pard2"], "vllm", benchmarks, root / f"eval_{w_init}_vllm", args)
-        results[w_init] = {
-            "ti": both["overall"]["pard"],
-            "td_training_capture": both["overall"]["pard2"],
-            "td_vllm_capture": served["overall"]["pard2"],
-        }
+        for capture in args.captures.split(","):
+            name = f"w_{w_init}_{capture}"
+            final = train(root, draft, target, data, f"td_{name}", args, w_init, capture) / "final"
+            # feature_capture=None: the capture the draft records, i.e. the one it was trained on.
+            trained = evaluate(target, final, ["pard", "pard2"], None, benchmarks, root / f"eval_{name}", args)
+            row = {"ti": trained["overall"]["pard"], "td_as_trained": trained["overall"]["pard2"]}
+            if capture == "vllm":
+                row["td_as_vllm_serves"] = row["td_as_trained"]
+            else:
+                served = evaluate(target, final, ["pard2"], "vllm", benchmarks, root / f"eval_{name}_vllm", args)
+                row["td_as_vllm_serves"] = served["overall"]["pard2"]
+            results[name] = row
     print(f"\n{args.steps} steps, draft {args.keep_layers} of 30 layers, {len(benchmarks)} benchmarks x {args.prompts}")
-    print("| W init | TI AL | TD AL, training capture | TD AL, vLLM capture | lossless |")
+    print("| W init, trained capture | TI AL | TD AL as trained | TD AL as vLLM serves it | lossless |")
     print("|---|---|---|---|---|")
-    for w_init, rows in results.items():
+    for name, rows in results.items():
         lossless = all(row["mismatched_prompts"] in (0, None) for row in rows.values())
         print(
-            f"| {w_init} | {rows['ti']['acceptance_length']:.3f} | "
-            f"{rows['td_training_capture']['acceptance_length']:.3f} | "
-            f"{rows['td_vllm_capture']['acceptance_length']:.3f} | {'yes' if lossless else 'no'} |"
+            f"| {name.removeprefix('w_').replace('_', ', ', 1)} | {rows['ti']['acceptance_length']:.3f} | "
+            f"{rows['td_as_trained']['acceptance_length']:.3f} | "
+            f"{rows['td_as_vllm_serves']['acceptance_length']:.3f} | {'yes' if lossless else 'no'} |"
         )
     write_json(args.out, {"settings": vars(args) | {"root": str(args.root), "out": str(args.out)}, "results": results})
 
