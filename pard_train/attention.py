@@ -32,6 +32,35 @@ def transformers_attn_implementation(backend: AttentionBackend) -> str:
     return {AttentionBackend.flex: "flex_attention", AttentionBackend.sdpa: "sdpa"}[backend]
 
 
+def flex_compute_dtype(query: Tensor, value: Tensor) -> torch.dtype:
+    """The one dtype FlexAttention gets: autocast's when it is on, else the value's (the projection's output)."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+
+
+def flex_attention_in_one_dtype() -> None:
+    """Make transformers' ``flex_attention`` hand q, k and v to the kernel in one dtype (idempotent).
+
+    Under bf16 autocast with fp32 weights, RoPE multiplies q and k by fp32 cos/sin (and Qwen3's q/k norms by fp32
+    weights), so q and k arrive as fp32 while v is bf16: on a GPU a dtype error or fp32 kernels. transformers looks
+    the function up by name at every forward, so re-registering ``flex_attention`` through its AttentionInterface
+    fixes every flex model of the process (the draft, the PARD-2 target, models a script loads itself) and keeps the
+    name that the rest of transformers and the exported config expect.
+    """
+    from transformers import AttentionInterface
+
+    current = AttentionInterface()["flex_attention"]
+    if getattr(current, "one_dtype", False):
+        return
+
+    def flex_attention_forward(module, query, key, value, attention_mask, **kwargs):
+        dtype = flex_compute_dtype(query, value)
+        return current(module, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, **kwargs)
+
+    flex_attention_forward.one_dtype = True
+    AttentionInterface.register("flex_attention", flex_attention_forward)
+
+
 BLOCK = 128
 """FlexAttention's block size; the trainer pads layouts to a multiple of it on GPUs (few distinct shapes to compile)."""
 
@@ -117,6 +146,7 @@ def flex_block_mask(batch: PardBatch):
     ``create_block_mask`` evaluates the mask_mod over the whole grid unless compiled)."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    flex_attention_in_one_dtype()  # every forward that attends through our BlockMask gets q, k, v in one dtype
     depth, anchor, document = _padded(batch)  # padded: the mask_mod may be called on a last block's tail
 
     def pard_mask_mod(b, h, q_idx, kv_idx):

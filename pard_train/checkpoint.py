@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pard_train.atomic import atomic_write_text, fsync_directory
-from pard_train.config import CheckpointConfig, Config
+from pard_train.config import CheckpointConfig, Config, FeatureCapture
 from pard_train.errors import CheckpointSaveError, ResumeError
 from pard_train.model import DraftSpec
 
@@ -74,15 +74,16 @@ class TrainState:
     """Fingerprint of the packed training rows (``TrainingData.fingerprint``): the samples the steps map onto."""
 
 
-def method_settings(config: Config, spec: DraftSpec) -> dict:
-    """The settings that define the PARD method of a run: a checkpoint made with other values is another model."""
+def method_settings(config: Config, spec: DraftSpec, model: str | None = None) -> dict:
+    """The settings that define the PARD method of a run: a checkpoint made with other values is another model.
+    ``model`` identifies the model by content (:func:`pard_train.model_identity.model_fingerprint`), not by path."""
     return {
         "pard.num_draft_tokens": config.pard.num_draft_tokens,
         "pard.drop_tokens": config.pard.drop_tokens,
         "pard.drop_ratio": config.pard.drop_ratio,
         "pard.drop_ratio_min": config.pard.drop_ratio_min,
         "model.mask_token_id (resolved)": spec.mask_token_id,
-        "model.path": config.model.path,
+        "model (files)": model or config.model.path,
         # Only set for derived drafts, so checkpoints of other runs keep matching.
         **({"model.keep_layers": config.model.keep_layers} if config.model.keep_layers is not None else {}),
         "method.name": config.method.name.value,
@@ -96,18 +97,24 @@ def _method_details(config: Config) -> dict:
         return {}
     method = config.method
     keys = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_scale", "feature_drop")
-    return {f"method.{key}": getattr(method, key) for key in keys} | {
+    details = {f"method.{key}": getattr(method, key) for key in keys} | {
         "method.feature_layers": list(method.feature_layers)
     }
+    if method.features:  # without features no target state is read: the capture changes nothing
+        details["method.feature_capture"] = FeatureCapture(method.feature_capture).value
+    return details
 
 
 def check_resumable(saved: TrainState, current: TrainState, where: Path, deepspeed: bool) -> None:
     """Raise ResumeError naming every method setting that differs, or a batch/world change that breaks exactness."""
     recorded = {"method.name": "pard", **saved.method}  # checkpoints from before the method switch are PARD
+    if recorded["method.name"] == "pard2" and recorded.get("method.features"):
+        # PARD-2 checkpoints from before method.feature_capture trained on HF hidden_states.
+        recorded.setdefault("method.feature_capture", FeatureCapture.training.value)
     changed = [
         f"{key}: checkpoint {recorded.get(key)!r}, now {value!r}"
         for key, value in current.method.items()
-        if recorded.get(key) != value
+        if recorded.get(key) != value and (key in recorded or key != "model (files)")  # older ones named a path
     ]
     if changed:
         raise ResumeError(
@@ -181,6 +188,17 @@ class Checkpoints:
         if self.accelerator.is_main_process:
             print(f"resuming from {latest} (step {loaded.step})", flush=True)
         return replace(state, step=loaded.step, best_al=loaded.best_al)
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove staging directories of saves that died (``.step_N.partial``), whatever their step: with another
+        ``every_steps`` no later save would reuse the name, and each holds a model and optimizer copy. Main process,
+        under the run lock (no live save can own one)."""
+        removed = []
+        if self.root.is_dir():
+            for path in sorted(self.root.glob(".step_*.partial")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        return removed
 
     def choose(self) -> tuple[Path, TrainState] | None:
         """The newest complete checkpoint whose files match its manifest, and its state (collective).

@@ -30,6 +30,9 @@ def run_hydra(main: Callable[[], None], prog: str) -> None:
         _fail(prog, _missing_config(error))
     except (CompactHydraException, OmegaConfBaseException) as error:
         _fail(prog, _composition(error))
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it: no traceback, the shell's code
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 @contextmanager

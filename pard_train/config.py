@@ -7,6 +7,7 @@ Everything after the entry point takes dataclasses, never a DictConfig.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -46,6 +47,8 @@ class LrSchedule(str, Enum):
     constant = "constant"
     linear = "linear"
     cosine = "cosine"
+    cosine_with_min_lr = "cosine_with_min_lr"
+    """Cosine down to ``train.min_lr_rate`` of the peak (the reference's PARD-2 Qwen3 schedule)."""
 
 
 def require(condition: bool, key: str, message: str) -> None:
@@ -123,6 +126,16 @@ class MethodName(str, Enum):
     pard2 = "pard2"
 
 
+class FeatureCapture(str, Enum):
+    """Which target hidden states a target-dependent PARD-2 draft reads (pard_train/evaluate/feature_capture.py
+    computes both; training and the harness share it)."""
+
+    training = "training"
+    """``output_hidden_states[l]``: layer -1 after the final norm (what the reference trains on)."""
+    vllm = "vllm"
+    """vLLM's PARD-2 aux hidden states: layer -1 before the final norm."""
+
+
 @dataclass
 class MethodConfig:
     """The training method; pick with ``method=pard|pard2`` (configs/method/). With ``pard2`` a frozen target model
@@ -145,6 +158,13 @@ class MethodConfig:
     feature_layers: list[int] = field(default_factory=lambda: [-1, -8, -16, -24])
     """Target layers whose hidden states are concatenated (``output_hidden_states`` indexing: -1 is after the final
     norm)."""
+    feature_capture: FeatureCapture = FeatureCapture.vllm
+    """Which states of ``feature_layers`` W trains on: ``vllm`` (default), what vLLM's PARD-2 serving feeds, where
+    layer -1 is the last layer's output BEFORE the final norm; or ``training``, HF ``hidden_states``, layer -1 after
+    it (the reference's choice). vLLM is the server, and no fixed W undoes the final norm (a per-token rescale: the -1
+    block's RMS is ~20x larger as served, docs/benchmarks.md "Issue 20"), so a draft served by vLLM trains on what
+    vLLM feeds. Without -1 (or the last layer's index) in ``feature_layers`` the two are the same states. Recorded
+    in the exported draft (``pard2_feature_capture``): the harness measures with it, the preflight reports it."""
     feature_scale: float = 0.02
     """s: the projected features enter the embedding as ``s * W f``."""
     feature_drop: float = 0.1
@@ -270,9 +290,14 @@ class TrainConfig:
     """Peak learning rate of AdamW (reference: Llama 1e-5, Qwen 3e-5, R1-distill 8e-5)."""
     schedule: LrSchedule = LrSchedule.constant
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all optimizer steps (the reference's ``warmup_ratio``); used when warmup_steps is 0."""
+    min_lr_rate: float = 0.1
+    """``cosine_with_min_lr``: the LR the cosine ends at, as a fraction of the peak."""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    """The reference presets use 0.999 (transformers' TrainingArguments default, which the reference trains with)."""
     epochs: int = 4
     max_steps: int | None = None
     """Stop after this many optimizer steps (null: run all epochs)."""
@@ -288,12 +313,19 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        require(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be a finite number > 0, got {self.lr}")
+        require(
+            self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+            "train.weight_decay",
+            f"must be a finite number >= 0, got {self.weight_decay}",
+        )
         require(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
         require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
         require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(0.0 <= self.min_lr_rate <= 1.0, "train.min_lr_rate", f"must be in [0, 1], got {self.min_lr_rate}")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         require(self.log_every >= 1, "train.log_every", "must be >= 1")
 
@@ -305,6 +337,8 @@ class RunConfig:
     output_root: str = "runs"
     dir: str | None = None
     """Run directory shared by all ranks (checkpoints, metrics, resolved config)."""
+    force: bool = False
+    """Train again a run that already finished with this configuration (otherwise a rerun says so and exits 0)."""
 
     @property
     def path(self) -> str:
@@ -440,6 +474,11 @@ def to_dataclass(cfg: DictConfig, schema: type, hint: str):
     Raises ConfigError with one actionable line: the first missing key (``hint`` says how to set it) or the first
     line of OmegaConf's or ``__post_init__``'s complaint."""
     cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+    from pard_train.unknown_keys import check_known_keys
+
+    unknown = check_known_keys(cfg, schema)  # a "+key=value" Hydra added: conversion would drop it silently
+    if unknown:
+        raise ConfigError(unknown)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required; {hint} or set {missing[0]}=...")

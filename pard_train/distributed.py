@@ -195,3 +195,22 @@ def print0(accelerator: Accelerator, *args) -> None:
     """Print on the main process only."""
     if accelerator.is_main_process:
         print(*args, flush=True)
+
+
+def on_main(accelerator: Accelerator, action):
+    """``action()`` on the main process, its result on every rank; a user error there is raised on every rank (a
+    rank that raised alone would leave the others waiting at the next collective)."""
+    box = [(None, None)]
+    if accelerator.is_main_process:
+        try:
+            box = [(action(), None)]
+        except PardTrainError as error:
+            box = [(None, error)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result

@@ -76,8 +76,10 @@ class PardBatch:
     document: Tensor
     labels: Tensor
 
-    def to(self, device: torch.device | str) -> PardBatch:
-        return PardBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PardBatch:
+        """Every field on ``device``. ``non_blocking``: from page-locked memory (the DataLoader pins on GPUs) the
+        copies are queued on the current stream and overlap host work; kernels queued after them see the data."""
+        return PardBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
     @property
     def num_labels(self) -> int:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from pard_train.attention import AttentionBackend, attention_mask_for
 from pard_train.layout import IGNORE_INDEX, PardBatch
+from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project_logits  # noqa: F401 - re-exported
 
 
 def labelled_hidden(
@@ -42,30 +42,6 @@ SUPPORTED_ARCHITECTURES = (
 """Causal LMs whose labelled logits are proven equal to ``model(...).logits`` (tests/test_families.py)."""
 
 
-def project_logits(model, hidden: Tensor) -> Tensor:
-    """The model's own logits for ``hidden``: the LM head, then whatever the architecture's forward does after it.
-
-    The loss runs the LM head itself (chunked) instead of calling ``model(...)``, so any post-processing the
-    architecture applies must be repeated here, in the same order and dtype, or the draft is trained on logits the
-    server never computes. Gemma 2/3: ``cap * tanh(logits / cap)`` (``final_logit_softcapping``); Cohere:
-    ``* logit_scale``; Granite: ``/ logits_scaling``. The others (Llama, Qwen, Mistral, Phi-3, OLMo-2) use the head
-    as is.
-    """
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        logits = logits * scale
-    divisor = getattr(config, "logits_scaling", None)
-    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool):
-        logits = logits / divisor
-    return logits
-
-
 def labelled_logits(model, batch: PardBatch, backend: AttentionBackend) -> tuple[Tensor, Tensor, Tensor]:
     """Run ``model`` on the layout and return (logits, labels, depth) of the labelled tokens only.
 
@@ -78,12 +54,6 @@ def labelled_logits(model, batch: PardBatch, backend: AttentionBackend) -> tuple
 
 LOSS_CHUNK_TOKENS = 4096
 """Labelled tokens whose logits exist at once in :func:`pard_loss` (4096 x 128k fp32 logits = 2 GiB)."""
-
-
-def _chunk_loss(model, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    logits = project_logits(model, hidden).float()
-    token_loss = F.cross_entropy(logits, labels, reduction="none")
-    return token_loss, (logits.detach().argmax(-1) == labels).float()
 
 
 @dataclass
@@ -127,25 +97,21 @@ def pard_loss(
     """Summed cross-entropy of the batch divided by ``normalizer`` (the labelled-token count of the whole global
     batch, so that accumulation and data parallelism average over tokens, not over micro-batches)."""
     hidden, labels, depth = labelled_hidden(model, batch, backend)
-    # The LM head and cross-entropy run chunk by chunk and are recomputed in the backward pass, so only one chunk's
-    # [tokens, vocab] logits ever exist: with a 128k vocabulary they would otherwise outweigh the whole model.
-    losses, hits = [], []
-    for hidden_chunk, label_chunk in zip(hidden.split(LOSS_CHUNK_TOKENS), labels.split(LOSS_CHUNK_TOKENS)):
-        if hidden.requires_grad:
-            loss_chunk, hit_chunk = checkpoint(_chunk_loss, model, hidden_chunk, label_chunk, use_reentrant=False)
-        else:
-            loss_chunk, hit_chunk = _chunk_loss(model, hidden_chunk, label_chunk)
-        losses.append(loss_chunk)
-        hits.append(hit_chunk)
-    token_loss = torch.cat(losses) if losses else hidden.new_zeros(0)
-    hit = torch.cat(hits) if hits else hidden.new_zeros(0)
+
+    def cross_entropy(logits: Tensor, part: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        logits = logits.float()
+        token_loss = F.cross_entropy(logits, labels[part], reduction="none")
+        return token_loss, (token_loss.detach(), (logits.detach().argmax(-1) == labels[part]).float())
+
+    # The head runs once per chunk of labelled tokens: only one chunk's [tokens, vocabulary] logits ever exist.
+    loss, (token_loss, hit) = chunked_head_loss(model, hidden, cross_entropy, normalizer, LOSS_CHUNK_TOKENS)
     with torch.no_grad():
         stats = DepthStats(
-            loss_sum=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, token_loss.detach().float()),
+            loss_sum=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, token_loss),
             correct=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, hit.float()),
             count=torch.bincount(depth, minlength=num_depths).float(),
         )
-    return token_loss.sum() / normalizer, stats
+    return loss, stats
 
 
 class PardObjective(torch.nn.Module):
@@ -155,6 +121,7 @@ class PardObjective(torch.nn.Module):
     def __init__(self, draft, backend: AttentionBackend, num_depths: int):
         super().__init__()
         self.draft, self.backend, self.num_depths = draft, backend, num_depths
+        gather_head_with(self, draft)  # ZeRO-3: the loss reads the head's weight directly
 
     def forward(self, batch: PardBatch, normalizer: float) -> tuple[Tensor, DepthStats]:
         return pard_loss(self.draft, batch, self.backend, self.num_depths, normalizer)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pard_train.attention import AttentionBackend, transformers_attn_implementation
+from pard_train.attention import AttentionBackend, flex_attention_in_one_dtype, transformers_attn_implementation
 from pard_train.config import ModelConfig
 from pard_train.errors import ModelNotFoundError  # noqa: F401 - re-exported
 from pard_train.loss import SUPPORTED_ARCHITECTURES
@@ -40,6 +40,8 @@ def load_causal_lm(path: str, backend: AttentionBackend, dtype: torch.dtype = to
     """``AutoModelForCausalLM`` with the attention implementation the backend needs (never eager)."""
     from transformers import AutoModelForCausalLM
 
+    if backend == AttentionBackend.flex:
+        flex_attention_in_one_dtype()
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=transformers_attn_implementation(backend), **kwargs
@@ -51,11 +53,10 @@ def load_causal_lm(path: str, backend: AttentionBackend, dtype: torch.dtype = to
 
 
 def mark_as_pard(model, mask_token_id: int, num_draft_tokens: int) -> None:
-    """Record what a server needs in the model config: vLLM reads ``pard_token`` (and ``mask_token_id``)."""
-    model.config.pard_token = mask_token_id
-    model.config.mask_token_id = mask_token_id
-    model.config.spd_type = "pard"
-    model.config.num_draft_tokens = num_draft_tokens
+    """Record what a server needs in the model config (the fields of :mod:`pard_train.draft_format`)."""
+    from pard_train.draft_format import DraftFormat
+
+    DraftFormat(num_draft_tokens, mask_token_id).mark(model.config)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def prepare_model_files(config: ModelConfig, train_files: list[str]) -> None:
         from pard_train.data.dataset import expand_files
         from pard_train.tiny import ensure_tiny_checkpoint
 
-        texts = [path.read_text(encoding="utf-8") for path in expand_files(train_files)]
+        # Read only if the tokenizer is built; any bytes do for its training (the data loader judges the rows).
+        texts = (path.read_text(encoding="utf-8", errors="replace") for path in expand_files(train_files))
         ensure_tiny_checkpoint(config.path, texts=texts)
     if config.keep_layers is not None:
         from pard_train.derive import ensure_derived

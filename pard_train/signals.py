@@ -1,5 +1,6 @@
 """SIGTERM/SIGUSR1/SIGUSR2 (SLURM preemption, the time limit's warning, ``scancel --signal``, submitit's preemption
-signal) become a request to save and stop.
+signal) and Ctrl-C (SIGINT) become a request to save and stop. A second Ctrl-C aborts at once, without saving
+(KeyboardInterrupt, reported by the entry point in one line).
 
 The handler only sets a flag; the trainer agrees on it across ranks in the all-reduce it already does each step, so
 every rank stops after the same step and saves the same checkpoint. The previous handlers are restored on exit.
@@ -34,7 +35,9 @@ class StopSignals:
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
-        self.signals = tuple(dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, _submitit_signal())))
+        self.signals = tuple(
+            dict.fromkeys((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, _submitit_signal(), signal.SIGINT))
+        )
 
     def __enter__(self) -> StopSignals:
         for sig in self.signals:
@@ -44,8 +47,8 @@ class StopSignals:
     def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if self.received is None or exc_type is not None:
-            return  # nothing to hand on, or the run failed: a requeue would only repeat the failure
+        if self.received in (None, signal.SIGINT) or exc_type is not None:
+            return  # nothing to hand on, the user stopped it, or the run failed (a requeue would repeat the failure)
         # Whatever stopped us (submitit's signal, or a SIGTERM from a preemption the site sends without it), the
         # checkpoint is saved: let submitit requeue the job. Elsewhere chain to the received signal's own handler.
         preempt = _submitit_signal()
@@ -56,6 +59,10 @@ class StopSignals:
                 return
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received is not None:
+                raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait for the save
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again aborts)\n")
         self.received = signum
 
     @property

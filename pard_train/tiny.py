@@ -74,8 +74,7 @@ def build_tiny_model(vocab_size: int, hidden_size: int = 64, num_layers: int = 2
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        **overrides,
+        **{"tie_word_embeddings": False, **overrides},  # untied unless a test asks for a tied head
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

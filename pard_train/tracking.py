@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from pard_train.atomic import atomic_write_text
-from pard_train.config import Config, TrackerKind
+from pard_train.config import Config, ConfigError, TrackerKind
+from pard_train.flops import ModelFlops, peak_flops
 from pard_train.loss import DepthStats
 
 
@@ -120,43 +121,13 @@ def build_tracker(config: Config, run_dir: Path, is_main_process: bool) -> Track
     return Trackers(trackers)
 
 
-# Dense bf16 peak FLOP/s of one torch device (vendor data sheets; no sparsity), most specific name first: the first
-# key found in the device name wins, so "H100 PCIe" is not read as the SXM part. An MI250X package holds two GCDs and
-# torch sees each GCD as a device, so its entry is half the package's 383 TFLOP/s (MI250 likewise: 362 / 2).
-PEAK_BF16_FLOPS = {
-    "H100PCIE": 756e12,
-    "H100NVL": 835e12,  # 1671 TFLOP/s per NVL pair
-    "H100": 989e12,  # SXM5 (torch names it "NVIDIA H100 80GB HBM3")
-    "GH200": 989e12,
-    "H200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "MI300X": 1307e12,
-    "MI250X": 191.5e12,
-    "MI250": 181e12,
-    "L40S": 362e12,
-}
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak bf16 FLOP/s of one GPU device by its name, None when unknown (then no MFU is logged)."""
-    name = device_name.upper().replace(" ", "").replace("-", "")
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def count_parameters(model) -> int:
-    """Parameters that do a multiply per token (the input embedding is a lookup); ZeRO-3 stubs report ``ds_numel``."""
-    embedding = model.get_input_embeddings().weight
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p is not embedding)
-
-
 class MetricsWindow:
     """Metrics accumulated between log lines, reduced over processes when flushed: loss and accuracy per depth,
     estimated AL, grad norm, labelled tokens/s, samples/s, layout tokens/s, memory, MFU on known GPUs."""
 
     def __init__(self, num_depths: int, draft, accelerator, log_every: int):
         self.num_depths, self.accelerator, self.log_every = num_depths, accelerator, log_every
-        self.num_params = count_parameters(draft)
+        self.model_flops = ModelFlops.of(draft)
         on_gpu = accelerator.device.type == "cuda"
         self.peak = peak_flops(torch.cuda.get_device_name(accelerator.device)) if on_gpu else None
         self._reset()
@@ -166,19 +137,21 @@ class MetricsWindow:
 
     def _reset(self):
         self.stats, self.grad_norms, self.started = None, [], time.perf_counter()
-        self.counts = torch.zeros(2)  # packed rows, real (non-padding) layout tokens of this rank
+        # Packed rows, real (non-padding) layout tokens, useful FLOPs of this rank.
+        self.counts = torch.zeros(3, dtype=torch.float64)
 
     def add(self, stats: DepthStats, grad_norm: float, micro_batches) -> None:
         self.stats = stats if self.stats is None else self.stats + stats
         self.grad_norms.append(grad_norm)
         rows = sum(len(b.input_ids) for b in micro_batches)
         tokens = sum(int((b.document >= 0).sum()) for b in micro_batches)
-        self.counts += torch.tensor([rows, tokens], dtype=torch.float)
+        flops = sum(self.model_flops.batch(b) for b in micro_batches) if self.peak else 0.0
+        self.counts += torch.tensor([rows, tokens, flops], dtype=torch.float64)
 
     def flush(self, step: int, epoch: int, lr: float) -> dict:
         acc = self.accelerator
         total = type(self.stats).from_tensor(acc.reduce(self.stats.as_tensor(), reduction="sum"))
-        rows, tokens = acc.reduce(self.counts.to(acc.device), reduction="sum").tolist()
+        rows, tokens, flops = acc.reduce(self.counts.to(acc.device), reduction="sum").tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         record = {"step": step, "epoch": epoch, "lr": lr, **total.summary()}
         record["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
@@ -190,9 +163,48 @@ class MetricsWindow:
             record["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         else:  # peak resident memory of this process (Linux reports KiB)
             record["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        if self.peak:  # 6 N FLOPs per real layout token (forward + backward), over every device's peak
-            record["mfu"] = 6 * self.num_params * tokens / elapsed / (self.peak * acc.num_processes)
+        if self.peak:  # useful FLOPs (pard_train/flops.py) over every device's datasheet peak
+            record["mfu"] = flops / elapsed / (self.peak * acc.num_processes)
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
         self._reset()
         return record
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (the checkpoint a run resumes from): the steps after it
+    are trained again, and each step must appear once. Rewritten atomically; a torn last line is dropped too."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def check_tracking_ready(config: Config, environ=None) -> None:
+    """Fail at start, in one line, when wandb would stop to prompt for a key (on a terminal) or crash (elsewhere):
+    wandb selected, online, and no key in the environment or in ``~/.netrc`` (where ``wandb login`` puts it)."""
+    import netrc
+    import os
+
+    environ = os.environ if environ is None else environ
+    if config.tracking.backend != TrackerKind.wandb:
+        return
+    if environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(
+        "tracking.backend=wandb: no wandb API key (WANDB_API_KEY, or `wandb login`) and WANDB_MODE is not offline: "
+        "log in, set WANDB_MODE=offline to log locally, or use tracking.backend=tensorboard"
+    )

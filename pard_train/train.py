@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers.utils import logging as hf_logging
 
-from pard_train import acceptance
+from pard_train import acceptance, run_record
 from pard_train.atomic import atomic_write_text
 from pard_train.attention import BLOCK, resolve_backend
 from pard_train.checkpoint import Checkpoints, TrainState, method_settings
@@ -34,18 +34,22 @@ from pard_train.distributed import (
     clip_grad_norm,
     is_deepspeed,
     mixed_precision_for,
+    on_main,
     print0,
     shutdown,
 )
+from pard_train.errors import ExportError
 from pard_train.evaluators import build_evaluators, run_due
 from pard_train.export import export_draft, training_recipe
 from pard_train.layout import DropTokenSchedule
 from pard_train.loss import DepthStats
+from pard_train.lr_schedule import build_scheduler
 from pard_train.methods import build_method
 from pard_train.model import load_draft, prepare_model_files
+from pard_train.model_identity import model_fingerprint
 from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals
-from pard_train.tracking import MetricsWindow, build_tracker
+from pard_train.tracking import MetricsWindow, build_tracker, check_tracking_ready, truncate_metrics
 
 
 def train(config: Config) -> Path | None:
@@ -56,9 +60,20 @@ def train(config: Config) -> Path | None:
         return Trainer(config, teardown).train()
 
 
+def _close_bar(progress, failed: bool) -> None:
+    """Close the training bar; on an error clear it, so that the error's line is the last thing on the terminal."""
+    if failed:
+        progress.leave = False
+    progress.close()
+
+
 class Trainer:
     def __init__(self, config: Config, teardown: ExitStack):
         self.config = config
+        # transformers' loading and saving bars would stand before any error line; this loop reports its own steps.
+        hf_logging.disable_progress_bar()
+        check_tracking_ready(config)  # before anything slow: wandb would prompt for a key at the first log
+        acceptance.check_benchmarks(config)  # not after training
         self.accelerator = acc = build_accelerator(config)
         teardown.callback(shutdown, acc)
         self.run_dir = Path(config.run.path)
@@ -66,13 +81,27 @@ class Trainer:
         self.backend = resolve_backend(config.model.attention, acc.device)
         with acc.main_process_first():  # rank 0 builds or converts the model files, the others then find them
             prepare_model_files(config.model, config.data.train_files)
+        # The run directory belongs to one configuration: claimed (or refused) before anything is loaded.
+        hashes = Path(config.run.output_root) / "cache" / "model_hashes.json"
+        self.model_id = on_main(acc, lambda: model_fingerprint(config.model.path, hashes))
+        self.record, status = on_main(acc, lambda: run_record.claim(self.run_dir, config, self.model_id))
+        self.finished = status == "finished"
+        if self.finished:
+            return
         # Every rank loads together: under ZeRO-3 loading partitions the weights, a collective.
         draft, self.tokenizer, self.spec = load_draft(config.model, self.backend, config.pard.num_draft_tokens)
         spec = self.spec
         print0(acc, f"draft {config.model.draft_path}: mask token {spec.mask_token_id}, K={spec.num_draft_tokens}")
+        if config.pard.num_draft_tokens == 1:
+            print0(
+                acc,
+                "warning: pard.num_draft_tokens=1 trains depth 0 only (plain next-token prediction): the mask token "
+                "is never trained, so the export drafts one token per pass like its base model; use K >= 2",
+            )
 
         data = build_data(config.data, self.tokenizer, acc)
         self.rows = data.train
+        self.record = on_main(acc, lambda: run_record.check_data(self.run_dir, self.record, data.fingerprint))
         self.schedule = DataSchedule(
             [len(row.input_ids) for row in self.rows],
             seed=config.train.seed,
@@ -103,23 +132,70 @@ class Trainer:
         parameters = self.method.objective.parameters()  # the draft, and W for PARD-2 (the teacher is frozen)
         optimizer = torch.optim.AdamW(parameters, lr=train.lr, betas=betas, weight_decay=train.weight_decay)
         # Not prepared by accelerate: it would step the schedule once per process; we step it once per optimizer step.
-        self.scheduler = get_scheduler(train.schedule.value, optimizer, train.warmup_steps, self.last_step)
+        self.scheduler = build_scheduler(train, optimizer, self.last_step)
         self.model, self.optimizer = acc.prepare(self.method.objective, optimizer)
         self.model.train()
 
-        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))  # what a checkpoint records
         self.checkpoints = Checkpoints.build(config.checkpoint, self.run_dir, acc, self.config_yaml, self.scheduler)
-        state = TrainState(0, method_settings(config, self.spec), self.schedule.rows_per_step, acc.num_processes)
+        method = method_settings(config, self.spec, self.model_id)
+        state = TrainState(0, method, self.schedule.rows_per_step, acc.num_processes)
         state = replace(state, data=data.fingerprint)
-        self.state = self.checkpoints.resume(state, is_deepspeed(acc)) if config.checkpoint.resume else state
+        if acc.is_main_process:
+            for name in self.checkpoints.remove_leftovers():
+                print(f"removed {name}, left by a save that did not finish", flush=True)
+        resume = config.checkpoint.resume and status != "retrain"  # run.force=true on a finished run: from step 0
+        self.state = self.checkpoints.resume(state, is_deepspeed(acc)) if resume else state
+        if acc.is_main_process:
+            truncate_metrics(self.run_dir, self.state.step)  # the steps after the checkpoint are trained again
+        if self.state.step > 0:
+            self._apply_logged_changes()
+        self.config_yaml = self._config_record()
         self.tracker = build_tracker(config, self.run_dir, acc.is_main_process)
         teardown.callback(self.tracker.close)
         self.metrics = MetricsWindow(pard.num_draft_tokens, draft, acc, config.train.log_every)
         self.stop = teardown.enter_context(StopSignals())
         self.teardown = teardown
 
+    def _apply_logged_changes(self) -> None:
+        """Settings that may change on resume and are applied with a line (LR, schedule, warm-up, clipping): the
+        checkpoint restored its own base LR into the optimizer and scheduler; the new one replaces it here."""
+        acc, step = self.accelerator, self.state.step
+        saved = self.checkpoints.path_for(step) / "config.yaml"
+        before = on_main(acc, lambda: OmegaConf.to_container(OmegaConf.load(saved)) if saved.exists() else {})
+        changes = run_record.logged_changes(before, self.config)
+        if not changes:
+            return
+        lr = self.config.train.lr
+        optimizer = self.scheduler.optimizer
+        for group, rule in zip(optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * rule(self.scheduler.last_epoch)  # the new schedule's value at this step
+        self.scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        self.scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        for key, (old, new) in changes.items():
+            print0(acc, f"resume at step {step}: {key} changed from {old} to {new}; applied from step {step + 1}")
+            self.record.changes.append({"step": step, "key": key, "before": old, "after": new})
+        if acc.is_main_process:
+            self.record.write(self.run_dir)
+
+    def _config_record(self) -> str:
+        """``config.yaml``: the resolved config, headed by the settings that changed on a resume (what ran)."""
+        text = OmegaConf.to_yaml(OmegaConf.structured(self.config))
+        if not self.record.changes:
+            return text
+        return f"# changed on resume: {run_record.describe_changes(self.record.changes)}\n{text}"
+
     def train(self) -> Path | None:
         acc, config = self.accelerator, self.config
+        if self.finished:
+            final, step = self.run_dir / "final", self.record.finished["step"]
+            print0(
+                acc,
+                f"{self.run_dir} already holds this configuration's finished draft ({final}, {step} steps): nothing "
+                "to train; run.force=true trains it again",
+            )
+            return final
         if config.acceptance.before_training and self.state.step == 0:
             if acc.is_main_process:  # the harness runs on one device; the other ranks wait for it
                 acceptance.measure(config, config.model.draft_path, self.spec, "before")
@@ -139,7 +215,7 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        self.teardown.callback(progress.close)
+        self.teardown.push(lambda kind, error, trace: _close_bar(progress, failed=kind is not None))
         tracker = self.tracker
         for batch in loader:
             inputs, weight = self._prepare(batch)
@@ -166,8 +242,10 @@ class Trainer:
     def _prepare(self, batch: StepBatch) -> tuple[list, float]:
         """Each micro-batch on the device, as the method's inputs (PARD-2 runs its teacher here), and their weight."""
         device = self.accelerator.device
+        # Asynchronous copies from the loader's pinned tensors: all micro-batches' copies are queued before any waits.
+        on_device = [b.to(device, non_blocking=True) for b in batch.micro_batches]
         prepared = [
-            self.method.prepare(b.to(device), batch.step, i, rows) for i, (b, rows) in enumerate(zip(*batch.parts))
+            self.method.prepare(b, batch.step, i, rows) for i, (b, rows) in enumerate(zip(on_device, batch.row_ids))
         ]
         return [inputs for inputs, _ in prepared], sum(weight for _, weight in prepared)
 
@@ -197,6 +275,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return stats, grad_norm
 
+    def _recipe(self) -> dict:
+        recipe = training_recipe(OmegaConf.to_container(OmegaConf.structured(self.config)), self.state.step)
+        if self.record.changes:
+            recipe["changed_on_resume"] = run_record.describe_changes(self.record.changes)
+        return recipe
+
     def finish(self) -> Path:
         """Export the trained draft to ``<run>/final`` and measure it when asked (collective)."""
         acc, config = self.accelerator, self.config
@@ -207,19 +291,16 @@ class Trainer:
         state_dict = {name.removeprefix("draft."): v for name, v in gathered.items() if name.startswith("draft.")}
         extras = {name: value for name, value in gathered.items() if not name.startswith("draft.")}
         if acc.is_main_process:
-            card = export_draft(
-                acc.unwrap_model(self.model).draft,
-                self.tokenizer,
-                final_dir,
-                self.spec,
-                dtype="bf16" if mixed_precision_for(config.train.precision) == "bf16" else "fp32",
-                recipe=training_recipe(OmegaConf.to_container(OmegaConf.structured(config)), self.state.step),
-                target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
-                overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
-                state_dict=state_dict,
-                method_files=self.method.export_files(extras),
-                log=lambda line: print0(acc, f"export: {line}"),
-            )
+            try:
+                card = self._export(final_dir, state_dict, extras)
+                run_record.finish(self.run_dir, self.record, config, self.state.step)
+            except OSError as error:  # a read-only or full run directory: one line, not a traceback
+                where = f" ({error.filename})" if error.filename else ""
+                raise ExportError(
+                    f"could not write the trained draft to {final_dir}: {error.strerror or error}{where}; make the "
+                    "run directory writable (or free space) and rerun the same command: it resumes from the newest "
+                    "checkpoint and exports"
+                ) from error
             print0(acc, f"exported the PARD draft to {final_dir} after {self.state.step} steps")
             if config.acceptance.after_training:
                 record, table = acceptance.after_training(config, self.spec, final_dir)
@@ -227,3 +308,19 @@ class Trainer:
                 self.tracker.log(record, self.state.step)
         acc.wait_for_everyone()
         return final_dir
+
+    def _export(self, final_dir: Path, state_dict: dict, extras: dict):
+        acc, config = self.accelerator, self.config
+        return export_draft(
+            acc.unwrap_model(self.model).draft,
+            self.tokenizer,
+            final_dir,
+            self.spec,
+            dtype="bf16" if mixed_precision_for(config.train.precision) == "bf16" else "fp32",
+            recipe=self._recipe(),
+            target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
+            overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
+            state_dict=state_dict,
+            pard2=self.method.export_files(extras),
+            log=lambda line: print0(acc, f"export: {line}"),
+        )

@@ -66,3 +66,30 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | N
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def entry(capsys, *args: str, prog: str = "pard_train") -> tuple[int, str, str]:
+    """Run an entry point in this process, as ``python -m PROG ARGS`` would (Hydra parses ``sys.argv``): its exit
+    code and what it printed (``capsys``). Much faster than a subprocess on a shared CPU: imports happen once."""
+    import runpy
+
+    saved = sys.argv
+    sys.argv = [prog, *args]
+    code = 0
+    try:  # as python -m PROG: Hydra finds its config directory from the __main__ module's file
+        runpy.run_module(prog, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = saved
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code: int, err: str) -> str:
+    """The one line a user error prints: exit code 2, no traceback, exactly one ``error:`` line."""
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]

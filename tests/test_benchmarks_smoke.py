@@ -106,3 +106,16 @@ def test_harness_speed_smoke(tmp_path):
     assert rows["pard"]["draft_forwards"] <= rows["pard"]["target_forwards"]
     assert rows["ar"]["draft_forwards"] > rows["pard"]["draft_forwards"]
     assert "| mode | AL |" in result.stdout
+
+
+@pytest.mark.slow
+def test_lm_head_loss_smoke(tmp_path):
+    out = tmp_path / "lm_head_loss.json"
+    result = _run_smoke("lm_head_loss.py", "--out", str(out))
+    (record,) = json.loads(out.read_text())["results"]
+    # Both variants computed the same loss and gradients before they were timed.
+    assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-6)
+    assert record["max_relative_grad_difference"] < 1e-5
+    assert len(record["times_s"]["head once (after)"]) == len(record["times_s"]["checkpointed chunks (before)"]) == 2
+    assert len(record["loss_only_times_s"]["head once (after)"]) == 2
+    assert "| model | head (vocab x width) |" in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -140,3 +141,56 @@ def test_pard2_presets_carry_the_reference_recipe(preset, draft, target, mask, k
     assert config.method.feature_layers == [-1, -8, -16, -24] and config.method.feature_scale == 0.02
     assert (config.pard.num_draft_tokens, config.pard.drop_ratio, config.pard.drop_ratio_min) == (k, 0.7, 0.1)
     assert config.train.lr == pytest.approx(lr) and config.data.loss_on == LossOn.assistant
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("+train.learning_rate=1e-4", "train.learning_rate: no such setting (a '+' adds only the presets "),
+        ("+pard.num_draft_tokenz=2", "pard.num_draft_tokenz: no such setting"),
+        ("+train.max_step=3", "train.max_step: no such setting"),
+        ("+no_such_section=1", "no_such_section: no such setting"),
+    ],
+)
+def test_an_unknown_key_is_refused_even_with_plus(override, line):
+    with pytest.raises(ConfigError, match=f"^{re.escape(line)}"):
+        to_config(compose("+config=tiny", override))
+
+
+def test_the_refusal_names_the_closest_valid_key():
+    suggestions = {
+        "+train.learning_rate=1e-4": "train.lr",
+        "+pard.num_draft_tokenz=2": "pard.num_draft_tokens",
+        "+train.gradient_accumulation_steps=2": "train.grad_accum_steps",
+        "+checkpoint.every_step=5": "checkpoint.every_steps",
+    }
+    for override, key in suggestions.items():
+        with pytest.raises(ConfigError, match=rf"; did you mean {re.escape(key)}\?$"):
+            to_config(compose("+config=tiny", override))
+
+
+def test_plus_is_still_fine_for_the_preset_groups_and_for_known_keys():
+    assert to_config(compose("+config=tiny", "++train.lr=1e-4")).train.lr == pytest.approx(1e-4)
+    from pard_train.evaluate.config import to_config as eval_config
+
+    assert eval_config(compose_evaluate("+evaluate=tiny")).num_draft_tokens == 4
+    with pytest.raises(ConfigError, match="^num_draft_tokenz: no such setting.*did you mean num_draft_tokens"):
+        eval_config(compose_evaluate("+evaluate=tiny", "+num_draft_tokenz=3"))
+
+
+def compose_evaluate(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pard_train.evaluate.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name="evaluate", overrides=list(overrides))
+
+
+def test_a_plus_typo_through_the_entry_point_is_one_line(capsys):
+    from launch import entry, one_error_line
+
+    line = one_error_line(*entry(capsys, "+config=tiny", "+train.learning_rate=1e-4")[::2])
+    assert line.endswith("did you mean train.lr?"), line

@@ -182,7 +182,7 @@ def test_cli_refuses_a_draft_without_mask_token(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 2 and "no pard_token" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "records no mask token" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_half_precision_mismatches_point_to_fp32():

@@ -17,6 +17,7 @@ from pard_train.checkpoint import ResumeError
 from pard_train.config import to_config
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.runner import evaluate
+from pard_train.serving_check import check_serving
 from pard_train.train import train
 
 SETTINGS = ["data.max_samples=96", "data.max_length=128", "train.micro_batch_size=2", "train.log_every=1"]
@@ -45,6 +46,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     config = json.loads((final / "config.json").read_text())
     assert config["spd_type"] == "pard2" and config["pard2"] and config["pard_token"] == config["mask_token_id"]
     assert config["pard2_target_layers"] == [-1, -2, -3] and config["pard2_target_dim"] == 3 * 64
+    assert config["pard2_feature_capture"] == "vllm"  # the method's default: what vLLM's PARD-2 serving feeds
     projection = torch.load(final / "warp_model.bin", weights_only=True)["target_proj.weight"]
     assert projection.shape == (64, 3 * 64) and projection.abs().sum() > 0  # W starts at zero and was trained
 
@@ -55,6 +57,8 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     card = (final / "README.md").read_text()
     assert "## PARD-2: two modes" in card and "Target-dependent" in card and "#55257" in card
     reloaded = AutoModelForCausalLM.from_pretrained(final)  # the base draft stays a plain causal LM (TI mode)
+    # The serving preflight passes against the target it was trained with, and has nothing to warn about.
+    assert not [line for line in check_serving(final, tiny_checkpoint) if line.startswith("warning:")]
     assert reloaded.config.pard_token == config["pard_token"]
 
     # Both modes in the harness, lossless against the target's own greedy output.
@@ -69,6 +73,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
         output_dir=str(tmp_path / "eval"),
     )
     report = evaluate(harness, log=lambda *_: None)
+    assert report["feature_capture"] == "vllm"  # feature_capture=null: the capture the draft was trained on
     for mode in ("pard", "pard2"):
         assert report["overall"][mode]["mismatched_prompts"] == 0
         assert len(report["overall"][mode]["conditional_acceptance"]) == 4
@@ -79,6 +84,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
     assert export_main(["--checkpoint", str(final), "--output", str(tmp_path / "exported")]) == 0
     again = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert again["spd_type"] == "pard2" and again["pard2_target_dim"] == config["pard2_target_dim"]
+    assert again["pard2_feature_capture"] == "vllm"
     exported_w = torch.load(tmp_path / "exported" / "warp_model.bin", weights_only=True)["target_proj.weight"]
     assert torch.equal(exported_w, projection)
 
@@ -95,7 +101,9 @@ def test_pard2_resume_is_bitwise_and_refuses_another_method(tiny_checkpoint, tmp
     w = [torch.load(d / "warp_model.bin", weights_only=True)["target_proj.weight"] for d in (whole, resumed)]
     assert torch.equal(*w)
 
-    with pytest.raises(ResumeError, match="method.name: checkpoint 'pard2', now 'pard'"):
+    with pytest.raises(ResumeError, match="method.feature_capture: 'vllm' there, 'training' now"):
+        _train(tiny_checkpoint, resumed_root, *CONSTANT, "train.max_steps=8", "method.feature_capture=training")
+    with pytest.raises(ResumeError, match="method.name: 'pard2' there, 'pard' now"):
         config = to_config(
             compose(
                 "+config=tiny",
@@ -160,6 +168,11 @@ def test_offline_confidence_cache_trains_like_the_online_target(tiny_checkpoint,
     for a, b in zip(_records(online), _records(offline), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["cat_weight/depth_2"] == pytest.approx(a["cat_weight/depth_2"], rel=1e-5)
+    # Trained without features: a plain PARD draft (no server may take it for a target-dependent one).
+    config = json.loads((offline / "config.json").read_text())
+    assert config["spd_type"] == "pard" and not [key for key in config if key.startswith("pard2")]
+    assert "PARD-2's CAT objective" in (offline / "README.md").read_text()
+    check_serving(offline, tiny_checkpoint)
     caches = sorted(cache_dir.glob("confidence-*.pt"))
     assert len(caches) == 1
     built = caches[0].stat().st_mtime_ns

@@ -81,7 +81,7 @@ def test_sigterm_saves_exits_zero_and_restart_continues(tiny_checkpoint, tmp_pat
         text=True,
         timeout=300,
     )
-    assert changed.returncode == 2 and "pard.drop_ratio: checkpoint 0.7, now 0.5" in changed.stderr, changed.stderr
+    assert changed.returncode == 2 and "pard.drop_ratio: 0.7 there, 0.5 now" in changed.stderr, changed.stderr
 
     assert start(overrides, log=tmp_path / "second.txt").wait(timeout=300) == 0
     assert f"(step {step})" in (tmp_path / "second.txt").read_text()
@@ -113,3 +113,22 @@ def test_resume_refusal_names_every_changed_method_setting(tmp_path):
         check_resumable(saved, TrainState(0, dict(method), 16, 4), tmp_path, deepspeed=False)
     with pytest.raises(ResumeError, match="written by 2 processes, now 1"):
         check_resumable(saved, TrainState(0, dict(method), 8, 1), tmp_path, deepspeed=True)
+
+
+@pytest.mark.parametrize(("features", "refused"), [(True, True), (False, False)])
+def test_a_pard2_checkpoint_from_before_feature_capture_resumes_only_with_the_training_capture(
+    tmp_path, features, refused
+):
+    """Such a checkpoint recorded no capture: with features it trained on HF hidden_states (the training capture);
+    without features it read no target state, so the capture is not part of its method."""
+    method = {"method.name": "pard2", "method.features": features}
+    saved = TrainState(step=5, method=method, rows_per_step=8, num_processes=1)
+    if features:
+        training = TrainState(0, {**method, "method.feature_capture": "training"}, 8, 1)
+        check_resumable(saved, training, tmp_path, deepspeed=False)
+    now = TrainState(0, {**method, **({"method.feature_capture": "vllm"} if features else {})}, 8, 1)
+    if refused:
+        with pytest.raises(ResumeError, match="method.feature_capture: checkpoint 'training', now 'vllm'"):
+            check_resumable(saved, now, tmp_path, deepspeed=False)
+    else:
+        check_resumable(saved, now, tmp_path, deepspeed=False)

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,10 +129,12 @@ def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tm
     assert_bitwise_equal(final_weights(run_dir), uninterrupted)
     assert (checkpoints / "damaged" / "step_00000006").is_dir()
 
-    # Truncated newest weights (step 9, saved by the rerun): the same, from step 6.
+    # Truncated newest weights (step 9, saved by the rerun): the same, from step 6. The run is finished, so its
+    # final/ goes first (as if the export had not happened): a finished run is not trained again.
     weights = checkpoints / "step_00000009" / "model.safetensors"
     size = weights.stat().st_size
     os.truncate(weights, size // 2)
+    shutil.rmtree(run_dir / "final")
     resumed = launch("-m", "pard_train", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"model.safetensors has {size // 2} bytes, its manifest says {size}" in resumed.stdout, resumed.stdout

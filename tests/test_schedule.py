@@ -111,3 +111,49 @@ def test_group_by_length_pads_less_and_keeps_the_epoch_a_permutation():
 def test_too_little_data_for_one_step_is_a_config_error():
     with pytest.raises(ConfigError, match="one optimizer step needs 8"):
         _schedule(_rows(5), grad_accum_steps=4)
+
+
+def test_a_ctrl_c_does_not_kill_the_loader_workers():
+    """A terminal's Ctrl-C reaches the workers too; they ignore it, so the trainer can finish its step and save."""
+    import os
+    import signal
+
+    rows = _rows(40)
+    schedule = _schedule(rows)
+    reference = _steps(rows, schedule, 1, 6, workers=0)
+    with step_loader(StepBatches(rows, schedule, COLLATE, 1, 6), 1, torch.device("cpu")) as steps:
+        got = [next(steps)]
+        for worker in steps._workers:
+            os.kill(worker.pid, signal.SIGINT)
+        got += list(steps)
+    _assert_same_steps(got, reference)
+
+
+def _a_step(rows):
+    return StepBatches(rows, _schedule(rows), COLLATE, 1, 1)[0]
+
+
+def test_batch_to_moves_every_field_and_keeps_values():
+    batch = _a_step(_rows(8)).micro_batches[0]
+    names = ("input_ids", "position_ids", "depth", "anchor", "document", "labels")
+    on_meta = batch.to("meta", non_blocking=True)  # a device other than the source, without a GPU
+    for name in names:
+        moved, source = getattr(on_meta, name), getattr(batch, name)
+        assert moved.device.type == "meta" and moved.shape == source.shape and moved.dtype == source.dtype, name
+    copied = batch.to(torch.device("cpu"), non_blocking=True)
+    for name in names:
+        assert torch.equal(getattr(copied, name), getattr(batch, name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device")
+def test_pinned_batch_copies_to_the_gpu_asynchronously_with_its_values():
+    step = _a_step(_rows(8))
+    pinned = step.pin_memory()  # what the DataLoader's pinning thread does on GPUs
+    source = pinned.micro_batches[0]
+    assert all(getattr(source, name).is_pinned() for name in ("input_ids", "labels", "anchor"))
+    on_gpu = source.to(torch.device("cuda"), non_blocking=True)
+    torch.cuda.synchronize()
+    for name in ("input_ids", "position_ids", "depth", "anchor", "document", "labels"):
+        moved = getattr(on_gpu, name)
+        assert moved.is_cuda and torch.equal(moved.cpu(), getattr(step.micro_batches[0], name)), name

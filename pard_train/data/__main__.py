@@ -19,7 +19,7 @@ from pard_train.errors import PardTrainError
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pard_train.data", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer", help="Hugging Face id or directory of the model's tokenizer")
@@ -35,6 +35,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-bad-fraction", type=float, default=0.1)
     parser.add_argument("--json", action="store_true", help="also print the stats as JSON")
     args = parser.parse_args(argv)
+    try:  # a user mistake (a setting, a file) is one line and exit 2, as argparse's own errors are
+        return _run(args)
+    except PardTrainError as error:
+        print(f"pard_train.data: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(args) -> dict:
     config = DataConfig(
         train_files=args.files,
         max_length=args.max_length,
@@ -47,10 +55,7 @@ def main(argv=None) -> dict:
         pack=not args.no_pack,
         max_bad_fraction=args.max_bad_fraction,
     )
-    try:
-        stats = build_data(config, _tokenizer(args)).stats
-    except PardTrainError as error:
-        sys.exit(f"pard_train.data: error: {error}")
+    stats = build_data(config, _tokenizer(args)).stats
     if args.json:
         print(json.dumps(stats, indent=1))
     return stats
@@ -61,7 +66,8 @@ def _tokenizer(args):
         from pard_train.data.dataset import expand_files
         from pard_train.tiny import build_tiny_tokenizer
 
-        return build_tiny_tokenizer([p.read_text(encoding="utf-8") for p in expand_files(args.files)])
+        files = expand_files(args.files)
+        return build_tiny_tokenizer(p.read_text(encoding="utf-8", errors="replace") for p in files)
     from pard_train.model import load_tokenizer
 
     return load_tokenizer(args.tokenizer)

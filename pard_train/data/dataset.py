@@ -186,4 +186,21 @@ def describe(stats: dict) -> list[str]:
             f"data: tokenised {stats['data/tokenise_conversations_per_s']:.0f} conversations/s, "
             f"{stats['data/tokenise_tokens_per_s']:.0f} tokens/s"
         )
+    lines += truncation_warning(stats)
     return lines
+
+
+TRUNCATION_WARNING_FRACTION = 0.5
+
+
+def truncation_warning(stats: dict) -> list[str]:
+    """A warning when most conversations do not fit ``data.max_length``: the draft would never see their ends."""
+    documents = sum(r["documents"] for r in stats["sources"])
+    truncated = stats["data/truncated"]
+    if documents == 0 or truncated <= TRUNCATION_WARNING_FRACTION * documents:
+        return []
+    return [
+        f"warning: {truncated} of {documents} conversations ({truncated / documents:.0%}) are longer than "
+        "data.max_length and were cut: the draft never trains on their ends; raise data.max_length (or "
+        "data.truncation=drop to skip them)"
+    ]

@@ -4,7 +4,8 @@ A source's documents are cached under ``<cache_dir>/<fingerprint>/`` (an Arrow d
 fingerprint covers the source files (paths, sizes, modification times), the tokenizer (its full serialisation and
 special tokens), the chat template, the settings that change tokens, and this package's rendering code. The first
 process to need it builds it (under a file lock, so ranks and concurrent runs wait rather than race); everyone else
-memory-maps it. A cache directory is complete only once renamed into place.
+memory-maps it. A cache directory is complete only once renamed into place, with a manifest of its files' sizes and
+hashes (:mod:`pard_train.data.cache_manifest`): a damaged cache is moved aside with one line and rebuilt.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from pard_train.atomic import atomic_directory, atomic_write_text
 from pard_train.config import DataConfig, DataFormat, LossOn, Truncation
+from pard_train.data.cache_manifest import move_aside, verify, write_manifest
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.render import render, special_strings
 from pard_train.data.sources import MALFORMED, DataError, Source, read_raw
@@ -128,6 +130,8 @@ def _build(source: Source, tokenizer, config: DataConfig, destination: Path | No
 def _build_quietly(source: Source, tokenizer, config: DataConfig, destination: Path | None):
     started = time.perf_counter()
     raw = read_raw(source)
+    if len(raw) == 0:
+        raise DataError(f"{source.label}: holds no rows (an empty file?); give a file with conversations")
     num_proc = config.num_proc or (min(8, os.cpu_count() or 1) if len(raw) >= PARALLEL_FROM_ROWS else 1)
     kwargs = {
         "tokenizer": tokenizer,
@@ -167,6 +171,7 @@ def _build_quietly(source: Source, tokenizer, config: DataConfig, destination: P
         with atomic_directory(destination) as staging:  # removed on error: no half-written cache is ever read
             documents.save_to_disk(str(staging / "documents"))
             atomic_write_text(staging / "report.json", json.dumps(report.__dict__, indent=1))
+            write_manifest(staging)  # last: it covers every file above
     return documents, report
 
 
@@ -182,6 +187,10 @@ def load_documents(source: Source, tokenizer, config: DataConfig, tokenizer_fp: 
     root.mkdir(parents=True, exist_ok=True)
     destination = root / fingerprint(source, tokenizer_fp or tokenizer_fingerprint(tokenizer), config)
     with FileLock(str(destination) + ".lock"):
+        wrong = verify(destination) if destination.exists() else ""
+        if wrong:
+            aside = move_aside(destination)
+            print(f"data cache {destination} is damaged ({wrong}); moved to {aside}, rebuilding it", flush=True)
         if destination.exists():
             report = SourceReport(**json.loads((destination / "report.json").read_text()))
             report.cached = True

@@ -7,6 +7,7 @@ in a DataLoader worker, in any number of workers, before or after a resume.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -116,6 +117,12 @@ class StepBatches(Dataset):
         return StepBatch(step, epoch, [collate([(i, self.rows[i]) for i in chunk]) for chunk in chunks], chunks)
 
 
+def ignore_ctrl_c(worker_id: int) -> None:
+    """In a DataLoader worker: a terminal's Ctrl-C reaches the whole process group, and a worker that died of it
+    would fail the step the trainer is finishing to save a checkpoint; the trainer alone decides what Ctrl-C does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def step_loader(dataset: StepBatches, num_workers: int | None, device: torch.device) -> Iterator[Iterator[StepBatch]]:
     """Steps in order; with workers (null: 2 on GPUs, 0 on CPU, where they would compete with training for the
@@ -129,6 +136,7 @@ def step_loader(dataset: StepBatches, num_workers: int | None, device: torch.dev
         num_workers=num_workers,
         prefetch_factor=4 if num_workers else None,
         pin_memory=on_gpu,
+        worker_init_fn=ignore_ctrl_c if num_workers else None,
     )
     steps = iter(loader)
     try:

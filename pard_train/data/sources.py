@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,14 +97,31 @@ def _table_rows(dataset, label: str):
 
 
 def _load_table(path: Path):
+    """A saved dataset directory, a Parquet or an Arrow file; anything else, or a file that is not what its name
+    says, is a DataError naming it (not a pyarrow traceback)."""
     import datasets
 
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if path.suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path))
-    return datasets.Dataset.from_file(str(path))
+    if not path.is_dir() and path.suffix not in (".parquet", ".arrow"):
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; training data is JSONL, JSON, Parquet "
+            "or Arrow (a CSV file: convert it, e.g. with pandas to_json(orient='records', lines=True))"
+        )
+    quiet = logging.getLogger("datasets")  # it logs its own complaint about a bad file before raising: ours is enough
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if path.suffix == ".parquet":
+            return datasets.Dataset.from_parquet(str(path))
+        return datasets.Dataset.from_file(str(path))
+    except Exception as error:  # pyarrow's ArrowInvalid, OSError, datasets' FileNotFoundError: the file is unreadable
+        kind = "a saved dataset" if path.is_dir() else path.suffix[1:].capitalize()
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: cannot be read as {kind} ({first})") from error
+    finally:
+        quiet.setLevel(level)
 
 
 def _load_hub(spec: DataSource):

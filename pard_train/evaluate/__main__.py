@@ -10,10 +10,14 @@ plots into ``output_dir``; every key is documented in pard_train/evaluate/config
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
+
 import hydra
 from omegaconf import DictConfig
 
 from pard_train.cli import run_hydra, user_errors
+from pard_train.errors import PardTrainError
 from pard_train.evaluate.config import register_configs
 
 register_configs()
@@ -22,6 +26,7 @@ register_configs()
 @hydra.main(config_path="../../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
     from pard_train.evaluate.config import is_sweep, to_config
+    from pard_train.evaluate.preflight import check_before_measuring
     from pard_train.evaluate.report import write_report
     from pard_train.evaluate.runner import evaluate
     from pard_train.evaluate.sweep import run_sweep
@@ -29,15 +34,32 @@ def main(cfg: DictConfig) -> None:
 
     with user_errors("pard_train.evaluate"):
         config = to_config(cfg)
+        check_before_measuring(config)  # output_dir writable, tokenizers shared: before any measurement
         report = run_sweep(config) if is_sweep(config) else evaluate(config)
-    if is_sweep(config):
-        out = write_sweep_report(report, config.output_dir)
+    with user_errors("pard_train.evaluate"), _report_kept(report):
+        if is_sweep(config):
+            out = write_sweep_report(report, config.output_dir)
+            print((out / "report.md").read_text())
+            extra = ", k_sweep.png" if "k_sweep" in report else ""
+            print(f"wrote {out}/report.json, report.md, al_heatmap.png" + extra)
+            return
+        out = write_report(report, config.output_dir)
         print((out / "report.md").read_text())
-        print(f"wrote {out}/report.json, report.md, al_heatmap.png" + (", k_sweep.png" if "k_sweep" in report else ""))
-        return
-    out = write_report(report, config.output_dir)
-    print((out / "report.md").read_text())
-    print(f"wrote {out}/report.json, report.md, acceptance_length.png, acceptance_by_position.png")
+        print(f"wrote {out}/report.json, report.md, acceptance_length.png, acceptance_by_position.png")
+
+
+@contextmanager
+def _report_kept(report: dict):
+    """A report that cannot be written (the disk filled up, the directory went away while measuring) is printed as
+    JSON on stdout, so the measurement survives, and the failure is one line."""
+    try:
+        yield
+    except OSError as error:
+        print(json.dumps(report, indent=1, default=str))
+        where = f" ({error.filename})" if error.filename else ""
+        raise PardTrainError(
+            f"could not write the report: {error.strerror or error}{where}; the measurement is printed above as JSON"
+        ) from None
 
 
 if __name__ == "__main__":

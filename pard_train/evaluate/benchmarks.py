@@ -66,24 +66,25 @@ def load_prompts(name_or_path: str, limit: int | None = None) -> tuple[str, list
     name, path = resolve(name_or_path)
     split = _split(name_or_path)[1]
     prompts: list[Prompt] = []
-    with path.open(encoding="utf-8") as handle:
-        numbered = [(number, line) for number, line in enumerate(handle, 1) if line.strip()]
-        if split is not None:
-            half = len(numbered) // 2
-            numbered = numbered[:half] if split == "tune" else numbered[half:]
-        for number, line in numbered:
-            if limit is not None and len(prompts) >= limit:
-                break
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BenchmarkError(f"{where}: not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict):
-                raise BenchmarkError(f"{where}: each line must be a JSON object")
-            prompts.append(
-                Prompt(id=str(row.get("question_id", row.get("id", len(prompts)))), turns=_turns(row, where))
-            )
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise BenchmarkError(f"{path}: not UTF-8 text (byte {error.start}); a benchmark is a JSONL file") from None
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if split is not None:
+        half = len(numbered) // 2
+        numbered = numbered[:half] if split == "tune" else numbered[half:]
+    for number, line in numbered:
+        if limit is not None and len(prompts) >= limit:
+            break
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BenchmarkError(f"{where}: not valid JSON ({error.msg})") from error
+        if not isinstance(row, dict):
+            raise BenchmarkError(f"{where}: each line must be a JSON object")
+        prompts.append(Prompt(id=str(row.get("question_id", row.get("id", len(prompts)))), turns=_turns(row, where)))
     if not prompts:
         raise BenchmarkError(f"{path}: no prompts")
     return name, prompts

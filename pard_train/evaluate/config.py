@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from pard_train.config import require, to_dataclass
+from pard_train.evaluate.feature_capture import FeatureCapture
 
 
 class Mode(str, Enum):
@@ -62,7 +63,12 @@ class EvalConfig:
     """With ``target`` and a drafting mode: also time the forwards in isolation and report the expected speed-up
     beside the measured one, naming the term that is off when they disagree by more than 20%."""
     mask_token_id: int | None = None
-    """The PARD mask token; null reads ``pard_token`` from the draft's config.json."""
+    """The PARD mask token; null reads it from the draft's config.json."""
+    feature_capture: FeatureCapture | None = None
+    """``pard2`` mode: the target states the draft reads; null (default) uses the capture the draft was trained on
+    (its ``pard2_feature_capture``; ``training`` when it records none), ``training`` forces HF ``hidden_states`` (layer
+    -1 after the final norm), ``vllm`` what vLLM's PARD-2 serving feeds (layer -1 before it, which is how vLLM serves
+    any draft); see ``evaluate/feature_capture.py``."""
     benchmarks: list[str] = field(default_factory=lambda: ["humaneval", "gsm8k", "math_500", "mt_bench"])
     """Built-in benchmark names (humaneval, gsm8k, math_500, mt_bench) or paths of JSONL prompt files."""
     num_prompts: int | None = None

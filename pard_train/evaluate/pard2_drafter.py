@@ -9,24 +9,31 @@ The verification loop hands the drafter the target's features after the prefill 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from pard_train import draft_format
 from pard_train.errors import ConfigError
+from pard_train.evaluate.feature_capture import FeatureCapture
 from pard_train.evaluate.speculative import PardDrafter
-
-PROJECTION_FILE = "warp_model.bin"
-PROJECTION_KEY = "target_proj.weight"
 
 
 class Pard2Drafter(PardDrafter):
-    def __init__(self, model, mask_token_id: int, projection: torch.nn.Module, scale: float, layers: Sequence[int]):
+    def __init__(
+        self,
+        model,
+        mask_token_id: int,
+        projection: torch.nn.Module,
+        scale: float,
+        layers: Sequence[int],
+        feature_capture: FeatureCapture = FeatureCapture.training,
+    ):
         super().__init__(model, mask_token_id)
         self.projection, self.scale, self.target_layers = projection, scale, list(layers)
+        self.feature_capture = feature_capture
+        """Which target states the verification loop hands over (:mod:`pard_train.evaluate.feature_capture`)."""
         self.features: Tensor | None = None
 
     def reset(self) -> None:
@@ -65,22 +72,25 @@ class Pard2Drafter(PardDrafter):
         return [int(token) for token in logits.argmax(-1)]
 
 
-def load_pard2_drafter(draft, draft_dir: str, mask_token_id: int, target_width: int) -> Pard2Drafter:
-    """The TD drafter of an exported PARD-2 draft: W from ``warp_model.bin``, the scale and layers from config.json.
-    Refuses a target whose feature width differs from W's (vLLM falls back to TI there; a measurement should not)."""
-    config = json.loads(Path(draft_dir, "config.json").read_text())
-    path = Path(draft_dir, PROJECTION_FILE)
-    if not config.get("pard2") or not path.exists():
-        raise ConfigError(f"modes: pard2 needs a PARD-2 draft with target features; {draft_dir} has no {path.name}")
-    layers = config["pard2_target_layers"]
-    if target_width * len(layers) != config["pard2_target_dim"]:
+def load_pard2_drafter(
+    draft, draft_dir: str, mask_token_id: int, target_width: int, capture: FeatureCapture | None = None
+) -> Pard2Drafter:
+    """The TD drafter of an exported PARD-2 draft: W, the scale, layers and feature capture from its directory
+    (:func:`pard_train.draft_format.read`); ``capture`` overrides the capture the draft was trained on. Refuses a
+    target whose feature width differs from W's (vLLM falls back to TI there; a measurement should not)."""
+    pard2 = draft_format.read(draft_dir).pard2
+    if pard2 is None:
+        raise ConfigError(f"modes: pard2 needs a target-dependent PARD-2 draft; {draft_dir} is a plain PARD draft")
+    layers = list(pard2.target_layers)
+    if target_width * len(layers) != pard2.target_dim:
         raise ConfigError(
-            f"target: its hidden size {target_width} x {len(layers)} layers != pard2_target_dim "
-            f"{config['pard2_target_dim']} of {draft_dir}: the draft was trained with another target"
+            f"target: its hidden size {target_width} x {len(layers)} layers != the feature width "
+            f"{pard2.target_dim} of {draft_dir}: the draft was trained with another target"
         )
-    weight = torch.load(path, weights_only=True, map_location="cpu")[PROJECTION_KEY]
+    weight = draft_format.load_projection(draft_dir)
     device = next(draft.parameters()).device
     projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).to(device, weight.dtype)
     with torch.no_grad():
         projection.weight.copy_(weight.to(device))
-    return Pard2Drafter(draft, mask_token_id, projection, float(config["pard2_scale"]), layers)
+    capture = pard2.feature_capture if capture is None else capture
+    return Pard2Drafter(draft, mask_token_id, projection, pard2.scale, layers, capture)

@@ -146,9 +146,11 @@ def load_model(path: str, config: EvalConfig, device, dtype, models: dict | None
 
 def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
     """K and the mask id: the config's, else what the draft's config.json records (else K=8)."""
-    recorded = draft.config if draft is not None else None
-    k = config.num_draft_tokens or getattr(recorded, "num_draft_tokens", None) or 8
-    mask = config.mask_token_id if config.mask_token_id is not None else getattr(recorded, "pard_token", None)
+    from pard_train.draft_format import DraftFormat, from_config
+
+    recorded = from_config(draft.config, config.draft) if draft is not None else DraftFormat(None, None)
+    k = config.num_draft_tokens or recorded.num_draft_tokens or 8
+    mask = config.mask_token_id if config.mask_token_id is not None else recorded.mask_token_id
     return int(k), mask
 
 
@@ -177,15 +179,14 @@ def build_drafters(
         if mode in (Mode.pard, Mode.pard2):
             if mask_id is None:
                 raise ConfigError(
-                    f"mask_token_id: {config.draft}/config.json has no pard_token; set mask_token_id=ID "
-                    "(is this a PARD draft?)"
+                    f"mask_token_id: {config.draft} records no mask token; set mask_token_id=ID (is this a PARD draft?)"
                 )
             validate_mask_token(tokenizer, rows, mask_id)
             if mode == Mode.pard2:
                 from pard_train.evaluate.pard2_drafter import load_pard2_drafter
 
                 width = target.config.get_text_config().hidden_size
-                drafters[mode] = load_pard2_drafter(model, config.draft, mask_id, width)
+                drafters[mode] = load_pard2_drafter(model, config.draft, mask_id, width, config.feature_capture)
             else:
                 drafters[mode] = PardDrafter(model, mask_id)
         else:
@@ -288,6 +289,8 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
         report["overall"][mode]["tokens_per_s"] = entry["tokens_per_s"]["median"]
         if "speedup" in entry:
             report["overall"][mode]["speedup"] = entry["speedup"]["median"]
+    if Mode.pard2 in drafters:  # the capture used, resolved from the draft when the setting is null
+        report["feature_capture"] = drafters[Mode.pard2].feature_capture.value
     return report
 
 
@@ -356,5 +359,7 @@ def wallclock_section(config: EvalConfig, report: dict, totals: dict, target, dr
 
 def trained_num_draft_tokens(drafter: Drafter | None) -> int | None:
     """The K a PARD draft was trained with (its config.json), if it records one."""
+    from pard_train.draft_format import from_config
+
     model = getattr(getattr(drafter, "lm", None), "model", None)
-    return getattr(getattr(model, "config", None), "num_draft_tokens", None)
+    return from_config(model.config).num_draft_tokens if model is not None else None

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from pard_train.evaluate.feature_capture import FeatureCapture, final_norm_input, target_features
 
 
 def crop_cache(cache, keep: int) -> None:
@@ -101,6 +104,7 @@ class _CachedLM:
         logits_to_keep: int,
         embed=None,
         hidden_layers: Sequence[int] | None = None,
+        capture: FeatureCapture = FeatureCapture.training,
     ) -> Tensor:
         """Run on ``input_ids`` at positions ``start, start+1, ...`` (``start`` must equal the cache length).
 
@@ -110,7 +114,8 @@ class _CachedLM:
             raise RuntimeError(f"internal: feeding position {start} but the cache holds {self.cached} tokens")
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + ids.shape[1], device=self.device)[None]
-        with self.timer, torch.no_grad():
+        vllm = hidden_layers is not None and capture == FeatureCapture.vllm
+        with self.timer, torch.no_grad(), final_norm_input(self.model) if vllm else nullcontext({}) as captured:
             out = self.model(
                 input_ids=None if embed else ids,
                 inputs_embeds=embed(ids) if embed else None,
@@ -121,7 +126,8 @@ class _CachedLM:
                 output_hidden_states=hidden_layers is not None,
             )
         if hidden_layers is not None:
-            self.last_features = torch.cat([out.hidden_states[layer][0] for layer in hidden_layers], dim=-1)
+            features = target_features(out.hidden_states, hidden_layers, capture, captured.get("pre_norm"))
+            self.last_features = features[0]
         self.cache = out.past_key_values
         self.forwards += 1
         return out.logits[0, -logits_to_keep:].float()
@@ -247,8 +253,9 @@ def speculative_generate(
     started = time.perf_counter()
 
     layers = None if drafter is None else drafter.target_layers
+    capture = getattr(drafter, "feature_capture", FeatureCapture.training)
     tokens = list(prompt_ids)
-    prefill = verifier.forward(tokens, 0, 1, hidden_layers=layers)
+    prefill = verifier.forward(tokens, 0, 1, hidden_layers=layers, capture=capture)
     if layers is not None:
         drafter.observe_target(verifier.last_features, 0)
     prefill_seconds = verifier.timer.seconds
@@ -260,7 +267,9 @@ def speculative_generate(
         remaining = max_new_tokens - len(generated)
         k = 0 if drafter is None else min(num_draft_tokens, remaining - 1)
         drafted = drafter.propose(sequence, k) if k > 0 else []
-        logits = verifier.forward([sequence[-1], *drafted], len(sequence) - 1, len(drafted) + 1, hidden_layers=layers)
+        logits = verifier.forward(
+            [sequence[-1], *drafted], len(sequence) - 1, len(drafted) + 1, hidden_layers=layers, capture=capture
+        )
         if layers is not None:  # rejected positions are overwritten by the next round's verification
             drafter.observe_target(verifier.last_features, len(sequence) - 1)
         greedy = logits.argmax(-1).tolist()

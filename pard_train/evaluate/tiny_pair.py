@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pard_train.atomic import atomic_directory
+from pard_train.draft_format import CONFIG_FILE
 from pard_train.mask_token import choose_mask_token
 from pard_train.model import mark_as_pard
 from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
@@ -30,7 +31,7 @@ def build_pair(draft_seed: int = 0, target_seed: int = 1, num_draft_tokens: int 
 def ensure_tiny_pair(target_dir: str | Path, draft_dir: str | Path, num_draft_tokens: int = 4) -> tuple[Path, Path]:
     """Write the pair into two directories once (each renamed into place when complete); reuse them later."""
     target_dir, draft_dir = Path(target_dir), Path(draft_dir)
-    if all((path / "config.json").exists() for path in (target_dir, draft_dir)):
+    if all((path / CONFIG_FILE).exists() for path in (target_dir, draft_dir)):
         return target_dir, draft_dir
     target, draft, tokenizer, _ = build_pair(num_draft_tokens=num_draft_tokens)
     for model, path in ((target, target_dir), (draft, draft_dir)):
@@ -45,7 +46,7 @@ def ensure_tiny_family(target_dirs: list[str | Path], draft_dir: str | Path, num
     is a copy of the first (smallest) target — so it drafts that one well and the larger ones at random, which makes
     the family sweep's AL matrix show a real difference. Built once; reused later."""
     target_dirs, draft_dir = [Path(p) for p in target_dirs], Path(draft_dir)
-    if all((path / "config.json").exists() for path in (*target_dirs, draft_dir)):
+    if all((path / CONFIG_FILE).exists() for path in (*target_dirs, draft_dir)):
         return
     tokenizer = build_tiny_tokenizer()
     rows = -(-len(tokenizer) // 64) * 64 + 64

@@ -28,8 +28,9 @@ class Method(Protocol):
         the micro-batch's packed rows in ``split`` (train or validation)."""
         ...
 
-    def export_files(self, trained_extras: dict[str, torch.Tensor]) -> tuple[dict, dict[str, dict]]:
-        """Config fields and extra weight files (name -> state dict) for the exported draft."""
+    def export_files(self, trained_extras: dict[str, torch.Tensor]):
+        """``(Pard2Fields, W)`` for a target-dependent PARD-2 draft, None for a plain PARD draft (see
+        :mod:`pard_train.draft_format`)."""
         ...
 
 
@@ -41,7 +42,7 @@ class PardMethod:
         return batch, float(batch.num_labels)
 
     def export_files(self, trained_extras):
-        return {}, {}
+        return None
 
     @staticmethod
     def zero_stats(num_depths: int, device) -> DepthStats:

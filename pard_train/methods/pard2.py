@@ -17,11 +17,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from pard_train import loss as pard_loss_module
 from pard_train.config import AttentionBackend, MethodConfig
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
+from pard_train.lm_head_loss import chunked_head_loss, gather_head_with
 from pard_train.loss import DepthStats, labelled_hidden, project_logits
 from pard_train.methods.teacher import TeacherSignals
 
@@ -110,21 +110,12 @@ class Pard2Stats(DepthStats):
         return out
 
 
-def _chunk_terms(
-    draft, teacher, hidden: Tensor, teacher_hidden: Tensor, labels: Tensor, tau: float | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token: cross-entropy, tau^2 * KL(teacher || student) at temperature tau (zeros when tau is None: no
-    distillation, and no teacher logits computed), top-1 hit."""
-    logits = project_logits(draft, hidden).float()
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    hit = (logits.detach().argmax(-1) == labels).float()
-    if tau is None:
-        return ce, torch.zeros_like(ce), hit
+def _kd(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
+    """Per token ``tau^2 * KL(p_T/tau || p_S/tau)``; the teacher's side carries no gradient."""
     with torch.no_grad():
-        teacher_log_p = F.log_softmax(project_logits(teacher, teacher_hidden).float() / tau, dim=-1)
-    student_log_p = F.log_softmax(logits / tau, dim=-1)
-    kd = (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(-1) * tau**2
-    return ce, kd, hit
+        teacher_log_p = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    student_log_p = F.log_softmax(student_logits / tau, dim=-1)
+    return (teacher_log_p.exp() * (teacher_log_p - student_log_p)).sum(-1) * tau**2
 
 
 def pard2_loss(
@@ -151,20 +142,27 @@ def pard2_loss(
     teacher_hidden = signals.hidden[rows, own_positions(batch)[selected]] if signals.hidden is not None else hidden
 
     tau = settings.kd_temperature if settings.kd_weight > 0 else None
-    ce_parts, kd_parts, hit_parts = [], [], []
+
+    def weighted_terms(logits: Tensor, part: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Per token w * (alpha_CE CE + alpha_KD KD), and CE, KD and the top-1 hit for the statistics. Without
+        distillation (tau None) no teacher logits are computed."""
+        logits = logits.float()
+        ce = F.cross_entropy(logits, labels[part], reduction="none")
+        if tau is None:
+            kd = torch.zeros_like(ce)
+        else:
+            with torch.no_grad():
+                teacher_logits = project_logits(inputs.teacher, teacher_hidden[part])
+            kd = _kd(logits, teacher_logits, tau)
+        objective = weight[part] * (settings.ce_weight * ce + settings.kd_weight * kd)
+        hit = (logits.detach().argmax(-1) == labels[part]).float()
+        return objective, (ce.detach(), kd.detach(), hit)
+
+    # The head runs once per chunk: only one chunk's [tokens, vocabulary] logits (student and teacher) exist at once.
     chunk = pard_loss_module.LOSS_CHUNK_TOKENS
-    for begin in range(0, labels.numel(), chunk):
-        part = slice(begin, begin + chunk)
-        args = (draft, inputs.teacher, hidden[part], teacher_hidden[part], labels[part], tau)
-        # Recomputed in backward: only one chunk's [tokens, vocabulary] logits (student and teacher) exist at once.
-        terms = checkpoint(_chunk_terms, *args, use_reentrant=False) if hidden.requires_grad else _chunk_terms(*args)
-        for parts, value in zip((ce_parts, kd_parts, hit_parts), terms):
-            parts.append(value)
-    empty = hidden.new_zeros(0, dtype=torch.float32)
-    ce, kd, hit = (torch.cat(parts) if parts else empty for parts in (ce_parts, kd_parts, hit_parts))
-    total = (weight * (settings.ce_weight * ce + settings.kd_weight * kd)).sum() / normalizer
+    total, (ce, kd, hit) = chunked_head_loss(draft, hidden, weighted_terms, normalizer, chunk)
     with torch.no_grad():
-        sums = [ce.detach(), hit, torch.ones_like(ce), weight, weight * ce.detach(), weight * kd.detach()]
+        sums = [ce, hit, torch.ones_like(ce), weight, weight * ce, weight * kd]
         stats = Pard2Stats(*(torch.zeros(num_depths, device=ce.device).index_add_(0, depth, v) for v in sums))
     return total, stats
 
@@ -217,6 +215,7 @@ class Pard2Objective(torch.nn.Module):
         super().__init__()
         self.draft, self.projection = draft, projection
         self.backend, self.num_depths, self.settings = backend, num_depths, settings
+        gather_head_with(self, draft)  # ZeRO-3: the loss reads the head's weight directly
 
     def forward(self, inputs: Pard2Inputs, normalizer: float) -> tuple[Tensor, Pard2Stats]:
         return pard2_loss(self.draft, self.projection, inputs, self.backend, self.num_depths, self.settings, normalizer)
@@ -225,9 +224,6 @@ class Pard2Objective(torch.nn.Module):
 class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
     vocabulary, and builds W."""
-
-    PROJECTION_FILE = "warp_model.bin"
-    """Where the reference (and vLLM's PARD-2 loader) keeps W, under the key ``target_proj.weight``."""
 
     def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator, data=None):
         from pard_train.errors import ConfigError
@@ -257,7 +253,7 @@ class Pard2Method:
             bad = [layer for layer in layers if not -depth <= layer < depth]
             if bad:
                 raise ConfigError(f"method.feature_layers: {bad} outside the target's {depth} hidden states")
-        self.teacher = Teacher(target, backend, layers)
+        self.teacher = Teacher(target, backend, layers, settings.feature_capture)
         projection = None
         if layers is not None:
             draft_width = draft.config.get_text_config().hidden_size
@@ -302,17 +298,21 @@ class Pard2Method:
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:
         return Pard2Stats.zeros(num_depths, device)
 
-    def export_files(self, trained_extras: dict[str, Tensor]) -> tuple[dict, dict[str, dict]]:
-        """The PARD-2 config fields and W, in the reference's format; the base draft stays a plain PARD draft."""
+    def export_files(self, trained_extras: dict[str, Tensor]):
+        """The PARD-2 fields and W of a target-dependent draft; None when trained without features (CAT/KD only),
+        which makes a plain PARD draft that no server mistakes for a target-dependent one."""
+        from pard_train.draft_format import Pard2Fields
+
         settings = self.settings
-        fields_ = {"pard2": True, "spd_type": "pard2", "pard2_scale": settings.feature_scale}
         if not settings.features:
-            return fields_, {}
+            return None
         weight = trained_extras["projection.weight"]
-        fields_.update(
-            pard2_proj_bias=False,
-            pard2_target_dim=int(weight.shape[1]),
-            pard2_target_layers=list(settings.feature_layers),
-            pard2_target=settings.target,
+        fields_ = Pard2Fields(
+            target_layers=tuple(settings.feature_layers),
+            target_dim=int(weight.shape[1]),
+            scale=settings.feature_scale,
+            proj_bias=False,
+            target=settings.target,
+            feature_capture=settings.feature_capture,
         )
-        return fields_, {self.PROJECTION_FILE: {"target_proj.weight": weight}}
+        return fields_, weight

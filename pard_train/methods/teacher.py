@@ -8,13 +8,15 @@ real row index ``i`` is layout index ``i``, and a layout token's own position is
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pard_train.attention import BLOCK, attention_mask_for
-from pard_train.config import AttentionBackend
+from pard_train.config import AttentionBackend, FeatureCapture
+from pard_train.evaluate.feature_capture import final_norm_input, target_features
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.loss import project_logits
 
@@ -30,7 +32,8 @@ class TeacherSignals:
     """``[B, L, H_t]`` the target's final hidden state (after its final norm) at every real position; None when the
     confidences come from the offline cache (no distillation then)."""
     features: Tensor | None
-    """``[B, L, n * H_t]`` hidden states at the feature layers, concatenated; f(a) is ``features[a - 1]``."""
+    """``[B, L, n * H_t]`` hidden states at the feature layers (as ``method.feature_capture`` says), concatenated;
+    f(a) is ``features[a - 1]``."""
 
 
 def real_tokens(batch: PardBatch, multiple: int = 1) -> PardBatch:
@@ -54,8 +57,14 @@ def real_tokens(batch: PardBatch, multiple: int = 1) -> PardBatch:
 class Teacher:
     """A frozen causal LM (the target) and what PARD-2 reads from it."""
 
-    def __init__(self, model, backend: AttentionBackend, feature_layers: list[int] | None):
-        self.model, self.backend, self.feature_layers = model.eval(), backend, feature_layers
+    def __init__(
+        self,
+        model,
+        backend: AttentionBackend,
+        feature_layers: list[int] | None,
+        capture: FeatureCapture = FeatureCapture.training,
+    ):
+        self.model, self.backend, self.feature_layers, self.capture = model.eval(), backend, feature_layers, capture
         for parameter in model.parameters():
             parameter.requires_grad_(False)
 
@@ -67,18 +76,28 @@ class Teacher:
     def __call__(self, batch: PardBatch) -> TeacherSignals:
         # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
         real = real_tokens(batch, BLOCK if self.backend == AttentionBackend.flex else 1)
-        out = self.model.get_decoder()(
-            input_ids=real.input_ids,
-            position_ids=real.position_ids,
-            attention_mask=attention_mask_for(real, self.backend),
-            output_hidden_states=self.feature_layers is not None,
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state
-        features = None
-        if self.feature_layers is not None:
-            features = torch.cat([out.hidden_states[layer] for layer in self.feature_layers], dim=-1)
+        hidden, features = self._forward(real)
         return TeacherSignals(self._log_confidence(real, hidden), hidden, features)
+
+    def _forward(self, real: PardBatch) -> tuple[Tensor, Tensor | None]:
+        """The final hidden state and the features, captured as ``self.capture`` says: the same
+        :func:`~pard_train.evaluate.feature_capture.target_features` the harness's verification loop calls, so a draft
+        is trained and measured on the same states."""
+        capture = self.capture if self.feature_layers is not None else FeatureCapture.training
+        # vllm: the final norm's input is layer -1 as vLLM captures it (HF hidden_states only hold its output).
+        hook = final_norm_input(self.model) if capture == FeatureCapture.vllm else nullcontext({})
+        with hook as captured:
+            out = self.model.get_decoder()(
+                input_ids=real.input_ids,
+                position_ids=real.position_ids,
+                attention_mask=attention_mask_for(real, self.backend),
+                output_hidden_states=self.feature_layers is not None,
+                use_cache=False,
+            )
+        if self.feature_layers is None:
+            return out.last_hidden_state, None
+        features = target_features(out.hidden_states, self.feature_layers, capture, captured.get("pre_norm"))
+        return out.last_hidden_state, features
 
     def _log_confidence(self, real: PardBatch, hidden: Tensor) -> Tensor:
         """log p_T(x_u | x_<u) from the logits at u - 1, for u with a predecessor in its document (chunked)."""

@@ -6,10 +6,12 @@ Not an entry point: the scripts here import it (``python scripts/bench/NAME.py``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pard_train.atomic import atomic_write_text
-from pard_train.layout import PardBatch, can_attend
+from pard_train.layout import PardBatch, build_row, can_attend, collate_rows
 
 GIB = 1024**3
 
@@ -83,17 +85,28 @@ def run_child(script: Path, args: list[str], timeout: float) -> dict:
     """Run ``script`` with ``args`` in a fresh interpreter and parse the JSON object on its last stdout line.
 
     A fresh process per measurement makes peak memory (ru_maxrss, max_memory_allocated) belong to that variant alone.
-    A child killed by the kernel (out of memory) or by the timeout comes back as a status, not an exception.
+    A child killed by the kernel (out of memory) or by the timeout comes back as a status, not an exception. The
+    child runs in a process group of its own, and a time-out kills the whole group (its compile workers included),
+    so nothing it started keeps holding the GPU.
     """
     command = [sys.executable, str(script), *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"status": "timeout"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        status = "killed (out of memory?)" if done.returncode in (-9, 137) else f"failed (exit {done.returncode})"
-        return {"status": status, "stderr_tail": done.stderr[-2000:]}
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return {"status": f"timeout after {timeout:.0f} s"}
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # strays of a child that exited
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if process.returncode != 0 or not lines:
+        status = "killed (out of memory?)" if process.returncode in (-9, 137) else f"failed (exit {process.returncode})"
+        return {"status": status, "stderr_tail": stderr[-2000:]}
     return json.loads(lines[-1])
 
 
@@ -115,4 +128,32 @@ def dense_additive_mask(batch: PardBatch, dtype: torch.dtype = torch.float32) ->
             index[None, :],
         )
         masks.append(torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, blocked))
+    return torch.stack(masks)[:, None]
+
+
+def reference_collator_mask(
+    rows: list[torch.Tensor], batch: PardBatch, mask_token_id: int, num_depths: int
+) -> torch.Tensor:
+    """The reference's collator as it runs: per sample, the float32 additive mask of the *full* layout,
+    ``(K*L)^2``, built on the CPU, then gathered at the tokens drop-token kept (``batch``, built from the same
+    ``rows``), padding seeing only itself. Returns ``[B, 1, T, T]`` float32 on the CPU."""
+    blocked = torch.finfo(torch.float32).min
+    width = batch.depth.shape[1]
+    masks = []
+    for b, ids in enumerate(rows):
+        full = collate_rows([build_row(ids, mask_token_id, num_depths)], pad_token_id=0)
+        full_mask = dense_additive_mask(full, torch.float32)[0, 0]
+        # A layout token is identified by (depth, anchor); look the kept ones up in the full layout.
+        span = int(full.anchor.max()) + 2
+        lookup = torch.full((num_depths * span,), -1, dtype=torch.long)
+        lookup[full.depth[0] * span + full.anchor[0] + 1] = torch.arange(full.depth.shape[1])
+        real = batch.document[b] >= 0
+        index = lookup[batch.depth[b, real] * span + batch.anchor[b, real] + 1]
+        if bool((index < 0).any()):
+            raise ValueError("a kept token is missing from the full layout")
+        kept = len(index)
+        mask = torch.full((width, width), blocked, dtype=torch.float32)
+        mask[:kept, :kept] = full_mask[index][:, index]
+        mask.diagonal()[kept:] = 0.0
+        masks.append(mask)
     return torch.stack(masks)[:, None]

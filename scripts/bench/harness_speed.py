@@ -33,11 +33,11 @@ uses this one."""
 
 
 def smollm2_config(args) -> EvalConfig:
-    from transformers import AutoConfig
+    from pard_train import draft_format
 
     draft = args.draft or args.smollm2
     mask = args.mask_token_id
-    if mask is None and getattr(AutoConfig.from_pretrained(draft), "pard_token", None) is None:
+    if mask is None and draft_format.read(draft).mask_token_id is None:
         mask = SMOLLM2_MASK_ID  # an untrained draft records no mask token
     return EvalConfig(
         target=str(args.smollm2),
@@ -115,7 +115,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--smollm2", type=Path, default=None, help="SmolLM2-135M-Instruct safetensors directory")
     parser.add_argument("--draft", type=Path, default=None, help="with --smollm2: a trained PARD draft directory")
-    parser.add_argument("--mask-token-id", type=int, default=None, help="default: the draft's pard_token, else 16")
+    parser.add_argument("--mask-token-id", type=int, default=None, help="default: the draft's mask token, else 16")
     parser.add_argument("--num-draft-tokens", "-K", type=int, default=8)
     parser.add_argument("--benchmarks", nargs="+", default=["humaneval", "gsm8k", "math_500", "mt_bench"])
     parser.add_argument("--num-prompts", type=int, default=2, help="prompts per benchmark")

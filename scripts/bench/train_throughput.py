@@ -9,9 +9,10 @@ device with one random model and the same data:
 - **dense**: the reference's approach, rebuilt here for the purpose: a float additive ``(K*L)^2`` mask built per sample
   in the collator and ``eager`` attention. Everything else is ours (same layout, same labelled-token LM head and
   loss), so the ratio isolates the mask and the attention path.
-- **reference** (``--variants``; what ``make gpu-check`` compares against): the reference's path as it runs: the float
-  ``(K*L)^2`` mask built on the CPU in the collator, transformers' default attention (SDPA) given that mask, and the
-  Hugging Face loss over every position's logits (``[B, T, vocabulary]``).
+- **reference** (``--baseline reference``; what the GPU check compares against): the reference's path as it runs:
+  its collator builds the float32 ``(K*L)^2`` mask of the full layout on the CPU and gathers the tokens drop-token
+  kept, transformers' default attention (SDPA) gets that mask, and the loss is over every position's logits
+  (``[B, T, vocabulary]``).
 
 Each is measured with the full layout and with drop-token (r=0.7, r_min=0.2). Every variant runs in its own
 subprocess so its peak memory (ru_maxrss on CPU, torch.cuda.max_memory_allocated on CUDA) is its own. A step is
@@ -19,8 +20,9 @@ collate + forward + backward + AdamW; tokens/s uses the median step time after -
 
 On CPU (automatic when no CUDA device is visible): a small random Llama (hidden 256, 4 layers, vocab 32000), fp32,
 K=8, L=512, batch 1. On CUDA (selected automatically): a Llama-3.2-1B-shaped random model (hidden 2048, 16 layers,
-32 heads, 8 KV heads, intermediate 8192, vocab 128256) in bf16, FlexAttention for ours, plus MFU (6 N tokens/s over
-the device's peak bf16 FLOP/s) and a search for the longest L at K=16 that fits (--no-search to skip).
+32 heads, 8 KV heads, intermediate 8192, vocab 128256), ``--as-run`` by default (fp32 weights under bf16 autocast,
+gradient checkpointing: how both train), FlexAttention for ours, plus MFU (useful FLOPs from pard_train/flops.py, the
+trainer's count, over the device's datasheet bf16 peak) and a search for the longest L at K=16 (--no-search skips it).
 """
 
 from __future__ import annotations
@@ -34,9 +36,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from _common import dense_additive_mask, markdown_table, metadata, peak_rss_bytes, run_child, size, write_json
+from _common import (
+    dense_additive_mask,
+    markdown_table,
+    metadata,
+    peak_rss_bytes,
+    reference_collator_mask,
+    run_child,
+    size,
+    write_json,
+)
 
 from pard_train.attention import AttentionBackend
+from pard_train.flops import ModelFlops, peak_flops
 from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, PardBatch, build_row, collate_rows
 from pard_train.loss import pard_loss
 
@@ -140,7 +152,10 @@ def measure(args) -> dict:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    # --as-run: how both train in practice (our presets and the reference's example configs): fp32 master weights
+    # under bf16 autocast, with gradient checkpointing. Otherwise the weights themselves are bf16 on a GPU.
+    dtype = torch.float32 if args.as_run or not on_gpu else torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.as_run)
     shape = SHAPES[args.shape]
     ours = args.variant == "ours"
     backend = AttentionBackend.flex if on_gpu else AttentionBackend.sdpa
@@ -150,28 +165,35 @@ def measure(args) -> dict:
     mask_id = shape.vocab - 1
 
     model = build_model(shape, attn, device, dtype, args.length)
+    if args.as_run:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     num_params = sum(p.numel() for p in model.parameters())
+    model_flops = ModelFlops.of(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     setup_rss = peak_rss_bytes()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
 
-    collate_s, step_s, labelled, layout_tokens = [], [], [], []
+    collate_s, step_s, labelled, layout_tokens, flops = [], [], [], [], []
     for step in range(args.warmup + args.steps):
         rows = make_rows(step, args.batch, args.length, shape.vocab)
         _sync(device)
         start = time.perf_counter()
-        batch = collate(rows, mask_id, args.num_depths, drop, step, 128 if ours and on_gpu else 1)
-        mask = None if ours else dense_additive_mask(batch, dtype)
-        collated = time.perf_counter()
-        batch = batch.to(device)
-        normalizer = max(batch.num_labels, 1)
-        if ours:
-            loss, _ = pard_loss(model, batch, backend, args.num_depths, normalizer)
-        elif args.variant == "reference":
-            loss = reference_loss(model, batch, mask.to(device), normalizer)
+        host_batch = collate(rows, mask_id, args.num_depths, drop, step, 128 if ours and on_gpu else 1)
+        if args.variant == "reference":  # its collator: the full layout's float32 (K*L)^2 mask, then gathered
+            mask = reference_collator_mask(rows, host_batch, mask_id, args.num_depths)
         else:
-            loss = dense_loss(model, batch, mask.to(device), normalizer)
+            mask = None if ours else dense_additive_mask(host_batch, dtype)
+        collated = time.perf_counter()
+        batch = host_batch.to(device)
+        normalizer = max(batch.num_labels, 1)
+        with autocast:
+            if ours:
+                loss, _ = pard_loss(model, batch, backend, args.num_depths, normalizer)
+            elif args.variant == "reference":
+                loss = reference_loss(model, batch, mask.to(device), normalizer)
+            else:
+                loss = dense_loss(model, batch, mask.to(device), normalizer)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,6 +205,7 @@ def measure(args) -> dict:
             step_s.append(time.perf_counter() - start)
             labelled.append(batch.num_labels)
             layout_tokens.append(batch.input_ids.numel())
+            flops.append(model_flops.batch(host_batch))
         del batch, mask, loss
 
     median_step = statistics.median(step_s)
@@ -192,7 +215,7 @@ def measure(args) -> dict:
         "layout": args.layout,
         "attention": attn,
         "device": device.type,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch.") + (" weights, bf16 autocast, checkpointing" if args.as_run else ""),
         "L": args.length,
         "K": args.num_depths,
         "batch": args.batch,
@@ -205,16 +228,15 @@ def measure(args) -> dict:
         "labelled_tokens_per_s": statistics.median(labelled) / median_step,
         "layout_tokens_per_s": statistics.median(layout_tokens) / median_step,
         "sequences_per_s": args.batch / median_step,
+        "useful_tflops_per_s": statistics.median(flops) / median_step / 1e12,
         "setup_rss_bytes": setup_rss,
         "peak_rss_bytes": peak_rss_bytes(),
     }
     if on_gpu:
-        from pard_train.tracking import peak_flops
-
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         peak = peak_flops(torch.cuda.get_device_name(device))
-        # 6 N FLOPs per processed token (forward + backward); attention FLOPs are left out, as in the trainer's MFU.
-        result["mfu"] = 6 * num_params * result["layout_tokens_per_s"] / peak if peak else None
+        # Useful FLOPs (pard_train/flops.py, the trainer's count): the same batch is worth the same for every variant.
+        result["mfu"] = result["useful_tflops_per_s"] * 1e12 / peak if peak else None
     return result
 
 
@@ -247,6 +269,7 @@ def child_args(args, variant, layout, length, num_depths, batch, steps, warmup) 
         f"--batch={batch}",
         f"--steps={steps}",
         f"--warmup={warmup}",
+        "--as-run" if args.as_run else "--no-as-run",
     ]
 
 
@@ -267,6 +290,8 @@ def compare(args) -> list[dict]:
             ):
                 best[(variant, layout)] = result
             print(f"  {variant:5s} {layout:4s}: {_brief(result)}", file=sys.stderr, flush=True)
+            # What is measured so far, in case whoever runs this is cut short (the GPU check's time-outs).
+            write_json(args.out, {"partial": True, "results": list(best.values())})
     variants = args.variant_list
     baseline = variants[1][0]
     results = [best[key] for key in variants]
@@ -360,6 +385,13 @@ def main(argv=None) -> Path:
     parser.add_argument("--search-start", type=int, default=1024)
     parser.add_argument("--search-max", type=int, default=32768)
     parser.add_argument("--child-timeout", type=float, default=1800)
+    parser.add_argument(
+        "--as-run",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fp32 weights + bf16 autocast + gradient checkpointing for every variant, as both train in practice "
+        "(default on a GPU; off on the CPU, where the weights are fp32 and nothing is recomputed)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results/train_throughput.json"))
     # Internal: run one variant in this process and print its JSON (what the parent starts).
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -376,6 +408,7 @@ def main(argv=None) -> Path:
     args.variant_list = REFERENCE_VARIANTS if args.baseline == "reference" else VARIANTS
     args.variant_list = [(variant, layout) for variant, layout in args.variant_list if layout in args.layouts]
     on_gpu = torch.cuda.is_available()
+    args.as_run = on_gpu if args.as_run is None else args.as_run
     if args.shape is None:
         args.shape = "smoke" if args.smoke else ("llama-3.2-1b" if on_gpu else "cpu-small")
     if args.length is None:

@@ -1,0 +1,152 @@
+"""Every mistake of issue 21's list is one line and exit 2 through the real entry point (in process, fast), with no
+progress bar before it; Ctrl-C saves like SIGTERM and a second one aborts; warnings for nonsense that trains."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+from launch import REPO, entry, env, one_error_line, records, start, tiny_overrides, wait_for
+
+from pard_train.checkpoint import Checkpoints
+from pard_train.signals import StopSignals
+
+DATA = str(REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl")
+
+
+def args(model, root, *extra: str) -> list[str]:
+    return [
+        "+config=tiny",
+        f"model.path={model}",
+        f"run.output_root={root}",
+        f"data.train_files=[{DATA}]",
+        "data.max_samples=32",
+        "data.max_length=64",
+        "train.micro_batch_size=2",
+        "train.max_steps=2",
+        *extra,
+    ]
+
+
+def assert_no_bar_before(err: str) -> None:
+    """No progress bar stays visible above the error line, as a terminal shows stderr (a carriage return starts the
+    line over): the training bar is cleared on an error, transformers' bars are off."""
+    visible = [line.split("\r")[-1] for line in err.split("\n")]
+    bars = [line for line in visible if "%|" in line or "it/s]" in line]
+    assert bars == [], err[-2000:]
+
+
+@pytest.mark.parametrize(
+    "content, name, expected",
+    [
+        (b"", "empty.jsonl", "empty.jsonl: holds no rows (an empty file?)"),
+        (b"a,b\n1,2\n", "data.csv", "data.csv: unsupported file type '.csv'; training data is JSONL, JSON, Parquet"),
+        (bytes(range(256)) * 12, "binary.jsonl", "binary.jsonl: no usable conversation in"),
+        (b"PAR1 not really parquet", "broken.parquet", "broken.parquet: cannot be read as Parquet ("),
+    ],
+)
+def test_unusable_training_files_are_one_line(tmp_path, capsys, content, name, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    # A new tiny model each time: it is built from the training files, the first reader of a binary file.
+    code, _, err = entry(capsys, *args(tmp_path / "tiny-model", tmp_path), f"data.train_files=[{path}]")
+    line = one_error_line(code, err)
+    assert expected in line, line
+    assert_no_bar_before(err)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["train.lr=inf"], "train.lr: must be a finite number > 0, got inf"),
+        (["train.weight_decay=nan"], "train.weight_decay: must be a finite number >= 0, got nan"),
+        (["acceptance.after_training=true", "acceptance.benchmarks=[{garbage}]"], "garbage.jsonl:1: not valid JSON"),
+        (["acceptance.after_training=true", "acceptance.benchmarks=[{binary}]"], "binary.jsonl: not UTF-8 text"),
+    ],
+)
+def test_bad_settings_and_benchmarks_fail_at_start(tiny_checkpoint, tmp_path, capsys, extra, expected):
+    (tmp_path / "garbage.jsonl").write_text("garbage{{\n")
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00junk")
+    extra = [e.format(garbage=tmp_path / "garbage.jsonl", binary=tmp_path / "binary.jsonl") for e in extra]
+    line = one_error_line(*entry(capsys, *args(tiny_checkpoint, tmp_path), *extra)[::2])
+    assert expected in line, line
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()  # refused before training, not after it
+
+
+def test_wandb_without_key_or_offline_mode_is_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never logged in
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    line = one_error_line(*entry(capsys, *args(tiny_checkpoint, tmp_path), "tracking.backend=wandb")[::2])
+    assert "tracking.backend=wandb: no wandb API key" in line and "WANDB_MODE=offline" in line, line
+
+
+def test_export_failure_after_training_is_one_line_and_unlocks(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import pard_train.train
+
+    def read_only(*args, **kwargs):  # what a read-only run directory does to the export (root ignores chmod)
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "tiny" / ".final.partial-1"))
+
+    monkeypatch.setattr(pard_train.train, "export_draft", read_only)
+    code, _, err = entry(capsys, *args(tiny_checkpoint, tmp_path))
+    line = one_error_line(code, err)
+    assert f"could not write the trained draft to {tmp_path / 'tiny' / 'final'}: Read-only file system" in line
+    assert "rerun the same command" in line
+    assert_no_bar_before(err)
+    assert not (tmp_path / "tiny" / "run.lock").exists()
+
+
+def test_data_cli_follows_the_exit_2_contract(tmp_path, capsys):
+    from pard_train.data.__main__ import main
+
+    for argv, expected in [
+        ([DATA, "--tiny", "--max-length", "0"], "data.max_length: must be >= 2, got 0"),
+        ([DATA, "--tiny", "--max-bad-fraction", "5"], "data.max_bad_fraction: must be in [0, 1]"),
+        ([str(tmp_path / "missing.jsonl"), "--tiny"], "matches no file"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith("pard_train.data: error: ") and expected in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_truncating_most_conversations_and_k1_warn(tiny_checkpoint, tmp_path, capsys):
+    code, out, err = entry(
+        capsys, *args(tiny_checkpoint, tmp_path, "data.max_length=8", "pard.num_draft_tokens=1", "train.max_steps=1")
+    )
+    assert code == 0, err[-2000:]
+    assert "conversations (100%) are longer than data.max_length and were cut" in out, out
+    assert "warning: pard.num_draft_tokens=1 trains depth 0 only" in out, out
+
+
+def test_a_second_ctrl_c_aborts():
+    with pytest.raises(KeyboardInterrupt), StopSignals() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.received == signal.SIGINT
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_like_sigterm(tiny_checkpoint, tmp_path):
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path, "train.max_steps=12", "checkpoint.every_steps=100")
+    run_dir = tmp_path / "tiny"
+    process = start(overrides, log=tmp_path / "log.txt")
+    wait_for(lambda: any(r.get("step", 0) >= 2 for r in records(run_dir)), 300, "step 2", process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-2000:]
+    log = (tmp_path / "log.txt").read_text()
+    saved = Checkpoints(run_dir, None, 2).latest()
+    assert saved is not None and "Ctrl-C: saving a checkpoint after this step" in log and "Traceback" not in log
+    step = json.loads((saved / "train_state.json").read_text())["step"]
+    assert f"stop signal: saved step {step}" in log
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pard_train", *overrides], cwd=REPO, env=env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0 and f"(step {step})" in resumed.stdout, resumed.stderr[-2000:]
