@@ -5,7 +5,8 @@ Examples: ``python -m pard_train.evaluate +evaluate=tiny`` (tiny random models o
 ``compare_thinking=true``; see pard_train/evaluate/sweep.py);
 ``python -m pard_train.evaluate target=meta-llama/Llama-3.1-8B-Instruct draft=exports/pard-llama-1b
 ar_draft=meta-llama/Llama-3.2-1B-Instruct output_dir=runs/evaluate/llama``. Writes report.json, report.md and PNG
-plots into ``output_dir``; every key is documented in pard_train/evaluate/config.py.
+plots into ``output_dir`` (while measuring, report.partial.json holds the finished parts: see
+pard_train/evaluate/partial.py); every key is documented in pard_train/evaluate/config.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ register_configs()
 @hydra.main(config_path="../../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
     from pard_train.evaluate.config import is_sweep, to_config
+    from pard_train.evaluate.partial import PartialReportWriter, partial_cell_writer
     from pard_train.evaluate.preflight import check_before_measuring
     from pard_train.evaluate.report import write_report
     from pard_train.evaluate.runner import evaluate
@@ -35,7 +37,12 @@ def main(cfg: DictConfig) -> None:
     with user_errors("pard_train.evaluate"):
         config = to_config(cfg)
         check_before_measuring(config)  # output_dir writable, tokenizers shared: before any measurement
-        report = run_sweep(config) if is_sweep(config) else evaluate(config)
+        # The parts are written as they finish (report.partial.json; a sweep's cells/), so a crash keeps them.
+        partial = PartialReportWriter(config.output_dir)
+        if is_sweep(config):
+            report = run_sweep(config, on_cell=partial_cell_writer(config.output_dir, partial.log))
+        else:
+            report = evaluate(config, on_progress=partial)
     with user_errors("pard_train.evaluate"), _report_kept(report):
         if is_sweep(config):
             out = write_sweep_report(report, config.output_dir)
@@ -44,6 +51,7 @@ def main(cfg: DictConfig) -> None:
             print(f"wrote {out}/report.json, report.md, al_heatmap.png" + extra)
             return
         out = write_report(report, config.output_dir)
+        partial.remove()
         print((out / "report.md").read_text())
         print(f"wrote {out}/report.json, report.md, acceptance_length.png, acceptance_by_position.png")
 

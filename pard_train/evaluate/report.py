@@ -213,7 +213,8 @@ def build_report(config: EvalConfig, results: dict[str, dict[Mode, ModeResult]],
     for mode, stats in totals.items():
         summary = stats.summary()
         summary["speedup"] = _speedup(stats, totals.get(Mode.target))
-        counts = [entry[mode.value]["mismatched_prompts"] for entry in report["benchmarks"].values()]
+        # Over the benchmarks the mode ran on (all of them, except in a partial report).
+        counts = [e[mode.value]["mismatched_prompts"] for e in report["benchmarks"].values() if mode.value in e]
         summary["mismatched_prompts"] = None if None in counts else sum(counts)
         report["overall"][mode.value] = summary
     return report

@@ -204,8 +204,17 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
-def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_runs: dict | None = None) -> dict:
+def evaluate(
+    config: EvalConfig,
+    log=print,
+    models: dict | None = None,
+    target_runs: dict | None = None,
+    on_progress=None,
+) -> dict:
     """Measure every benchmark in every mode; returns the report (written by :mod:`pard_train.evaluate.report`).
+
+    ``on_progress``, if given, is called with the partial report (see :mod:`pard_train.evaluate.partial`) each time
+    a (benchmark, mode) finishes its first repeat, so what was measured survives a crash of a later part.
 
     A sweep calls this once per cell and passes the same ``models`` (loaded models, see :func:`load_model`) and, per
     target and thinking setting, the same ``target_runs``: target-mode results by benchmark, filled by the first call
@@ -253,6 +262,14 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
 
     results: dict[str, dict[Mode, ModeResult]] = {}
     totals: dict[str, list[tuple[int, float]]] = {mode.value: [] for mode in drafters}
+    environment = _environment(device) | {"dtype": str(dtype).removeprefix("torch.")}
+    done: list[tuple[str, Mode]] = []
+
+    def finished(name: str, mode: Mode) -> None:
+        done.append((name, mode))
+        if on_progress is not None:
+            on_progress(partial_report(config, results, done, k, environment, trained_k))
+
     order = list(drafters)
     for repeat in range(config.repeats):
         # The modes take turns, in an order that rotates each repeat, so load on the machine hits them alike.
@@ -261,6 +278,7 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
                 if repeat == 0:
                     for name, _ in benchmarks:
                         results.setdefault(name, {})[mode] = target_runs[name]
+                        finished(name, mode)
                 continue
             tokens, seconds = 0, 0.0
             for name, prompts in benchmarks:
@@ -272,6 +290,7 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
                         f"{name:>10} {mode.value:>6}: AL {stats.acceptance_length:.3f}, "
                         f"{stats.generated_tokens / stats.wall_seconds:.1f} tok/s, {stats.generated_tokens} tokens"
                     )
+                    finished(name, mode)
                 else:  # acceptance and outputs are those of repeat 0 (greedy): only the time is new
                     result = _run_benchmark(ModeResult(), prompts, conversation, generator(drafters[mode]))
                 tokens += result.stats.generated_tokens
@@ -282,7 +301,7 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
         totals["target"] = [(sum(s.generated_tokens for s in stats), sum(s.wall_seconds for s in stats))]
     if target_runs is not None and not target_runs and Mode.target in drafters:
         target_runs.update({name: modes[Mode.target] for name, modes in results.items()})
-    report = build_report(config, results, k, _environment(device) | {"dtype": str(dtype).removeprefix("torch.")})
+    report = build_report(config, results, k, environment)
     report["trained_num_draft_tokens"] = trained_k
     report["wallclock"] = wallclock_section(config, report, totals, target, drafters, k, log)
     for mode, entry in report["wallclock"]["modes"].items():  # over all repeats, not the first alone
@@ -291,6 +310,20 @@ def evaluate(config: EvalConfig, log=print, models: dict | None = None, target_r
             report["overall"][mode]["speedup"] = entry["speedup"]["median"]
     if Mode.pard2 in drafters:  # the capture used, resolved from the draft when the setting is null
         report["feature_capture"] = drafters[Mode.pard2].feature_capture.value
+    return report
+
+
+def partial_report(config: EvalConfig, results: dict, done: list, k: int, environment: dict, trained_k) -> dict:
+    """:func:`build_report` over the finished (benchmark, mode) pairs only (the one in flight holds half a run)."""
+    finished: dict[str, dict[Mode, ModeResult]] = {}
+    for name, mode in done:
+        finished.setdefault(name, {})[mode] = results[name][mode]
+    # Modes in the config's order, as the final report lists them, whatever order they finished in.
+    finished = {name: {m: modes[m] for m in results[name] if m in modes} for name, modes in finished.items()}
+    report = build_report(config, finished, k, environment)
+    report["trained_num_draft_tokens"] = trained_k
+    report["partial"] = True
+    report["done"] = [{"benchmark": name, "mode": mode.value} for name, mode in done]
     return report
 
 

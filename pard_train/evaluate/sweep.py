@@ -89,8 +89,11 @@ def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, flo
     return rows
 
 
-def run_sweep(config: EvalConfig, log=print) -> dict:
-    """Evaluate every cell and assemble the sweep report (written by :func:`write_sweep_report`)."""
+def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
+    """Evaluate every cell and assemble the sweep report (written by :func:`write_sweep_report`).
+
+    ``on_cell``, if given, is called with each cell as it finishes (the CLI writes its report then, so a crash in a
+    later cell keeps the finished ones)."""
     from pard_train.evaluate.runner import evaluate
 
     if config.build_tiny:
@@ -120,9 +123,10 @@ def run_sweep(config: EvalConfig, log=print) -> dict:
                     build_tiny=False,
                 )
                 report = evaluate(single, log=log, models=models, target_runs=target_runs)
-                cells.append(
-                    {"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report}
-                )
+                cell = {"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report}
+                cells.append(cell)
+                if on_cell is not None:
+                    on_cell(cell)
         if config.ks and len(config.ks) > 1:
             swept = [c for c in cells if c["target"] == target and c["thinking"] == timed]
             timings[target] = _k_sweep_rows(config, target, swept, models, log)

@@ -134,11 +134,17 @@ def plot_k_sweep(sweep: dict, path: Path) -> None:
     save_png(figure, path)
 
 
+def write_cell(cell: dict, output_dir: str | Path) -> Path:
+    """One cell's report into ``output_dir/cells/LABEL``: a sweep writes each as it finishes, and again at the end."""
+    label = cell_label(cell).replace(" ", "_").replace("=", "")
+    return write_report(cell["report"], Path(output_dir) / "cells" / label)
+
+
 def write_sweep_report(sweep: dict, output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for cell in sweep["cells"]:
-        write_report(cell["report"], output_dir / "cells" / cell_label(cell).replace(" ", "_").replace("=", ""))
+        write_cell(cell, output_dir)
     atomic_write_bytes(output_dir / "report.json", (json.dumps(sweep, indent=2) + "\n").encode())
     atomic_write_bytes(output_dir / "report.md", markdown_sweep(sweep).encode())
     plot_heatmap(sweep, output_dir / "al_heatmap.png")

@@ -1,0 +1,66 @@
+"""The report as it grows: after each (benchmark, mode) finishes, ``report.partial.json`` in ``output_dir`` holds
+every number measured so far, so a crash or Ctrl-C late in a long evaluation loses only the measurement in flight.
+
+The file has the shape :func:`pard_train.evaluate.report.build_report` gives, over the finished parts only, plus
+``"partial": true`` and ``"done"`` (the finished ``{"benchmark", "mode"}`` pairs, in order). It has no ``wallclock``
+section (that needs every repeat), so its tokens/s are the first repeat's. The final report.json replaces it: the
+file is removed once report.json is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pard_train.atomic import atomic_write_bytes
+
+PARTIAL_NAME = "report.partial.json"
+
+
+def partial_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / PARTIAL_NAME
+
+
+class PartialReportWriter:
+    """Called with each partial report; writes it atomically, so a reader sees the previous part or the next one.
+
+    A write that fails (a full disk) is reported once through ``log`` and the measurement goes on: losing the
+    safety copy must not cost the measurement it protects (the final report is printed if it cannot be written).
+    """
+
+    def __init__(self, output_dir: str | Path, log=print):
+        self.path = partial_path(output_dir)
+        self.log = log
+        self.failed = False
+
+    def __call__(self, report: dict) -> None:
+        if self.failed:
+            return
+        try:
+            atomic_write_bytes(self.path, (json.dumps(report, indent=2) + "\n").encode())
+        except OSError as error:
+            self.failed = True
+            self.log(f"WARNING: could not write {self.path} ({error.strerror or error}); measuring on without it")
+
+    def remove(self) -> None:
+        """The final report is on disk: the partial one is stale."""
+        self.path.unlink(missing_ok=True)
+
+
+def partial_cell_writer(output_dir: str | Path, log=print):
+    """For a sweep: write each finished cell's report into ``output_dir/cells/LABEL`` (where the final sweep report
+    puts it too); a failed write is reported once and the sweep goes on, as with :class:`PartialReportWriter`."""
+    from pard_train.evaluate.sweep_report import write_cell
+
+    failed = []
+
+    def on_cell(cell: dict) -> None:
+        if failed:
+            return
+        try:
+            write_cell(cell, output_dir)
+        except OSError as error:
+            failed.append(error)
+            log(f"WARNING: could not write a finished cell's report ({error.strerror or error}); measuring on")
+
+    return on_cell
