@@ -101,3 +101,27 @@ def test_a_partial_report_that_cannot_be_written_warns_once_and_measuring_goes_o
     writer({"partial": True})
     writer({"partial": True})
     assert len(lines) == 1 and lines[0].startswith("WARNING: could not write"), lines
+
+
+def test_a_sweep_keeps_each_finished_cell_when_a_later_cell_fails(tmp_path, capsys, monkeypatch):
+    import pard_train.evaluate.runner as runner
+
+    real, calls = runner.evaluate, []
+
+    def fails_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in the second cell")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "evaluate", fails_second)
+    out_dir = tmp_path / "sweep"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        entry(capsys, *pair(tmp_path), "ks=[2,3]", "benchmarks=[gsm8k]", f"output_dir={out_dir}", prog=PROG)
+    assert not (out_dir / "report.json").exists()  # the sweep report needs every cell
+    cells = sorted(path.name for path in (out_dir / "cells").iterdir())
+    assert cells == ["target_K2"], cells
+    cell = json.loads((out_dir / "cells" / "target_K2" / "report.json").read_text())
+    assert cell["num_draft_tokens"] == 2
+    assert cell["benchmarks"]["gsm8k"]["pard"]["generated_tokens"] > 0
+    assert (out_dir / "cells" / "target_K2" / "report.md").exists()
