@@ -125,3 +125,25 @@ def test_a_sweep_keeps_each_finished_cell_when_a_later_cell_fails(tmp_path, caps
     assert cell["num_draft_tokens"] == 2
     assert cell["benchmarks"]["gsm8k"]["pard"]["generated_tokens"] > 0
     assert (out_dir / "cells" / "target_K2" / "report.md").exists()
+
+
+def test_ctrl_c_keeps_the_finished_parts_and_says_where(tmp_path, capsys, monkeypatch):
+    import pard_train.evaluate.runner as runner
+
+    real, calls = runner._run_benchmark, []
+
+    def interrupted_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(runner, "_run_benchmark", interrupted_second)
+    out_dir = tmp_path / "out"
+    code, out, err = entry(capsys, *pair(tmp_path), f"output_dir={out_dir}", prog=PROG)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert f"the parts measured so far are in {out_dir / PARTIAL_NAME}" in err, err[-3000:]
+    partial = json.loads((out_dir / PARTIAL_NAME).read_text())
+    assert partial["done"] == [{"benchmark": "gsm8k", "mode": "target"}]
+    assert partial["benchmarks"]["gsm8k"]["target"]["generated_tokens"] > 0

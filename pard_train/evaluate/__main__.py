@@ -39,10 +39,11 @@ def main(cfg: DictConfig) -> None:
         check_before_measuring(config)  # output_dir writable, tokenizers shared: before any measurement
         # The parts are written as they finish (report.partial.json; a sweep's cells/), so a crash keeps them.
         partial = PartialReportWriter(config.output_dir)
-        if is_sweep(config):
-            report = run_sweep(config, on_cell=partial_cell_writer(config.output_dir, partial.log))
-        else:
-            report = evaluate(config, on_progress=partial)
+        with partial.pointed_at_on_failure():
+            if is_sweep(config):
+                report = run_sweep(config, on_cell=partial_cell_writer(config.output_dir, partial.log))
+            else:
+                report = evaluate(config, on_progress=partial)
     with user_errors("pard_train.evaluate"), _report_kept(report):
         if is_sweep(config):
             out = write_sweep_report(report, config.output_dir)

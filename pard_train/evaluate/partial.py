@@ -10,6 +10,8 @@ file is removed once report.json is written.
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pard_train.atomic import atomic_write_bytes
@@ -32,15 +34,27 @@ class PartialReportWriter:
         self.path = partial_path(output_dir)
         self.log = log
         self.failed = False
+        self.written = False
 
     def __call__(self, report: dict) -> None:
         if self.failed:
             return
         try:
             atomic_write_bytes(self.path, (json.dumps(report, indent=2) + "\n").encode())
+            self.written = True
         except OSError as error:
             self.failed = True
             self.log(f"WARNING: could not write {self.path} ({error.strerror or error}); measuring on without it")
+
+    @contextmanager
+    def pointed_at_on_failure(self):
+        """A crash or Ctrl-C while measuring says where the finished parts are, before its own message."""
+        try:
+            yield
+        except BaseException:
+            if self.written:
+                print(f"pard_train.evaluate: the parts measured so far are in {self.path}", file=sys.stderr)
+            raise
 
     def remove(self) -> None:
         """The final report is on disk: the partial one is stale."""
