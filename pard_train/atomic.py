@@ -1,8 +1,10 @@
 """Files and directories that appear whole or not at all: write a sibling staging copy, flush it to disk, then
-rename it into place. Every file or model directory the package writes goes through these helpers."""
+rename it into place. Every file or model directory the package writes goes through these helpers; ``sha256_file``
+is how the manifests that prove such files whole (data cache, model identity) read them back."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -80,3 +82,12 @@ def fsync_directory(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 4 MiB pieces (a model's weights never sit in memory whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

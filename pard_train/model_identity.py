@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from pard_train.atomic import atomic_write_text
+from pard_train.atomic import atomic_write_text, sha256_file
 
 _SKIPPED = ("README", "LICENSE", "USE_POLICY", ".")
 """Files that describe a model without changing it (a model card edit is the same model), and hidden files."""
@@ -37,14 +37,6 @@ def _blob_digest(path: Path) -> str | None:
     return name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _DigestCache:
     """sha256 of files already hashed, valid while size, mtime and inode are unchanged."""
 
@@ -63,7 +55,7 @@ class _DigestCache:
         known = self.entries.get(str(real))
         if known and known["stamp"] == stamp:
             return known["sha256"]
-        value = _sha256(real)
+        value = sha256_file(real)
         self.entries[str(real)] = {"stamp": stamp, "sha256": value}
         self.changed = True
         return value

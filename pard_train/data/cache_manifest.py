@@ -10,22 +10,13 @@ Damage that keeps a file's size and time (bit rot under the filesystem) is not c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from pard_train.atomic import atomic_write_text
+from pard_train.atomic import atomic_write_text, sha256_file
 
 MANIFEST = "MANIFEST.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(directory: Path) -> list[Path]:
@@ -39,7 +30,7 @@ def write_manifest(directory: Path) -> None:
         stat = path.stat()
         files[str(path.relative_to(directory))] = {
             "size": stat.st_size,
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
             "mtime_ns": stat.st_mtime_ns,
         }
     atomic_write_text(directory / MANIFEST, json.dumps({"files": files}, indent=1))
@@ -62,7 +53,7 @@ def verify(directory: Path, full: bool = False) -> str:
             continue
         if stat.st_size != entry["size"]:
             problems.append(f"{name} has {stat.st_size} bytes, its manifest says {entry['size']}")
-        elif (full or stat.st_mtime_ns != entry.get("mtime_ns")) and _sha256(path) != entry["sha256"]:
+        elif (full or stat.st_mtime_ns != entry.get("mtime_ns")) and sha256_file(path) != entry["sha256"]:
             problems.append(f"{name} does not match its sha256")
     extra = sorted(set(str(p.relative_to(directory)) for p in _files(directory)) - set(files))
     problems += [f"{name} is not in the manifest" for name in extra]
