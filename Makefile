@@ -62,7 +62,7 @@ gpu-check:  ## On a GPU: the whole check in one command (scripts/gpu/check.py; -
 
 COMPAT := .ci-compat/transformers-5.17
 COMPAT_TESTS := tests/test_layout_rule.py tests/test_block_mask.py tests/test_train_equals_inference.py \
-	tests/test_loss.py tests/test_lm_head_loss.py tests/test_flex_dtype.py tests/test_speculative.py tests/test_evaluate.py \
+	tests/test_loss.py tests/test_flex_dtype.py tests/test_speculative.py tests/test_evaluate.py \
 	tests/test_pard2.py tests/test_feature_capture.py
 test-compat: $(STAMP)  ## Layout, attention, loss and harness tests with the GPU image's transformers 5.17.
 	test -d $(COMPAT) || $(BIN)/pip install -q --no-deps --target $(COMPAT) "transformers==5.17.*" "huggingface-hub>=1.5,<2"

@@ -35,3 +35,15 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     return ensure_tiny_checkpoint(path, texts=[SELF_INSTRUCT.read_text(encoding="utf-8")])
+
+
+@pytest.fixture
+def fresh_compile():
+    """Forget what torch.compile saw in earlier tests. transformers compiles flex_attention with automatic dynamic
+    shapes, so after other tests' sequence lengths the CPU FlexAttention template is generated for dynamic shapes,
+    and torch 2.13's C++ for that fails to compile (``cur_qSplitSize4`` undeclared): flex tests start from zero."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -12,6 +12,8 @@ from pard_train.attention import BLOCK, AttentionBackend, flex_compute_dtype
 from pard_train.layout import build_row, collate_rows
 from pard_train.loss import labelled_logits
 
+pytestmark = pytest.mark.usefixtures("fresh_compile")  # see conftest: flex compiles afresh
+
 
 def test_compute_dtype_is_autocasts_when_on_else_the_values():
     q, v = torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.bfloat16)

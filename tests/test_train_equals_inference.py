@@ -133,6 +133,7 @@ def _flex_unavailable(error: Exception) -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fresh_compile")  # see conftest: flex compiles afresh
 def test_flex_forward_equals_inference():
     """FlexAttention forward on CPU (compiled by transformers; no backward on CPU in torch 2.13): one small case."""
     flex_model = tiny_model("flex_attention")
