@@ -309,6 +309,10 @@ class Trainer:
         acc.wait_for_everyone()
         return final_dir
 
+    def _derived_from(self) -> str | None:
+        """The model a derived draft was cut from (``model.path`` with ``model.keep_layers``): its export's target."""
+        return self.config.model.path if self.config.model.keep_layers is not None else None
+
     def _export(self, final_dir: Path, state_dict: dict, extras: dict):
         acc, config = self.accelerator, self.config
         return export_draft(
@@ -318,7 +322,8 @@ class Trainer:
             self.spec,
             dtype="bf16" if mixed_precision_for(config.train.precision) == "bf16" else "fp32",
             recipe=self._recipe(),
-            target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
+            # vocab_size padded to the target's; a derived draft's target is the model it was cut from
+            target=config.acceptance.target or config.method.target or self._derived_from(),
             overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
             state_dict=state_dict,
             pard2=self.method.export_files(extras),

@@ -114,3 +114,16 @@ def test_the_trainer_derives_the_draft_once_and_loads_it(tiny_checkpoint, tmp_pa
 def test_a_bad_keep_layers_fails_at_start_naming_the_key(value):
     with pytest.raises(ConfigError, match="model.keep_layers"):
         to_config(compose("+config=tiny", f"model.keep_layers={value}"))
+
+
+def test_a_derived_drafts_export_is_checked_against_the_model_it_was_cut_from(tiny_checkpoint, tmp_path):
+    from pard_train.train import train
+
+    overrides = [f"model.path={tiny_checkpoint}", f"run.output_root={tmp_path}", "train.max_steps=2"]
+    derived = train(to_config(compose("+config=tiny", *overrides, "model.keep_layers=[1]")))
+    card = (derived / "README.md").read_text()
+    assert "tokenizers identical" in card and "NOT checked" not in card, card
+    assert json.loads((derived / "config.json").read_text())["num_hidden_layers"] == 1
+    # Without keep_layers the draft is the model itself: there is no target to check against.
+    plain = train(to_config(compose("+config=tiny", *overrides, "run.name=plain")))
+    assert "NOT checked" in (plain / "README.md").read_text()
