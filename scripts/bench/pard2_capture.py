@@ -1,10 +1,10 @@
-"""python scripts/bench/pard2_capture.py [--root runs] [--keep-layers 10] [--steps 40] [--prompts 2]
+"""python scripts/bench/pard2_capture.py [--root runs] [--keep-layers 4] [--steps 40] [--prompts 2]
     [--max-new-tokens 48] [--w-init zero,default] [--captures training,vllm] [--train-files GLOB] [--max-samples N]
     [--out FILE.json]
 
 PARD-2 target-dependent (TD) acceptance by the target states W trains on and is served, on a real pair whose draft is
-smaller than its target: SmolLM2-135M-Instruct (30 layers) is the target, and the draft is the same model cut to
-``--keep-layers`` evenly spaced layers (its state dict sliced here; the first and last layers kept). The draft is
+smaller than its target: SmolLM2-135M-Instruct (30 layers) is the target, and the draft is derived from it
+(the ``demo_derived`` preset with ``model.keep_layers=--keep-layers``: evenly spaced, first and last kept). It is
 trained with method=pard2 (reference weights: CAT, 0.1 CE + 1.0 KD, features at layers -1/-8/-16/-24) for ``--steps``
 steps, once per W initialisation in ``--w-init`` (``zero``: ours; ``default``: nn.Linear's, the reference's) and per
 ``method.feature_capture`` in ``--captures`` (``training``: layer -1 after the final norm, the reference's;
@@ -32,34 +32,13 @@ from _common import write_json  # noqa: E402
 from pard2_vs_pard import REPO, reporting_split, run  # noqa: E402
 
 
-def sliced_draft(model_dir: Path, out: Path, keep: int) -> Path:
-    """The model with ``keep`` decoder layers (evenly spaced, first and last kept), its cache indices renumbered."""
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    total = model.config.num_hidden_layers
-    indices = sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
-    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in indices)
-    for new, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new  # the KV cache is indexed by it
-    model.config.num_hidden_layers = len(indices)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in indices]
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
-def train(root: Path, draft: Path, target: Path, data: str, name: str, args, w_init: str, capture: str) -> Path:
+def train(root: Path, target: Path, data: str, name: str, args, w_init: str, capture: str) -> Path:
     overrides = [
-        "+config=demo",
+        "+config=demo_derived",
         f"run.output_root={root}",
         f"run.name={name}",
-        f"model.path={draft}",
-        "model.gguf_package=null",
+        f"model.path={target}",
+        f"model.keep_layers={args.keep_layers}",
         f"data.train_files=[{data}]",
         "method=pard2",
         f"method.target={target}",
@@ -126,7 +105,7 @@ def evaluate(target: Path, draft: Path, modes: list[str], capture: str | None, b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "runs")
-    parser.add_argument("--keep-layers", type=int, default=10)
+    parser.add_argument("--keep-layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--prompts", type=int, default=2, help="reporting-split prompts per benchmark")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -143,20 +122,20 @@ def main() -> None:
     root = args.root / "pard2_capture"
     root.mkdir(parents=True, exist_ok=True)
     benchmarks = reporting_split(root / "reporting_split", args.prompts)
-    draft = sliced_draft(target, args.root / "cache" / f"smollm2-135m-{args.keep_layers}layers", args.keep_layers)
 
     results = {}
     for w_init in args.w_init.split(","):
         for capture in args.captures.split(","):
             name = f"w_{w_init}_{capture}"
-            final = train(root, draft, target, data, f"td_{name}", args, w_init, capture) / "final"
+            run_name = f"td_{name}_keep{args.keep_layers}_{args.steps}steps"
+            final = train(root, target, data, run_name, args, w_init, capture) / "final"
             # feature_capture=None: the capture the draft records, i.e. the one it was trained on.
-            trained = evaluate(target, final, ["pard", "pard2"], None, benchmarks, root / f"eval_{name}", args)
+            trained = evaluate(target, final, ["pard", "pard2"], None, benchmarks, root / f"eval_{run_name}", args)
             row = {"ti": trained["overall"]["pard"], "td_as_trained": trained["overall"]["pard2"]}
             if capture == "vllm":
                 row["td_as_vllm_serves"] = row["td_as_trained"]
             else:
-                served = evaluate(target, final, ["pard2"], "vllm", benchmarks, root / f"eval_{name}_vllm", args)
+                served = evaluate(target, final, ["pard2"], "vllm", benchmarks, root / f"eval_{run_name}_vllm", args)
                 row["td_as_vllm_serves"] = served["overall"]["pard2"]
             results[name] = row
     print(f"\n{args.steps} steps, draft {args.keep_layers} of 30 layers, {len(benchmarks)} benchmarks x {args.prompts}")

@@ -1,15 +1,19 @@
-"""python scripts/bench/pard2_vs_pard.py [--root runs] [--prompts 4] [--max-new-tokens 64] [--out FILE.json]
+"""python scripts/bench/pard2_vs_pard.py [--root runs] [--preset demo_derived] [--pard-steps 120] [--prompts 2]
+    [--max-new-tokens 64] [--repeats 3] [--out FILE.json]
 
-PARD against PARD-2 on the demo setting (SmolLM2-135M-Instruct drafting for itself, so PARD-2's teacher is the frozen
-base model), at the same step budget: the `demo` preset trained once with method=pard and once with method=pard2
-(reference weights: CAT, 0.1 CE + 1.0 KD, features at layers -1/-8/-16/-24), then acceptance length measured by the
-harness on a *reporting split* of the benchmark prompts that nothing was tuned on: prompts from the second half of
-each benchmark file (the demo preset and its settings were chosen on the first prompts). Reported: AL and
-conditional acceptance per position for the untrained draft, PARD, PARD-2 target-independent (`pard` mode) and PARD-2
-target-dependent (`pard2` mode), plus the training step time of PARD-2 relative to PARD (the teacher's forward).
+PARD against PARD-2 on a real pair at **equal training wall-clock**: the target is SmolLM2-135M-Instruct (30
+layers), the draft is derived from it (the ``demo_derived`` preset: 4 of its layers, ``model.keep_layers``), so the
+draft is much weaker than its target, the case PARD-2 exists for. The preset is trained once with ``method=pard``
+for ``--pard-steps`` steps; a short PARD-2 calibration run measures PARD-2's seconds per step, and PARD-2
+(``method=pard2``: the reference weights, CAT, 0.1 CE + 1.0 KD, features at layers -1/-8/-16/-24 captured the way vLLM
+serves them) then gets as many steps as fit in PARD's training seconds. The harness measures, on the benchmarks'
+reporting split (``NAME:report``, which nothing was tuned on): AL and conditional acceptance per position for the
+untrained derived draft, PARD, PARD-2 target-independent (``pard`` mode) and PARD-2 target-dependent (``pard2``
+mode); the measured wall-clock speed-up of each against the target alone (greedy, batch 1, lossless, interleaved
+repeats, warm-up excluded) with the expected one beside it; and each method's training cost (steps, seconds).
+``--preset demo`` runs the self-draft demo instead (the draft is the whole model; no speed-up is possible there).
 
-Needs what `make demo` prepares: runs/cache/smollm2-135m-instruct and runs/cache/demo-data (run `make demo` first,
-or its first two steps).
+Needs what ``make demo`` prepares under --root: cache/smollm2-135m-instruct and cache/demo-data.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_json  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from pard_train.config import ModelConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "pard_train" / "evaluate" / "benchmarks"
+REPORTING = ["humaneval:report", "gsm8k:report", "math_500:report", "mt_bench:report"]
 
 
 def reporting_split(directory: Path, per_benchmark: int) -> list[str]:
@@ -49,102 +57,154 @@ def run(command: list[str], log: Path) -> None:
         sys.exit(f"failed ({code}): {' '.join(command)}; see {log}")
 
 
-def train(root: Path, cache: Path, name: str, extra: list[str]) -> Path:
-    overrides = [
-        "+config=demo",
-        f"run.output_root={root}",
-        f"model.path={cache / 'smollm2-135m-instruct'}",
-        f"data.train_files=[{cache / 'demo-data'}/*.jsonl]",
-        f"run.name={name}",
-        "acceptance.before_training=false",
-        "acceptance.after_training=false",
-        *extra,
-    ]
-    run([sys.executable, "-m", "pard_train", *overrides], root / f"{name}.log")
+def train(root: Path, cache: Path, preset: str, name: str, extra: list[str]) -> Path:
+    """One training run of ``preset`` (reused if it already finished), without the trainer's own acceptance."""
+    if not (root / name / "final" / "config.json").exists():
+        overrides = [
+            f"+config={preset}",
+            f"run.output_root={root}",
+            f"model.path={cache / 'smollm2-135m-instruct'}",
+            f"data.train_files=[{cache / 'demo-data'}/*.jsonl]",
+            f"run.name={name}",
+            "checkpoint.every_steps=0",
+            "acceptance.before_training=false",
+            "acceptance.after_training=false",
+            *extra,
+        ]
+        run([sys.executable, "-m", "pard_train", *overrides], root / f"{name}.log")
     return root / name
 
 
-def training_seconds_per_step(run_dir: Path) -> float:
-    """Seconds per optimizer step from the metrics windows (training only: no export or measurement)."""
+def training_seconds(run_dir: Path, skip_first: bool = False) -> tuple[float, int]:
+    """Training seconds (the metrics windows: optimizer steps only, no loading, export or measurement) and steps.
+    ``skip_first``: leave out the first window (compilation and warm-up), for a per-step rate."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "labelled_tokens_per_s" in r]
-    seconds = sum(r["labelled_tokens"] / r["labelled_tokens_per_s"] for r in records)
-    steps = records[-1]["step"]
-    return seconds / steps
+    first = records[0]["step"] if skip_first else 0
+    windows = records[1:] if skip_first else records
+    return sum(r["labelled_tokens"] / r["labelled_tokens_per_s"] for r in windows), records[-1]["step"] - first
 
 
-def evaluate(target: Path, draft: Path, modes: list[str], benchmarks: list[str], out: Path, args, *extra) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "pard_train.evaluate",
-        f"target={target}",
-        f"draft={draft}",
-        f"modes=[{','.join(modes)}]",
-        f"benchmarks=[{','.join(benchmarks)}]",
-        f"max_new_tokens={args.max_new_tokens}",
-        "warmup=false",
-        f"output_dir={out}",
-        *extra,
-    ]
-    run(command, out.with_suffix(".log"))
+def evaluate(target: Path, draft: Path, modes: list[str], out: Path, args, *extra) -> dict:
+    if not (out / "report.json").exists():
+        command = [
+            sys.executable,
+            "-m",
+            "pard_train.evaluate",
+            f"target={target}",
+            f"draft={draft}",
+            f"modes=[{','.join(modes)}]",
+            f"benchmarks=[{','.join(REPORTING)}]",
+            f"num_prompts={args.prompts}",
+            f"max_new_tokens={args.max_new_tokens}",
+            f"repeats={args.repeats}",
+            "dtype=fp32",
+            f"output_dir={out}",
+            *extra,
+        ]
+        run(command, out.with_suffix(".log"))
     return json.loads((out / "report.json").read_text())
+
+
+def speed(report: dict, mode: str) -> dict:
+    """Measured speed-up (median, min, max over repeats) and the expected one, for ``mode`` of a report."""
+    entry = report.get("wallclock", {}).get("modes", {}).get(mode, {})
+    measured = entry.get("speedup", {})
+    return {
+        "measured": measured.get("median"),
+        "min": measured.get("min"),
+        "max": measured.get("max"),
+        "expected": entry.get("expected", {}).get("expected"),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "runs")
-    parser.add_argument("--prompts", type=int, default=4, help="reporting-split prompts per benchmark")
+    parser.add_argument("--preset", default="demo_derived")
+    parser.add_argument("--pard-steps", type=int, default=120, help="PARD's steps; they set the wall-clock budget")
+    parser.add_argument("--calibration-steps", type=int, default=10, help="PARD-2 steps timed to size its run")
+    parser.add_argument("--prompts", type=int, default=2, help="reporting-split prompts per benchmark")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved wall-clock repeats per mode")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "pard2_vs_pard.json")
     args = parser.parse_args()
-    model = args.root / "cache" / "smollm2-135m-instruct"
-    if not (model / "config.json").exists() or not (args.root / "cache" / "demo-data").exists():
-        sys.exit(f"{model} or the demo data is missing: run `make demo` (or its first two steps) first")
-    root = args.root / "pard2_vs_pard"
-    root.mkdir(parents=True, exist_ok=True)
-    benchmarks = reporting_split(root / "reporting_split", args.prompts)
-
     cache = args.root / "cache"
-    pard = train(root, cache, "pard", [])
-    pard2 = train(root, cache, "pard2", ["method=pard2", f"method.target={model}"])
-    untrained = ["mask_token_id=16", "num_draft_tokens=4"]  # the demo preset's mask row and K
+    model = cache / "smollm2-135m-instruct"
+    if not (model / "config.json").exists() or not (cache / "demo-data").exists():
+        sys.exit(f"{model} or the demo data is missing: run `make demo` (or its first two steps) first")
+    root = args.root / f"pard2_vs_pard-{args.preset}"
+    root.mkdir(parents=True, exist_ok=True)
+    pard2 = ["method=pard2", f"method.target={model}"]
+
+    pard = train(root, cache, args.preset, f"pard-{args.pard_steps}", [f"train.max_steps={args.pard_steps}"])
+    budget, _ = training_seconds(pard)
+    calibration = train(
+        root,
+        cache,
+        args.preset,
+        "pard2-calibration",
+        [*pard2, f"train.max_steps={args.calibration_steps}", "train.log_every=" + str(args.calibration_steps // 2)],
+    )
+    seconds, steps = training_seconds(calibration, skip_first=True)
+    pard2_steps = max(1, round(budget / (seconds / steps)))
+    trained2 = train(root, cache, args.preset, f"pard2-{pard2_steps}", [*pard2, f"train.max_steps={pard2_steps}"])
+
+    # The untrained draft: the derived one before training (or, with --preset demo, the model itself).
+    recorded = OmegaConf.load(pard / "config.yaml").model
+    draft0 = ModelConfig(path=str(model), keep_layers=recorded.keep_layers, derived_path=recorded.derived_path)
+    mask = ["mask_token_id=16", "num_draft_tokens=4"]  # the demo presets' mask row and K
     reports = {
-        "untrained": evaluate(model, model, ["pard"], benchmarks, root / "eval_untrained", args, *untrained),
-        "pard": evaluate(model, pard / "final", ["pard"], benchmarks, root / "eval_pard", args),
-        "pard2": evaluate(model, pard2 / "final", ["pard", "pard2"], benchmarks, root / "eval_pard2", args),
+        "untrained": evaluate(model, Path(draft0.draft_path), ["target", "pard"], root / "eval_untrained", args, *mask),
+        "pard": evaluate(model, pard / "final", ["target", "pard"], root / "eval_pard", args),
+        "pard2": evaluate(model, trained2 / "final", ["target", "pard", "pard2"], root / "eval_pard2", args),
     }
     rows = {
-        "untrained draft (PARD mode)": reports["untrained"]["overall"]["pard"],
-        "PARD": reports["pard"]["overall"]["pard"],
-        "PARD-2 target-independent": reports["pard2"]["overall"]["pard"],
-        "PARD-2 target-dependent": reports["pard2"]["overall"]["pard2"],
+        "untrained draft": ("untrained", "pard", None),
+        "PARD": ("pard", "pard", pard),
+        "PARD-2 target-independent": ("pard2", "pard", trained2),
+        "PARD-2 target-dependent": ("pard2", "pard2", trained2),
     }
-    step_pard, step_pard2 = training_seconds_per_step(pard), training_seconds_per_step(pard2)
-    k = max(len(row["conditional_acceptance"]) for row in rows.values())
-    print("\n| draft | AL | " + " | ".join(f"pos {i + 1}" for i in range(k)) + " | lossless |")
-    print("|---|---|" + "---|" * k + "---|")
-    for name, row in rows.items():
+    table = {}
+    for name, (key, mode, run_dir) in rows.items():
+        overall = reports[key]["overall"][mode]
+        cost = training_seconds(run_dir) if run_dir else (0.0, 0)
+        table[name] = {
+            "acceptance_length": overall["acceptance_length"],
+            "conditional_acceptance": overall["conditional_acceptance"],
+            "mismatched_prompts": overall["mismatched_prompts"],
+            "speedup": speed(reports[key], mode),
+            "training_seconds": cost[0],
+            "training_steps": cost[1],
+        }
+    k = max(len(row["conditional_acceptance"]) for row in table.values())
+    print("\n| draft | AL | " + " | ".join(f"pos {i + 1}" for i in range(k)), end="")
+    print(" | speed-up measured (min–max) | expected | training steps | training s | lossless |")
+    print("|---|---|" + "---|" * k + "---|---|---|---|---|")
+    for name, row in table.items():
         positions = " | ".join("–" if v is None else f"{100 * v:.0f}%" for v in row["conditional_acceptance"])
         lossless = "yes" if row["mismatched_prompts"] in (0, None) else f"no ({row['mismatched_prompts']})"
-        print(f"| {name} | {row['acceptance_length']:.3f} | {positions} | {lossless} |")
-    print(f"\ntraining step: PARD {step_pard:.2f} s, PARD-2 {step_pard2:.2f} s ({step_pard2 / step_pard:.2f}x)")
-    per_benchmark = {
-        label: {name: entry[mode]["acceptance_length"] for name, entry in reports[key]["benchmarks"].items()}
-        for label, key, mode in [
-            ("untrained", "untrained", "pard"),
-            ("pard", "pard", "pard"),
-            ("pard2_ti", "pard2", "pard"),
-            ("pard2_td", "pard2", "pard2"),
-        ]
-    }
+        sp = row["speedup"]
+        measured = f"{sp['measured']:.2f}× ({sp['min']:.2f}–{sp['max']:.2f})" if sp["measured"] else "–"
+        expected = f"{sp['expected']:.2f}×" if sp["expected"] else "–"
+        print(
+            f"| {name} | {row['acceptance_length']:.3f} | {positions} | {measured} | {expected} | "
+            f"{row['training_steps']} | {row['training_seconds']:.0f} | {lossless} |"
+        )
     write_json(
         args.out,
         {
-            "overall": rows,
-            "per_benchmark": per_benchmark,
-            "seconds_per_step": {"pard": step_pard, "pard2": step_pard2},
-            "reporting_split": benchmarks,
+            "preset": args.preset,
+            "rows": table,
+            "pard2_seconds_per_step_calibrated": seconds / steps,
+            "per_benchmark": {
+                name: {b: e[mode]["acceptance_length"] for b, e in reports[key]["benchmarks"].items()}
+                for name, (key, mode, _) in rows.items()
+            },
+            "benchmarks": REPORTING,
+            "prompts_per_benchmark": args.prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "repeats": args.repeats,
         },
     )
 
