@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -214,3 +215,36 @@ def on_main(accelerator: Accelerator, action):
     if error is not None:
         raise error
     return result
+
+
+def gather_all(accelerator: Accelerator, value) -> list:
+    """Every rank's ``value``, in rank order, on every rank (a collective, so also a barrier)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def together(
+    accelerator: Accelerator,
+    action: Callable,
+    *,
+    main_only: bool = False,
+    catch: tuple[type[BaseException], ...] = (OSError,),
+    describe: Callable[[BaseException], str] = str,
+) -> tuple[list, tuple[int, str] | None]:
+    """Run ``action`` on every rank (or on rank 0 alone) and agree on whether it failed: the gather is also the
+    barrier. Returns every rank's result in rank order, and ``(rank, description)`` of the first rank whose action
+    raised one of ``catch`` (None if none did), the same on every rank, so every rank can raise the same error (a
+    rank that raised alone would leave the others waiting at the next collective). Other exceptions are bugs and
+    propagate."""
+    result, error = None, None
+    if accelerator.is_main_process or not main_only:
+        try:
+            result = action()
+        except catch as failure:
+            error = describe(failure)
+    gathered = gather_all(accelerator, (error, result))
+    failed = [(rank, error) for rank, (error, _) in enumerate(gathered) if error is not None]
+    return [result for _, result in gathered], (failed[0] if failed else None)

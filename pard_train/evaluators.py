@@ -15,10 +15,11 @@ from typing import Protocol
 
 import torch
 
-from pard_train.checkpoint import Checkpoints, TrainState
+from pard_train.checkpoint import Checkpoints
 from pard_train.config import Config, ConfigError
 from pard_train.data import PardCollator
 from pard_train.model import DraftSpec
+from pard_train.train_state import TrainState
 
 
 class Evaluator(Protocol):

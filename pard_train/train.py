@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from pard_train import acceptance, run_record
 from pard_train.atomic import atomic_write_text
 from pard_train.attention import BLOCK, resolve_backend
-from pard_train.checkpoint import Checkpoints, TrainState, method_settings
+from pard_train.checkpoint import Checkpoints
 from pard_train.config import AttentionBackend, Config
 from pard_train.data import PardCollator, build_data
 from pard_train.data.schedule import DataSchedule, StepBatch, StepBatches, step_loader
@@ -50,6 +50,7 @@ from pard_train.model_identity import model_fingerprint
 from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals
 from pard_train.tracking import MetricsWindow, build_tracker, check_tracking_ready, truncate_metrics
+from pard_train.train_state import TrainState, run_settings
 
 
 def train(config: Config) -> Path | None:
@@ -138,14 +139,16 @@ class Trainer:
 
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))  # what a checkpoint records
         self.checkpoints = Checkpoints.build(config.checkpoint, self.run_dir, acc, self.config_yaml, self.scheduler)
-        method = method_settings(config, self.spec, self.model_id)
-        state = TrainState(0, method, self.schedule.rows_per_step, acc.num_processes)
+        settings = run_settings(config, self.spec, self.method.resume_settings(), self.model_id)
+        state = TrainState(0, settings, self.schedule.rows_per_step, acc.num_processes)
         state = replace(state, data=data.fingerprint)
         if acc.is_main_process:
-            for name in self.checkpoints.remove_leftovers():
+            for name in self.checkpoints.store.remove_leftovers():
                 print(f"removed {name}, left by a save that did not finish", flush=True)
         resume = config.checkpoint.resume and status != "retrain"  # run.force=true on a finished run: from step 0
-        self.state = self.checkpoints.resume(state, is_deepspeed(acc)) if resume else state
+        if resume:
+            state = self.checkpoints.resume(state, is_deepspeed(acc), self.method.recorded_defaults)
+        self.state = state
         if acc.is_main_process:
             truncate_metrics(self.run_dir, self.state.step)  # the steps after the checkpoint are trained again
         if self.state.step > 0:

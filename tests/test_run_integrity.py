@@ -21,9 +21,10 @@ import torch
 from launch import REPO, env, free_port, tiny_overrides
 from safetensors.torch import load_file
 
-from pard_train.checkpoint import COMPLETE, MANIFEST, Checkpoints, TrainState
+from pard_train.checkpoint_store import COMPLETE, MANIFEST, CheckpointStore
 from pard_train.errors import CheckpointSaveError, ResumeError, RunLockedError
 from pard_train.runlock import LOCK_FILE, Owner, RunLock
+from pard_train.train_state import TrainState
 
 STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
 HOLD = "import sys, time; from pard_train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"  # noqa: E501
@@ -240,7 +241,7 @@ class FakeAccelerator:
 )
 def test_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail, cause):
     acc = FakeAccelerator()
-    checkpoints = Checkpoints(tmp_path, acc, keep_last=2)
+    checkpoints = CheckpointStore(tmp_path, acc)
     state = TrainState(2, {}, 8, 1)
     checkpoints.save(state)
     before = {p.name: p.read_bytes() for p in checkpoints.path_for(2).iterdir()}
@@ -249,7 +250,7 @@ def test_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mo
         def read_only(*args):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-        monkeypatch.setattr("pard_train.checkpoint.os.replace", read_only)
+        monkeypatch.setattr("pard_train.checkpoint_store.os.replace", read_only)
     else:
         acc.fail = fail
     with pytest.raises(CheckpointSaveError) as raised:
@@ -265,7 +266,7 @@ def test_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mo
 
 def test_resume_names_the_damaged_file_and_falls_back(tmp_path):
     acc = FakeAccelerator()
-    checkpoints = Checkpoints(tmp_path, acc, keep_last=3)
+    checkpoints = CheckpointStore(tmp_path, acc)
     for step in (2, 4, 6):
         checkpoints.save(TrainState(step, {}, 8, 1, data="abc"))
     assert_matches_manifest_loosely = json.loads((checkpoints.path_for(6) / MANIFEST).read_text())["files"]
@@ -289,10 +290,10 @@ CHOOSE_ON_TWO_RANKS = textwrap.dedent(
     import sys
     from pathlib import Path
     from accelerate import Accelerator
-    from pard_train.checkpoint import Checkpoints
+    from pard_train.checkpoint_store import CheckpointStore
 
     acc = Accelerator(cpu=True)
-    checkpoints = Checkpoints(sys.argv[1], acc, keep_last=3)
+    checkpoints = CheckpointStore(sys.argv[1], acc)
     if acc.process_index == 1:
         checkpoints.complete = lambda: []  # a node whose cached listing of the shared directory is stale
     path, state = checkpoints.choose()
@@ -305,7 +306,7 @@ CHOOSE_ON_TWO_RANKS = textwrap.dedent(
 @pytest.mark.slow
 def test_checkpoint_choice_is_rank_zeros(tmp_path):
     """Ranks hash shares of each checkpoint and resume from what rank 0 lists (issue 14, item 14)."""
-    checkpoints = Checkpoints(tmp_path, FakeAccelerator(), keep_last=3)
+    checkpoints = CheckpointStore(tmp_path, FakeAccelerator())
     for step in (2, 4):
         checkpoints.save(TrainState(step, {}, 8, 1))
     (checkpoints.path_for(4) / "model.safetensors").write_bytes(os.urandom(4096))  # same size, other bytes

@@ -33,6 +33,15 @@ class Method(Protocol):
         :mod:`pard_train.draft_format`)."""
         ...
 
+    def resume_settings(self) -> dict:
+        """The method's own settings that change what is learned (``method.<key>``: value): a checkpoint recorded
+        with other values is not continued (:func:`pard_train.train_state.check_resumable`)."""
+        ...
+
+    def recorded_defaults(self, recorded: dict) -> dict:
+        """Settings that older checkpoints of this method did not record, with the values they trained with."""
+        ...
+
 
 class PardMethod:
     def __init__(self, draft, backend: AttentionBackend, num_depths: int):
@@ -43,6 +52,12 @@ class PardMethod:
 
     def export_files(self, trained_extras):
         return None
+
+    def resume_settings(self) -> dict:
+        return {}  # PARD is the layout's settings alone (pard.*), which every run records
+
+    def recorded_defaults(self, recorded: dict) -> dict:
+        return {}
 
     @staticmethod
     def zero_stats(num_depths: int, device) -> DepthStats:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pard_train import loss as pard_loss_module
-from pard_train.config import AttentionBackend, MethodConfig
+from pard_train.config import AttentionBackend, FeatureCapture, MethodConfig
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.lm_head_loss import chunked_head_loss, gather_head_with
 from pard_train.loss import DepthStats, labelled_hidden, project_logits
@@ -167,6 +167,25 @@ def pard2_loss(
     return total, stats
 
 
+RESUME_KEYS = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_scale", "feature_drop")
+
+
+def resume_settings(settings: MethodConfig) -> dict:
+    """PARD-2's settings that change what is learned, as a checkpoint records them."""
+    recorded = {f"method.{key}": getattr(settings, key) for key in RESUME_KEYS}
+    recorded["method.feature_layers"] = list(settings.feature_layers)
+    if settings.features:  # without features no target state is read: the capture changes nothing
+        recorded["method.feature_capture"] = FeatureCapture(settings.feature_capture).value
+    return recorded
+
+
+def recorded_defaults(recorded: dict) -> dict:
+    """PARD-2 checkpoints from before ``method.feature_capture`` trained with features on HF hidden_states."""
+    if recorded.get("method.name") == "pard2" and recorded.get("method.features"):
+        return {"method.feature_capture": FeatureCapture.training.value}
+    return {}
+
+
 def _zero3_config(accelerator) -> dict | None:
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
@@ -297,6 +316,12 @@ class Pard2Method:
 
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:
         return Pard2Stats.zeros(num_depths, device)
+
+    def resume_settings(self) -> dict:
+        return resume_settings(self.settings)
+
+    def recorded_defaults(self, recorded: dict) -> dict:
+        return recorded_defaults(recorded)
 
     def export_files(self, trained_extras: dict[str, Tensor]):
         """The PARD-2 fields and W of a target-dependent draft; None when trained without features (CAT/KD only),
