@@ -45,7 +45,7 @@ def build_evaluators(
     if measured:
         if config.deepspeed.enabled and config.deepspeed.zero_stage == 3:
             raise ConfigError("acceptance.every_steps needs whole weights on one process; not available with ZeRO-3")
-        evaluators.append(MeasuredAcceptance(config, tokenizer, spec, accelerator))
+        evaluators.append(MeasuredAcceptance(config, tokenizer, spec, method, accelerator))
     return evaluators
 
 
@@ -133,12 +133,13 @@ class MeasuredAcceptance:
     score_key = "acceptance_length"
     selects_best = True
 
-    def __init__(self, config: Config, tokenizer, spec: DraftSpec, accelerator):
+    def __init__(self, config: Config, tokenizer, spec: DraftSpec, method, accelerator):
         from pard_train.config import AttentionBackend
         from pard_train.evaluate.benchmarks import load_prompts
         from pard_train.model import load_causal_lm
 
         self.config, self.tokenizer, self.spec, self.accelerator = config, tokenizer, spec, accelerator
+        self.method = method
         self.every = config.acceptance.every_steps
         self.target, self.prompts = None, []
         if accelerator.is_main_process:
@@ -158,7 +159,7 @@ class MeasuredAcceptance:
 
         result = [None]
         if self.accelerator.is_main_process:
-            draft = self.accelerator.unwrap_model(model).draft
+            draft = self.method.draft  # the trained module's own draft (the same parameters)
             with decoding_attention(draft):
                 summary = measure_acceptance(
                     draft,

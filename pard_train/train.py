@@ -291,11 +291,9 @@ class Trainer:
         final_dir = self.run_dir / "final"
         # Collective: ZeRO-3 gathers its shards onto rank 0 (the others get None); elsewhere it is the model's own.
         gathered = acc.get_state_dict(self.model) or {}
-        state_dict = {name.removeprefix("draft."): v for name, v in gathered.items() if name.startswith("draft.")}
-        extras = {name: value for name, value in gathered.items() if not name.startswith("draft.")}
         if acc.is_main_process:
             try:
-                card = self._export(final_dir, state_dict, extras)
+                card = self._export(final_dir, gathered)
                 run_record.finish(self.run_dir, self.record, config, self.state.step)
             except OSError as error:  # a read-only or full run directory: one line, not a traceback
                 where = f" ({error.filename})" if error.filename else ""
@@ -312,10 +310,11 @@ class Trainer:
         acc.wait_for_everyone()
         return final_dir
 
-    def _export(self, final_dir: Path, state_dict: dict, extras: dict):
+    def _export(self, final_dir: Path, objective_state: dict):
         acc, config = self.accelerator, self.config
+        state_dict, pard2 = self.method.export_state(objective_state)
         return export_draft(
-            acc.unwrap_model(self.model).draft,
+            self.method.draft,
             self.tokenizer,
             final_dir,
             self.spec,
@@ -324,6 +323,6 @@ class Trainer:
             target=config.acceptance.target or config.method.target,  # vocab_size padded to the target's
             overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
             state_dict=state_dict,
-            pard2=self.method.export_files(extras),
+            pard2=pard2,
             log=lambda line: print0(acc, f"export: {line}"),
         )

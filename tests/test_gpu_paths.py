@@ -368,7 +368,7 @@ def test_measured_acceptance_target_in_bf16_on_gpu(monkeypatch):
     monkeypatch.setattr(model_module, "load_causal_lm", load)
     accelerator = type("Acc", (), {"is_main_process": True, "device": torch.device("cuda", 0)})()
     config = to_config(compose("+config=tiny", "acceptance.every_steps=5", "acceptance.benchmarks=[gsm8k]"))
-    evaluators.MeasuredAcceptance(config, None, None, accelerator)
+    evaluators.MeasuredAcceptance(config, None, None, None, accelerator)
     assert loaded == [("sdpa", torch.bfloat16)]
 
 

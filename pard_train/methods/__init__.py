@@ -1,9 +1,10 @@
-"""Training methods: what the draft learns from a layout batch. The trainer asks a method for the module to train
-(``objective``: the draft and any trainable extras, prepared by accelerate/DeepSpeed) and, per micro-batch, for the
-objective's inputs and their loss weight (the normaliser's share); it knows nothing else about the method.
+"""Training methods: what the draft learns from a layout batch. The trainer and the evaluators call a method only
+through :class:`Method`; they know nothing else about it (not even where its objective keeps the draft).
 
-- ``pard``: cross-entropy on every labelled depth token; the weight is the labelled-token count.
-- ``pard2``: a frozen target runs first (CAT weights, distillation logits, features); the weight is the CAT weight sum.
+- ``pard`` (:mod:`pard_train.methods.pard`): cross-entropy on every labelled depth token; the weight is the
+  labelled-token count.
+- ``pard2`` (:mod:`pard_train.methods.pard2`): a frozen target runs first (CAT weights, distillation logits,
+  features); the weight is the CAT weight sum.
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ import torch
 
 from pard_train.config import AttentionBackend, Config, MethodName
 from pard_train.layout import PardBatch
-from pard_train.loss import DepthStats, PardObjective
+from pard_train.loss import DepthStats
+from pard_train.methods.pard import PardMethod
 from pard_train.model import DraftSpec
 
 
 class Method(Protocol):
     objective: torch.nn.Module
+    """The module to train (the draft and any trainable extras), prepared by accelerate/DeepSpeed; called as
+    ``objective(inputs, normalizer) -> (loss, stats)``."""
+
+    @property
+    def draft(self) -> torch.nn.Module:
+        """The draft inside :attr:`objective` (the same parameters): what is exported and measured."""
+        ...
 
     def prepare(
         self, batch: PardBatch, step: int, micro_index: int, row_ids: list[int], split: str = "train"
@@ -28,9 +37,13 @@ class Method(Protocol):
         the micro-batch's packed rows in ``split`` (train or validation)."""
         ...
 
-    def export_files(self, trained_extras: dict[str, torch.Tensor]):
-        """``(Pard2Fields, W)`` for a target-dependent PARD-2 draft, None for a plain PARD draft (see
-        :mod:`pard_train.draft_format`)."""
+    def zero_stats(self, num_depths: int, device) -> DepthStats:
+        """Statistics of nothing, of the type the objective returns: what held-out sums start from."""
+        ...
+
+    def export_state(self, objective_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
+        """The objective's (gathered) state dict as the draft's own weights and ``(Pard2Fields, W)`` for a
+        target-dependent PARD-2 draft, None for a plain PARD draft (see :mod:`pard_train.draft_format`)."""
         ...
 
     def resume_settings(self) -> dict:
@@ -41,27 +54,6 @@ class Method(Protocol):
     def recorded_defaults(self, recorded: dict) -> dict:
         """Settings that older checkpoints of this method did not record, with the values they trained with."""
         ...
-
-
-class PardMethod:
-    def __init__(self, draft, backend: AttentionBackend, num_depths: int):
-        self.objective = PardObjective(draft, backend, num_depths)
-
-    def prepare(self, batch: PardBatch, step: int, micro_index: int, row_ids, split="train") -> tuple[PardBatch, float]:
-        return batch, float(batch.num_labels)
-
-    def export_files(self, trained_extras):
-        return None
-
-    def resume_settings(self) -> dict:
-        return {}  # PARD is the layout's settings alone (pard.*), which every run records
-
-    def recorded_defaults(self, recorded: dict) -> dict:
-        return {}
-
-    @staticmethod
-    def zero_stats(num_depths: int, device) -> DepthStats:
-        return DepthStats(*(torch.zeros(num_depths, device=device) for _ in range(3)))
 
 
 def build_method(config: Config, draft, backend: AttentionBackend, spec: DraftSpec, accelerator, data) -> Method:

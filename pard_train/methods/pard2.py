@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pard_train import loss as pard_loss_module
 from pard_train.config import AttentionBackend, FeatureCapture, MethodConfig
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
-from pard_train.lm_head_loss import chunked_head_loss, gather_head_with
-from pard_train.loss import DepthStats, labelled_hidden, project_logits
+from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project_logits
+from pard_train.loss import DepthStats, labelled_hidden
+from pard_train.methods.pard import split_objective_state
 from pard_train.methods.teacher import TeacherSignals
 
 
@@ -69,7 +69,7 @@ class Pard2Inputs:
     weights: Tensor
     keep: Tensor | None
     teacher: torch.nn.Module
-    """The target model, for its logits (:func:`pard_train.loss.project_logits`)."""
+    """The target model, for its logits (:func:`pard_train.lm_head_loss.project_logits`)."""
 
     @property
     def weight_sum(self) -> float:
@@ -159,8 +159,7 @@ def pard2_loss(
         return objective, (ce.detach(), kd.detach(), hit)
 
     # The head runs once per chunk: only one chunk's [tokens, vocabulary] logits (student and teacher) exist at once.
-    chunk = pard_loss_module.LOSS_CHUNK_TOKENS
-    total, (ce, kd, hit) = chunked_head_loss(draft, hidden, weighted_terms, normalizer, chunk)
+    total, (ce, kd, hit) = chunked_head_loss(draft, hidden, weighted_terms, normalizer)
     with torch.no_grad():
         sums = [ce, hit, torch.ones_like(ce), weight, weight * ce, weight * kd]
         stats = Pard2Stats(*(torch.zeros(num_depths, device=ce.device).index_add_(0, depth, v) for v in sums))
@@ -323,15 +322,21 @@ class Pard2Method:
     def recorded_defaults(self, recorded: dict) -> dict:
         return recorded_defaults(recorded)
 
-    def export_files(self, trained_extras: dict[str, Tensor]):
-        """The PARD-2 fields and W of a target-dependent draft; None when trained without features (CAT/KD only),
-        which makes a plain PARD draft that no server mistakes for a target-dependent one."""
+    @property
+    def draft(self) -> torch.nn.Module:
+        return self.objective.draft
+
+    def export_state(self, objective_state: dict[str, Tensor]):
+        """The draft's weights, and the PARD-2 fields and W of a target-dependent draft; None instead of those when
+        trained without features (CAT/KD only), which makes a plain PARD draft that no server mistakes for a
+        target-dependent one."""
         from pard_train.draft_format import Pard2Fields
 
+        draft, extras = split_objective_state(objective_state)
         settings = self.settings
         if not settings.features:
-            return None
-        weight = trained_extras["projection.weight"]
+            return draft, None
+        weight = extras["projection.weight"]
         fields_ = Pard2Fields(
             target_layers=tuple(settings.feature_layers),
             target_dim=int(weight.shape[1]),
@@ -340,4 +345,4 @@ class Pard2Method:
             target=settings.target,
             feature_capture=settings.feature_capture,
         )
-        return fields_, weight
+        return draft, (fields_, weight)
