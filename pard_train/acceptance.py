@@ -10,10 +10,13 @@ measurement during training is :class:`pard_train.evaluators.MeasuredAcceptance`
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from pard_train.config import Config
 from pard_train.model import DraftSpec
+
+logger = logging.getLogger(__name__)
 
 
 def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_dir: Path, label: str = "after"):
@@ -55,14 +58,14 @@ def check_benchmarks(config: Config) -> None:
             load_prompts(benchmark, settings.num_prompts)
 
 
-def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str, log=print) -> dict:
+def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str) -> dict:
     """Run the harness with ``draft`` as the PARD draft; write its report under ``<run>/acceptance/<label>``."""
     from pard_train.evaluate.report import write_report
     from pard_train.evaluate.runner import evaluate
 
     output_dir = Path(config.run.path) / "acceptance" / label
-    log(f"measuring acceptance length ({label}) with target {config.acceptance.target or config.model.path}")
-    report = evaluate(_harness_config(config, draft, spec, output_dir, label), log=log)
+    logger.info(f"measuring acceptance length ({label}) with target {config.acceptance.target or config.model.path}")
+    report = evaluate(_harness_config(config, draft, spec, output_dir, label))
     write_report(report, output_dir)
     return report
 
@@ -85,5 +88,5 @@ def after_training(config: Config, spec: DraftSpec, final_dir: Path) -> tuple[di
     for name, entry in before["benchmarks"].items():
         record[f"acceptance_before/{name}"] = entry["pard"]["acceptance_length"]
     table = before_after(before, after, run_dir / "acceptance")
-    print(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
+    logger.info(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
     return record, table

@@ -6,6 +6,7 @@ be continued is :mod:`pard_train.train_state`'s.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from pard_train.checkpoint_store import CheckpointStore
 from pard_train.config import CheckpointConfig
 from pard_train.train_state import TrainState, check_resumable
+
+logger = logging.getLogger(__name__)
 
 
 class Checkpoints:
@@ -44,12 +47,15 @@ class Checkpoints:
         check_resumable(saved, state, latest, deepspeed, recorded_defaults)
         loaded = self.store.load(latest, saved)
         if self.store.accelerator.is_main_process:
-            print(f"resuming from {latest} (step {loaded.step})", flush=True)
+            logger.info(f"resuming from {latest} (step {loaded.step})")
         return replace(state, step=loaded.step, best_al=loaded.best_al)
 
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether :meth:`maybe_save` saves at ``step``: every ``every_steps`` steps; the last step is exported."""
+        return self.every_steps > 0 and step % self.every_steps == 0 and step < last_step
+
     def maybe_save(self, state: TrainState, last_step: int) -> None:
-        """Save every ``every_steps`` steps; the last step is exported instead."""
-        if self.every_steps > 0 and state.step % self.every_steps == 0 and state.step < last_step:
+        if self.due(state.step, last_step):
             self.save_unless_saved(state)
 
     def save_unless_saved(self, state: TrainState) -> None:

@@ -29,6 +29,7 @@ the files are the ones written, not that whoever can write the run directory is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ from pard_train.atomic import atomic_write_text, fsync_directory, sha256_file
 from pard_train.distributed import gather_all, on_main, together
 from pard_train.errors import CheckpointSaveError, ResumeError
 from pard_train.train_state import STATE_FILE, TrainState, read_state
+
+logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -118,7 +121,7 @@ class CheckpointStore:
             problems.append(f"{path.name}: {wrong}")
             if acc.is_main_process:
                 aside = _move_aside(path, self.root / DAMAGED)
-                print(f"checkpoint {path} is damaged ({wrong}); moved to {aside}, trying the previous one", flush=True)
+                logger.warning(f"checkpoint {path} is damaged ({wrong}); moved to {aside}, trying the previous one")
         if problems:
             raise ResumeError(
                 f"no valid checkpoint in {self.root} ({'; '.join(problems)}); they were moved to "

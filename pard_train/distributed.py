@@ -20,6 +20,8 @@ from accelerate.utils import InitProcessGroupKwargs
 from pard_train.config import Config, DeepSpeedConfig, Precision
 from pard_train.errors import PardTrainError
 
+logger = logging.getLogger(__name__)
+
 # Process-group timeout. NCCL's and DeepSpeed's default (10 min) is shorter than what rank 0 alone may take while the
 # others wait in a collective: tokenising a large data set on first use, measuring acceptance length, exporting or
 # writing a ZeRO-3 checkpoint to slow storage. A real hang still ends, after this long.
@@ -189,13 +191,7 @@ def check_replicas_agree(accelerator: Accelerator, model) -> None:
     gathered = accelerator.gather(local[None]).cpu()
     if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
         raise RuntimeError(f"data-parallel replicas diverged: parameter checksums per rank {gathered.tolist()}")
-    print0(accelerator, f"replicas agree: {accelerator.num_processes} processes hold identical parameters")
-
-
-def print0(accelerator: Accelerator, *args) -> None:
-    """Print on the main process only."""
-    if accelerator.is_main_process:
-        print(*args, flush=True)
+    logger.info(f"replicas agree: {accelerator.num_processes} processes hold identical parameters")
 
 
 def on_main(accelerator: Accelerator, action):

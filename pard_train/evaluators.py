@@ -54,13 +54,22 @@ def run_due(
 ) -> TrainState:
     """Run the evaluators due at ``state.step``, log their records, and offer the selecting one's score as best."""
     for evaluator in evaluators:
-        if state.step % evaluator.every and state.step != last_step:
+        if not _is_due(evaluator, state.step, last_step):
             continue
         record = evaluator.run(model)
         tracker.log({f"eval/{key}": value for key, value in record.items()}, state.step)
         if evaluator.selects_best:
             state = checkpoints.offer_best(state, record[evaluator.score_key])
     return state
+
+
+def _is_due(evaluator: Evaluator, step: int, last_step: int) -> bool:
+    return step % evaluator.every == 0 or step == last_step
+
+
+def any_due(evaluators: list[Evaluator], step: int, last_step: int) -> bool:
+    """Whether :func:`run_due` runs an evaluator at ``step``."""
+    return any(_is_due(evaluator, step, last_step) for evaluator in evaluators)
 
 
 class HeldOut:

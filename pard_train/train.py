@@ -12,6 +12,7 @@ Each job lives with the component that owns it and decides its own cadence: the 
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -35,14 +36,14 @@ from pard_train.distributed import (
     is_deepspeed,
     mixed_precision_for,
     on_main,
-    print0,
     shutdown,
 )
 from pard_train.errors import ExportError
-from pard_train.evaluators import build_evaluators, run_due
+from pard_train.evaluators import any_due, build_evaluators, run_due
 from pard_train.export import export_draft, training_recipe
 from pard_train.layout import DropTokenSchedule
 from pard_train.loss import DepthStats
+from pard_train.loss_guard import LossGuard
 from pard_train.lr_schedule import build_scheduler
 from pard_train.methods import build_method
 from pard_train.model import load_draft, prepare_model_files
@@ -51,6 +52,8 @@ from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals
 from pard_train.tracking import MetricsWindow, build_tracker, check_tracking_ready, truncate_metrics
 from pard_train.train_state import TrainState, run_settings
+
+logger = logging.getLogger(__name__)
 
 
 def train(config: Config) -> Path | None:
@@ -92,10 +95,9 @@ class Trainer:
         # Every rank loads together: under ZeRO-3 loading partitions the weights, a collective.
         draft, self.tokenizer, self.spec = load_draft(config.model, self.backend, config.pard.num_draft_tokens)
         spec = self.spec
-        print0(acc, f"draft {config.model.draft_path}: mask token {spec.mask_token_id}, K={spec.num_draft_tokens}")
+        logger.info(f"draft {config.model.draft_path}: mask token {spec.mask_token_id}, K={spec.num_draft_tokens}")
         if config.pard.num_draft_tokens == 1:
-            print0(
-                acc,
+            logger.warning(
                 "warning: pard.num_draft_tokens=1 trains depth 0 only (plain next-token prediction): the mask token "
                 "is never trained, so the export drafts one token per pass like its base model; use K >= 2",
             )
@@ -144,7 +146,7 @@ class Trainer:
         state = replace(state, data=data.fingerprint)
         if acc.is_main_process:
             for name in self.checkpoints.store.remove_leftovers():
-                print(f"removed {name}, left by a save that did not finish", flush=True)
+                logger.info(f"removed {name}, left by a save that did not finish")
         resume = config.checkpoint.resume and status != "retrain"  # run.force=true on a finished run: from step 0
         if resume:
             state = self.checkpoints.resume(state, is_deepspeed(acc), self.method.recorded_defaults)
@@ -158,6 +160,7 @@ class Trainer:
         teardown.callback(self.tracker.close)
         self.metrics = MetricsWindow(pard.num_draft_tokens, draft, acc, config.train.log_every)
         self.stop = teardown.enter_context(StopSignals())
+        self.loss_guard = LossGuard()
         self.teardown = teardown
 
     def _apply_logged_changes(self) -> None:
@@ -177,7 +180,7 @@ class Trainer:
         self.scheduler.base_lrs = [lr] * len(optimizer.param_groups)
         self.scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         for key, (old, new) in changes.items():
-            print0(acc, f"resume at step {step}: {key} changed from {old} to {new}; applied from step {step + 1}")
+            logger.info(f"resume at step {step}: {key} changed from {old} to {new}; applied from step {step + 1}")
             self.record.changes.append({"step": step, "key": key, "before": old, "after": new})
         if acc.is_main_process:
             self.record.write(self.run_dir)
@@ -193,8 +196,7 @@ class Trainer:
         acc, config = self.accelerator, self.config
         if self.finished:
             final, step = self.run_dir / "final", self.record.finished["step"]
-            print0(
-                acc,
+            logger.info(
                 f"{self.run_dir} already holds this configuration's finished draft ({final}, {step} steps): nothing "
                 "to train; run.force=true trains it again",
             )
@@ -222,13 +224,14 @@ class Trainer:
         tracker = self.tracker
         for batch in loader:
             inputs, weight = self._prepare(batch)
-            loss_weight, stop = self._agree(weight)
+            loss_weight, stop = self._agree(weight)  # also checks the previous step's loss
             if stop:
                 self.checkpoints.save_unless_saved(self.state)
                 where = self.checkpoints.path_for(self.state.step)
-                print0(acc, f"stop signal: saved step {self.state.step} to {where}")
+                logger.info(f"stop signal: saved step {self.state.step} to {where}")
                 return None
             stats, grad_norm = self.train_step(inputs, loss_weight)
+            self.loss_guard.record(stats.as_tensor(), batch.step)
             self.state = replace(self.state, step=batch.step)
             progress.update(1)
             self.metrics.add(stats, grad_norm, batch.micro_batches)
@@ -236,6 +239,8 @@ class Trainer:
                 record = self.metrics.flush(batch.step, batch.epoch, self.scheduler.get_last_lr()[0])
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['labelled_tokens_per_s']:.0f}")
                 tracker.log(record, batch.step)
+            if self.checkpoints.due(batch.step, self.last_step) or any_due(self.evaluators, batch.step, self.last_step):
+                self.loss_guard.check_now(acc)  # they synchronise anyway; no NaN-updated weights reach them
             self.checkpoints.maybe_save(self.state, self.last_step)
             self.state = run_due(
                 self.evaluators, self.model, self.state, self.last_step, self.checkpoints, self.tracker
@@ -254,9 +259,12 @@ class Trainer:
 
     def _agree(self, loss_weight: float) -> tuple[float, bool]:
         """One all-reduce per step: the loss weight of the global batch (labelled tokens, or PARD-2's CAT weights),
-        and whether any rank must stop."""
-        local = torch.tensor([float(loss_weight), float(self.stop.requested)], device=self.accelerator.device)
-        total, stops = self.accelerator.reduce(local, reduction="sum").tolist()
+        whether any rank must stop, and the previous step's loss, checked here (:mod:`pard_train.loss_guard`)."""
+        device = self.accelerator.device
+        flags = torch.tensor([float(loss_weight), float(self.stop.requested)], device=device)
+        local = torch.cat([flags, self.loss_guard.carried(device)[None]])
+        total, stops, previous_loss = self.accelerator.reduce(local, reduction="sum").tolist()
+        self.loss_guard.check_reduced(previous_loss)
         return total, stops > 0
 
     def train_step(self, micro_batches: list, loss_weight: float) -> tuple[DepthStats, float]:
@@ -287,6 +295,7 @@ class Trainer:
     def finish(self) -> Path:
         """Export the trained draft to ``<run>/final`` and measure it when asked (collective)."""
         acc, config = self.accelerator, self.config
+        self.loss_guard.check_now(acc)  # the last step's loss, before its weights are exported
         check_replicas_agree(acc, self.model)
         final_dir = self.run_dir / "final"
         # Collective: ZeRO-3 gathers its shards onto rank 0 (the others get None); elsewhere it is the model's own.
@@ -302,7 +311,7 @@ class Trainer:
                     "run directory writable (or free space) and rerun the same command: it resumes from the newest "
                     "checkpoint and exports"
                 ) from error
-            print0(acc, f"exported the PARD draft to {final_dir} after {self.state.step} steps")
+            logger.info(f"exported the PARD draft to {final_dir} after {self.state.step} steps")
             if config.acceptance.after_training:
                 record, table = acceptance.after_training(config, self.spec, final_dir)
                 replace(card, al_table=table).write(final_dir)
@@ -311,7 +320,7 @@ class Trainer:
         return final_dir
 
     def _export(self, final_dir: Path, objective_state: dict):
-        acc, config = self.accelerator, self.config
+        config = self.config
         state_dict, pard2 = self.method.export_state(objective_state)
         return export_draft(
             self.method.draft,
@@ -324,5 +333,4 @@ class Trainer:
             overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
             state_dict=state_dict,
             pard2=pard2,
-            log=lambda line: print0(acc, f"export: {line}"),
         )

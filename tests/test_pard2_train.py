@@ -72,7 +72,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
         warmup=False,
         output_dir=str(tmp_path / "eval"),
     )
-    report = evaluate(harness, log=lambda *_: None)
+    report = evaluate(harness)
     assert report["feature_capture"] == "vllm"  # feature_capture=null: the capture the draft was trained on
     for mode in ("pard", "pard2"):
         assert report["overall"][mode]["mismatched_prompts"] == 0

@@ -151,7 +151,7 @@ def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tm
     assert f"was trained on other data (fingerprint {saved}, now " in error and "another run.name" in error, error
 
 
-def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, env=env(), stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"held"
@@ -162,14 +162,15 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    said = []
-    with RunLock(tmp_path, log=said.append):
+    caplog.clear()
+    with RunLock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    said = caplog.messages
     assert len(said) == 1 and f"pid {holder.pid} is not running" in said[0], said
     assert not (tmp_path / LOCK_FILE).exists()
 
 
-def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch):
+def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch, caplog):
     lock = tmp_path / LOCK_FILE
 
     def owned_by(**fields):
@@ -184,10 +185,10 @@ def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch):
     # The same job, requeued (SLURM runs one instance of a job at a time): taken over.
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    said = []
-    first = RunLock(tmp_path, log=said.append)
+    caplog.clear()
+    first = RunLock(tmp_path)
     first.acquire()
-    assert "SLURM requeued job 77 (restart 0 -> 1)" in said[0]
+    assert "SLURM requeued job 77 (restart 0 -> 1)" in caplog.messages[0]
     # The old instance's release must not remove its successor's lock.
     old = RunLock(tmp_path)
     old.owner.token = "theirs"
@@ -197,10 +198,10 @@ def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch):
     # This host, a live PID whose start time differs from the recorded one: the PID was reused, the owner is gone.
     monkeypatch.delenv("SLURM_JOB_ID")
     owned_by(pid=os.getppid(), pid_start="1", slurm_job=None, slurm_restart=None)
-    said.clear()
-    with RunLock(tmp_path, log=said.append):
+    caplog.clear()
+    with RunLock(tmp_path):
         pass
-    assert f"pid {os.getppid()} is now another process" in said[0]
+    assert f"pid {os.getppid()} is now another process" in caplog.messages[0]
 
 
 def test_lock_without_hard_links(tmp_path, monkeypatch):
@@ -291,7 +292,9 @@ CHOOSE_ON_TWO_RANKS = textwrap.dedent(
     from pathlib import Path
     from accelerate import Accelerator
     from pard_train.checkpoint_store import CheckpointStore
+    from pard_train.logs import setup_logging
 
+    setup_logging()
     acc = Accelerator(cpu=True)
     checkpoints = CheckpointStore(sys.argv[1], acc)
     if acc.process_index == 1:

@@ -183,7 +183,7 @@ def test_sweep_loads_each_model_once_and_decodes_target_only_once_per_target(tmp
         timing_repeats=1,
         warmup=False,
     )
-    report = run_sweep(config, log=lambda line: None)
+    report = run_sweep(config)
     assert sorted(loads) == sorted([*targets, str(tmp_path / "draft")])
     assert len(target_only) == 2  # one prompt, one turn, per target
     for target in targets:

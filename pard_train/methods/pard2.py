@@ -12,6 +12,7 @@ Per labelled layout token (depth d, position p, anchor a = p - d):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,6 +25,8 @@ from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project
 from pard_train.loss import DepthStats, labelled_hidden
 from pard_train.methods.pard import split_objective_state
 from pard_train.methods.teacher import TeacherSignals
+
+logger = logging.getLogger(__name__)
 
 
 def own_positions(batch: PardBatch) -> Tensor:
@@ -221,7 +224,8 @@ def _sharded_for_inference(target, accelerator):
     # Small persistent tensors are held whole besides each rank's partition of the others.
     held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in engine.module.parameters())
     total = sum(p.ds_numel for p in engine.module.parameters())
-    print(f"PARD-2 target sharded by ZeRO-3: rank {accelerator.process_index} holds {held} of {total} parameters")
+    # Rank 0 speaks for all (the logging filter): every rank holds about as much.
+    logger.info(f"PARD-2 target sharded by ZeRO-3: rank {accelerator.process_index} holds {held} of {total} parameters")
     return engine
 
 

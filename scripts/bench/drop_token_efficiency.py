@@ -31,6 +31,7 @@ from pard_train.config import DataConfig
 from pard_train.data.collator import PardCollator
 from pard_train.data.dataset import build_data
 from pard_train.layout import DropTokenSchedule
+from pard_train.logs import setup_logging
 from pard_train.loss import DepthStats
 from pard_train.mask_token import choose_mask_token
 from pard_train.methods.pard import pard_loss
@@ -68,7 +69,7 @@ def setup(args):
         cache=False,
         cache_dir=None,
     )
-    data = build_data(config, tokenizer, log=lambda line: print(line, file=sys.stderr))
+    data = build_data(config, tokenizer)
     runs = []
     for name, drop in (("full", None), ("drop-token", DropTokenSchedule(0.7, 0.2))):
         model = build_tiny_model(rows, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed).train()
@@ -187,6 +188,7 @@ def table(summary: list[dict]) -> str:
 
 
 def main(argv=None) -> Path:
+    setup_logging(to_stderr=True)  # stdout is the table
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--budget-s", type=float, default=120.0, help="training seconds per variant")
