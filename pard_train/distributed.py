@@ -17,7 +17,7 @@ from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
 
-from pard_train.config import Config, DeepSpeedConfig, Precision
+from pard_train.config import DeepSpeedConfig, Precision, TrainConfig
 from pard_train.errors import PardTrainError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def mixed_precision_for(precision: Precision) -> str:
     return {Precision.bf16: "bf16", Precision.fp32: "no"}[precision]
 
 
-def deepspeed_config(config: Config, mixed_precision: str) -> dict:
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, mixed_precision: str) -> dict:
     """The DeepSpeed JSON, built from the typed config (nothing to keep in sync by hand).
 
     ``gradient_clipping`` makes the engine clip; the optimizer stays ``torch.optim.AdamW`` (built by the trainer),
@@ -97,7 +97,6 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     the small per-micro-batch and per-rank contributions when summed. ZeRO-1 then uses DeepSpeed's BF16 optimizer
     with fp32 gradients, ZeRO-2 its fp32 gradient partitions; ZeRO-3 keeps its fp32 partitions and reduces in fp32.
     """
-    ds: DeepSpeedConfig = config.deepspeed
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -111,9 +110,9 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     return {
         **precision,
         "zero_force_ds_cpu_optimizer": False,
-        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
-        "gradient_accumulation_steps": config.train.grad_accum_steps,
-        "gradient_clipping": config.train.max_grad_norm,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
@@ -123,28 +122,28 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     }
 
 
-def build_accelerator(config: Config) -> Accelerator:
+def build_accelerator(train: TrainConfig, ds: DeepSpeedConfig) -> Accelerator:
     """An Accelerator for this process; gradient accumulation is accelerate's, so DDP and DeepSpeed agree on it."""
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     check_gpus_visible()
-    mixed_precision = mixed_precision_for(config.train.precision)
+    mixed_precision = mixed_precision_for(train.precision)
     on_cpu = not torch.cuda.is_available()
     # accelerate hands the timeout to torch.distributed (DDP) and to deepspeed.init_distributed (DeepSpeed) alike.
     group = {"timeout": PROCESS_GROUP_TIMEOUT}
     plugin = None
-    if config.deepspeed.enabled:
+    if ds.enabled:
         if on_cpu:
             # DeepSpeed picks its accelerator at import; without this it probes for CUDA and fails.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             # Without an explicit gloo group accelerate believes the world size is 1 under DeepSpeed on CPU.
             group["backend"] = "gloo"
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, mixed_precision))
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds, train, mixed_precision))
     return Accelerator(
         mixed_precision=mixed_precision,
         cpu=on_cpu and plugin is None,
         deepspeed_plugin=plugin,
-        gradient_accumulation_steps=config.train.grad_accum_steps,
+        gradient_accumulation_steps=train.grad_accum_steps,
         kwargs_handlers=[InitProcessGroupKwargs(**group)],
     )
 

@@ -76,9 +76,9 @@ class Trainer:
         self.config = config
         # transformers' loading and saving bars would stand before any error line; this loop reports its own steps.
         hf_logging.disable_progress_bar()
-        check_tracking_ready(config)  # before anything slow: wandb would prompt for a key at the first log
-        acceptance.check_benchmarks(config)  # not after training
-        self.accelerator = acc = build_accelerator(config)
+        check_tracking_ready(config.tracking)  # before anything slow: wandb would prompt for a key at the first log
+        acceptance.check_benchmarks(config.acceptance)  # not after training
+        self.accelerator = acc = build_accelerator(config.train, config.deepspeed)
         teardown.callback(shutdown, acc)
         self.run_dir = Path(config.run.path)
         teardown.enter_context(hold_run_lock(self.run_dir, acc))  # before anything is written into the run dir
@@ -123,8 +123,28 @@ class Trainer:
         self.collate = PardCollator(
             self.spec.mask_token_id, pard.num_draft_tokens, pad_id, drop, config.train.seed, multiple
         )
-        self.method = build_method(config, draft, self.backend, self.spec, acc, data)
-        self.evaluators = build_evaluators(config, data, self.collate, self.tokenizer, self.spec, self.method, acc)
+        self.method = build_method(
+            config.method,
+            draft,
+            self.backend,
+            self.spec,
+            acc,
+            data,
+            seed=config.train.seed,
+            cache_dir=config.data.cache_dir,
+        )
+        self.evaluators = build_evaluators(
+            config.eval,
+            config.acceptance,
+            micro_batch_size=config.train.micro_batch_size,
+            target=config.acceptance_target,
+            data=data,
+            collate=self.collate,
+            tokenizer=self.tokenizer,
+            spec=self.spec,
+            method=self.method,
+            accelerator=acc,
+        )
         self.data_stats = data.stats
 
         self.last_step = self.schedule.steps_per_epoch * config.train.epochs
@@ -156,7 +176,7 @@ class Trainer:
         if self.state.step > 0:
             self._apply_logged_changes()
         self.config_yaml = self._config_record()
-        self.tracker = build_tracker(config, self.run_dir, acc.is_main_process)
+        self.tracker = build_tracker(config.tracking, config.run.name, self.run_dir, acc.is_main_process)
         teardown.callback(self.tracker.close)
         self.metrics = MetricsWindow(pard.num_draft_tokens, draft, acc, config.train.log_every)
         self.stop = teardown.enter_context(StopSignals())
@@ -203,7 +223,10 @@ class Trainer:
             return final
         if config.acceptance.before_training and self.state.step == 0:
             if acc.is_main_process:  # the harness runs on one device; the other ranks wait for it
-                acceptance.measure(config, config.model.draft_path, self.spec, "before")
+                target = config.acceptance_target
+                acceptance.measure(
+                    config.acceptance, target, self.run_dir, config.model.draft_path, self.spec, "before"
+                )
             acc.wait_for_everyone()
         if acc.is_main_process:
             atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
@@ -313,7 +336,8 @@ class Trainer:
                 ) from error
             logger.info(f"exported the PARD draft to {final_dir} after {self.state.step} steps")
             if config.acceptance.after_training:
-                record, table = acceptance.after_training(config, self.spec, final_dir)
+                settings, target = config.acceptance, config.acceptance_target
+                record, table = acceptance.after_training(settings, target, self.run_dir, self.spec, final_dir)
                 replace(card, al_table=table).write(final_dir)
                 self.tracker.log(record, self.state.step)
         acc.wait_for_everyone()

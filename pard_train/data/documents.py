@@ -185,8 +185,7 @@ def load_documents(source: Source, tokenizer, config: DataConfig, tokenizer_fp: 
     import datasets
     from filelock import FileLock
 
-    # An unresolved "${run.output_root}/..." default means DataConfig was built outside Hydra: use the user cache.
-    root = Path(config.cache_dir) if config.cache_dir and "${" not in config.cache_dir else default_cache_dir()
+    root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     destination = root / fingerprint(source, tokenizer_fp or tokenizer_fingerprint(tokenizer), config)
     with FileLock(str(destination) + ".lock"):

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from pard_train.config import AttentionBackend, Config, MethodName
+from pard_train.config import AttentionBackend, MethodConfig, MethodName
 from pard_train.layout import PardBatch
 from pard_train.loss import DepthStats
 from pard_train.methods.pard import PardMethod
@@ -56,10 +56,21 @@ class Method(Protocol):
         ...
 
 
-def build_method(config: Config, draft, backend: AttentionBackend, spec: DraftSpec, accelerator, data) -> Method:
-    """The method of ``config``; ``data`` (the packed rows) serves methods that precompute per-row signals."""
-    if config.method.name == MethodName.pard:
+def build_method(
+    settings: MethodConfig,
+    draft,
+    backend: AttentionBackend,
+    spec: DraftSpec,
+    accelerator,
+    data,
+    *,
+    seed: int,
+    cache_dir: str | None,
+) -> Method:
+    """The method ``settings`` name; ``data`` (the packed rows) serves methods that precompute per-row signals,
+    ``seed`` (``train.seed``) seeds their draws, ``cache_dir`` (``data.cache_dir``) holds what they precompute."""
+    if settings.name == MethodName.pard:
         return PardMethod(draft, backend, spec.num_draft_tokens)
     from pard_train.methods.pard2 import Pard2Method
 
-    return Pard2Method(config, draft, backend, spec, accelerator, data)
+    return Pard2Method(settings, draft, backend, spec, accelerator, data, seed=seed, cache_dir=cache_dir)

@@ -247,12 +247,23 @@ class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
     vocabulary, and builds W."""
 
-    def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator, data=None):
+    def __init__(
+        self,
+        settings: MethodConfig,
+        draft,
+        backend: AttentionBackend,
+        spec,
+        accelerator,
+        data=None,
+        *,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
         from pard_train.errors import ConfigError
         from pard_train.methods.teacher import Teacher
         from pard_train.model import embedding_rows, load_causal_lm
 
-        settings = self.settings = config.method
+        self.settings = settings
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
         self.target_engine = None
         if _zero3_config(accelerator) is not None:
@@ -282,14 +293,14 @@ class Pard2Method:
             projection = torch.nn.Linear(len(layers) * self.teacher.hidden_size, draft_width, bias=False)
             torch.nn.init.zeros_(projection.weight)  # the untrained draft is exactly the PARD draft it started as
         self.objective = Pard2Objective(draft, projection, backend, spec.num_draft_tokens, settings)
-        self.seed, self.process_index = config.train.seed, accelerator.process_index
+        self.seed, self.process_index = seed, accelerator.process_index
         self.num_depths = spec.num_draft_tokens
         self.confidences = None
         if settings.confidence_cache:
             from pard_train.data.documents import default_cache_dir
             from pard_train.methods import confidence_cache
 
-            directory = config.data.cache_dir if config.data.cache_dir else default_cache_dir()
+            directory = cache_dir if cache_dir else default_cache_dir()
             rows = {"train": data.train, "validation": data.validation}
             self.confidences, _ = confidence_cache.build_or_load(
                 self.teacher, rows, settings.target, directory, accelerator, sharded=self.target_engine is not None
