@@ -44,7 +44,7 @@ from pard_train.export import export_draft, training_recipe
 from pard_train.layout import DropTokenSchedule
 from pard_train.loss import DepthStats
 from pard_train.loss_guard import LossGuard
-from pard_train.lr_schedule import build_scheduler
+from pard_train.lr_schedule import build_scheduler, continue_with_peak_lr
 from pard_train.methods import build_method
 from pard_train.model import load_draft, prepare_model_files
 from pard_train.model_identity import model_fingerprint
@@ -192,13 +192,7 @@ class Trainer:
         changes = run_record.logged_changes(before, self.config)
         if not changes:
             return
-        lr = self.config.train.lr
-        optimizer = self.scheduler.optimizer
-        for group, rule in zip(optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = lr
-            group["lr"] = lr * rule(self.scheduler.last_epoch)  # the new schedule's value at this step
-        self.scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-        self.scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        continue_with_peak_lr(self.scheduler, self.config.train.lr, step)  # the new schedule's value at this step
         for key, (old, new) in changes.items():
             logger.info(f"resume at step {step}: {key} changed from {old} to {new}; applied from step {step + 1}")
             self.record.changes.append({"step": step, "key": key, "before": old, "after": new})
