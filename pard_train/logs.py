@@ -2,7 +2,8 @@
 the main process only.
 
 Modules log through ``logging.getLogger(__name__)``; entry points call :func:`setup_logging` once (the Hydra ones
-tell Hydra to leave logging alone: ``hydra/job_logging: none``). Progress bars (tqdm) are not log lines and stay.
+tell Hydra to leave the job's logging alone, ``hydra/job_logging: none``, and the set-up replaces the console handler
+Hydra installs for its own messages). Progress bars (tqdm) are not log lines and stay.
 Without the set-up (the package used as a library, or in tests) the messages go wherever the application's logging
 sends them; pytest's ``caplog`` sees them.
 """
@@ -49,9 +50,12 @@ class _Console(logging.StreamHandler):
 
 def setup_logging(level: int = logging.INFO, to_stderr: bool = False) -> None:
     """Send log records at ``level`` and above to stdout (scripts whose stdout is a table: stderr) as bare lines, the
-    package's from rank 0 only. Idempotent: a second call (an entry point run twice in one process) adds no second
-    handler."""
+    package's from rank 0 only. Plain console handlers already on the root logger (Hydra's, which would print every
+    line again, on every rank) are replaced; other handlers (files, pytest's capture) stay. Idempotent: a second call
+    (an entry point run twice in one process) adds no second handler."""
     root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
+        root.removeHandler(handler)
     if not any(isinstance(handler, _Console) for handler in root.handlers):
         handler = _Console(to_stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -63,3 +63,18 @@ def test_the_data_cli_exits_2_on_a_directory_without_a_tokenizer(tmp_path, capsy
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith("pard_train.data: error: no usable tokenizer in "), err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_setup_replaces_a_plain_console_handler_so_no_line_is_printed_twice(capsys, monkeypatch):
+    """Hydra's own logging leaves a plain StreamHandler on the root logger, with no rank filter."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if type(h) is not logging.StreamHandler])
+    monkeypatch.setattr(root, "level", root.level)
+    hydras = logging.StreamHandler()
+    hydras.setFormatter(logging.Formatter("[HYDRA] %(message)s"))
+    root.addHandler(hydras)
+    setup_logging()
+    assert hydras not in root.handlers
+    logging.getLogger("pard_train.x").info("once")
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("once") == 1

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pard_train.config import AttentionBackend, FeatureCapture, MethodConfig
+from pard_train.distributed import gather_all
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project_logits
 from pard_train.loss import DepthStats, labelled_hidden
@@ -224,8 +225,9 @@ def _sharded_for_inference(target, accelerator):
     # Small persistent tensors are held whole besides each rank's partition of the others.
     held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in engine.module.parameters())
     total = sum(p.ds_numel for p in engine.module.parameters())
-    # Rank 0 speaks for all (the logging filter): every rank holds about as much.
-    logger.info(f"PARD-2 target sharded by ZeRO-3: rank {accelerator.process_index} holds {held} of {total} parameters")
+    # One line for all ranks, from rank 0 (every rank builds the engine: the gather is a collective they all reach).
+    parts = ", ".join(str(part) for part in gather_all(accelerator, held))
+    logger.info(f"PARD-2 target sharded by ZeRO-3: the ranks hold {parts} of {total} parameters")
     return engine
 
 
