@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from pard_train.cli import run_hydra, user_errors
 from pard_train.config import register_configs, to_config
+from pard_train.logs import setup_logging
 from pard_train.sweep_dirs import job_run_name
 
 register_configs()
@@ -16,6 +17,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from pard_train.train import train
 
+    setup_logging()
     with user_errors("pard_train"):
         config = to_config(cfg)
         config.run.name = job_run_name(config.run)

@@ -10,16 +10,20 @@ measurement during training is :class:`pard_train.evaluators.MeasuredAcceptance`
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from pard_train.config import Config
+from pard_train.config import AcceptanceConfig
 from pard_train.model import DraftSpec
 
+logger = logging.getLogger(__name__)
 
-def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_dir: Path, label: str = "after"):
+
+def _harness_config(
+    settings: AcceptanceConfig, target: str, draft: str | Path, spec: DraftSpec, output_dir: Path, label: str = "after"
+):
     from pard_train.evaluate.config import DType, EvalConfig, Mode
 
-    settings = config.acceptance
     modes = [Mode(mode) for mode in settings.modes]
     checked = Mode.target in modes  # before and after run in the same dtype
     if label == "before":  # the untrained draft: its acceptance is the baseline, its speed is of no interest
@@ -29,7 +33,7 @@ def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_d
     # decoder is reported lossy: the check runs in fp32. Without it, bf16 on GPUs, as a server runs the models.
     return EvalConfig(
         dtype=DType.fp32 if checked else DType.auto,
-        target=settings.target or config.model.path,
+        target=target,
         draft=str(draft),
         modes=modes,
         num_draft_tokens=spec.num_draft_tokens,
@@ -44,10 +48,9 @@ def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_d
     )
 
 
-def check_benchmarks(config: Config) -> None:
+def check_benchmarks(settings: AcceptanceConfig) -> None:
     """Read the configured prompt sets at start when any measurement is on: a bad file is one line now, not after
     hours of training (BenchmarkError)."""
-    settings = config.acceptance
     if settings.before_training or settings.after_training or settings.every_steps:
         from pard_train.evaluate.benchmarks import load_prompts
 
@@ -55,26 +58,31 @@ def check_benchmarks(config: Config) -> None:
             load_prompts(benchmark, settings.num_prompts)
 
 
-def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str, log=print) -> dict:
-    """Run the harness with ``draft`` as the PARD draft; write its report under ``<run>/acceptance/<label>``."""
+def measure(
+    settings: AcceptanceConfig, target: str, run_dir: Path, draft: str | Path, spec: DraftSpec, label: str
+) -> dict:
+    """Run the harness with ``draft`` as the PARD draft against ``target`` (``acceptance.target``, else
+    ``model.path``); write its report under ``<run_dir>/acceptance/<label>``."""
     from pard_train.evaluate.report import write_report
     from pard_train.evaluate.runner import evaluate
 
-    output_dir = Path(config.run.path) / "acceptance" / label
-    log(f"measuring acceptance length ({label}) with target {config.acceptance.target or config.model.path}")
-    report = evaluate(_harness_config(config, draft, spec, output_dir, label), log=log)
+    output_dir = Path(run_dir) / "acceptance" / label
+    logger.info(f"measuring acceptance length ({label}) with target {target}")
+    report = evaluate(_harness_config(settings, target, draft, spec, output_dir, label))
     write_report(report, output_dir)
     return report
 
 
-def after_training(config: Config, spec: DraftSpec, final_dir: Path) -> tuple[dict[str, float], str | None]:
+def after_training(
+    settings: AcceptanceConfig, target: str, run_dir: Path, spec: DraftSpec, final_dir: Path
+) -> tuple[dict[str, float], str | None]:
     """Measure the exported draft; with a measurement from before training, write the comparison
     (``<run>/acceptance/before_after.{md,json,png}``). Returns the tracker record and the table for the model card
     (the comparison, or the measurement alone)."""
     from pard_train.evaluate.report import before_after, markdown_table
 
-    run_dir = Path(config.run.path)
-    after = measure(config, final_dir, spec, "after")
+    run_dir = Path(run_dir)
+    after = measure(settings, target, run_dir, final_dir, spec, "after")
     record = {
         f"acceptance_after/{name}": entry["pard"]["acceptance_length"] for name, entry in after["benchmarks"].items()
     }
@@ -85,5 +93,5 @@ def after_training(config: Config, spec: DraftSpec, final_dir: Path) -> tuple[di
     for name, entry in before["benchmarks"].items():
         record[f"acceptance_before/{name}"] = entry["pard"]["acceptance_length"]
     table = before_after(before, after, run_dir / "acceptance")
-    print(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
+    logger.info(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
     return record, table

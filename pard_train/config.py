@@ -253,8 +253,9 @@ class DataConfig:
     """Conversations longer than ``max_length``: cut to fit, or drop them (then they count as bad rows)."""
     max_bad_fraction: float = 0.1
     """Fail when more than this fraction of a source's rows is unusable (malformed, empty, unknown roles...)."""
-    cache_dir: str | None = "${run.output_root}/cache/data"
-    """Where tokenised datasets are cached (shared by runs and ranks); null: ``~/.cache/pard_train/data``."""
+    cache_dir: str | None = None
+    """Where tokenised datasets are cached (shared by runs and ranks); ``configs/train.yaml`` sets
+    ``${run.output_root}/cache/data``; null: ``~/.cache/pard_train/data``."""
     cache: bool = True
     """Reuse tokenised datasets across runs and ranks (fingerprinted on data, tokenizer, template, settings)."""
     num_proc: int | None = None
@@ -461,6 +462,21 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: HeldOutEvalConfig = field(default_factory=HeldOutEvalConfig)
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+
+    def __post_init__(self):
+        """Rules that span sections, checked once when the config is built (each section checks its own)."""
+        zero3 = self.deepspeed.enabled and self.deepspeed.zero_stage == 3
+        require(
+            not (zero3 and self.acceptance.every_steps > 0),
+            "acceptance.every_steps",
+            "needs whole weights on one process, which ZeRO-3 does not keep: use deepspeed=zero2 or "
+            "acceptance.every_steps=0",
+        )
+
+    @property
+    def acceptance_target(self) -> str:
+        """The model acceptance is measured against: ``acceptance.target``, else the draft's base ``model.path``."""
+        return self.acceptance.target or self.model.path
 
 
 def register_configs() -> None:

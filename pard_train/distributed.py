@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -16,8 +17,10 @@ from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs
 
-from pard_train.config import Config, DeepSpeedConfig, Precision
+from pard_train.config import DeepSpeedConfig, Precision, TrainConfig
 from pard_train.errors import PardTrainError
+
+logger = logging.getLogger(__name__)
 
 # Process-group timeout. NCCL's and DeepSpeed's default (10 min) is shorter than what rank 0 alone may take while the
 # others wait in a collective: tokenising a large data set on first use, measuring acceptance length, exporting or
@@ -80,7 +83,7 @@ def mixed_precision_for(precision: Precision) -> str:
     return {Precision.bf16: "bf16", Precision.fp32: "no"}[precision]
 
 
-def deepspeed_config(config: Config, mixed_precision: str) -> dict:
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, mixed_precision: str) -> dict:
     """The DeepSpeed JSON, built from the typed config (nothing to keep in sync by hand).
 
     ``gradient_clipping`` makes the engine clip; the optimizer stays ``torch.optim.AdamW`` (built by the trainer),
@@ -94,7 +97,6 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     the small per-micro-batch and per-rank contributions when summed. ZeRO-1 then uses DeepSpeed's BF16 optimizer
     with fp32 gradients, ZeRO-2 its fp32 gradient partitions; ZeRO-3 keeps its fp32 partitions and reduces in fp32.
     """
-    ds: DeepSpeedConfig = config.deepspeed
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -108,9 +110,9 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     return {
         **precision,
         "zero_force_ds_cpu_optimizer": False,
-        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
-        "gradient_accumulation_steps": config.train.grad_accum_steps,
-        "gradient_clipping": config.train.max_grad_norm,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
@@ -120,28 +122,28 @@ def deepspeed_config(config: Config, mixed_precision: str) -> dict:
     }
 
 
-def build_accelerator(config: Config) -> Accelerator:
+def build_accelerator(train: TrainConfig, ds: DeepSpeedConfig) -> Accelerator:
     """An Accelerator for this process; gradient accumulation is accelerate's, so DDP and DeepSpeed agree on it."""
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     check_gpus_visible()
-    mixed_precision = mixed_precision_for(config.train.precision)
+    mixed_precision = mixed_precision_for(train.precision)
     on_cpu = not torch.cuda.is_available()
     # accelerate hands the timeout to torch.distributed (DDP) and to deepspeed.init_distributed (DeepSpeed) alike.
     group = {"timeout": PROCESS_GROUP_TIMEOUT}
     plugin = None
-    if config.deepspeed.enabled:
+    if ds.enabled:
         if on_cpu:
             # DeepSpeed picks its accelerator at import; without this it probes for CUDA and fails.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             # Without an explicit gloo group accelerate believes the world size is 1 under DeepSpeed on CPU.
             group["backend"] = "gloo"
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(config, mixed_precision))
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds, train, mixed_precision))
     return Accelerator(
         mixed_precision=mixed_precision,
         cpu=on_cpu and plugin is None,
         deepspeed_plugin=plugin,
-        gradient_accumulation_steps=config.train.grad_accum_steps,
+        gradient_accumulation_steps=train.grad_accum_steps,
         kwargs_handlers=[InitProcessGroupKwargs(**group)],
     )
 
@@ -188,13 +190,7 @@ def check_replicas_agree(accelerator: Accelerator, model) -> None:
     gathered = accelerator.gather(local[None]).cpu()
     if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
         raise RuntimeError(f"data-parallel replicas diverged: parameter checksums per rank {gathered.tolist()}")
-    print0(accelerator, f"replicas agree: {accelerator.num_processes} processes hold identical parameters")
-
-
-def print0(accelerator: Accelerator, *args) -> None:
-    """Print on the main process only."""
-    if accelerator.is_main_process:
-        print(*args, flush=True)
+    logger.info(f"replicas agree: {accelerator.num_processes} processes hold identical parameters")
 
 
 def on_main(accelerator: Accelerator, action):
@@ -214,3 +210,36 @@ def on_main(accelerator: Accelerator, action):
     if error is not None:
         raise error
     return result
+
+
+def gather_all(accelerator: Accelerator, value) -> list:
+    """Every rank's ``value``, in rank order, on every rank (a collective, so also a barrier)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def together(
+    accelerator: Accelerator,
+    action: Callable,
+    *,
+    main_only: bool = False,
+    catch: tuple[type[BaseException], ...] = (OSError,),
+    describe: Callable[[BaseException], str] = str,
+) -> tuple[list, tuple[int, str] | None]:
+    """Run ``action`` on every rank (or on rank 0 alone) and agree on whether it failed: the gather is also the
+    barrier. Returns every rank's result in rank order, and ``(rank, description)`` of the first rank whose action
+    raised one of ``catch`` (None if none did), the same on every rank, so every rank can raise the same error (a
+    rank that raised alone would leave the others waiting at the next collective). Other exceptions are bugs and
+    propagate."""
+    result, error = None, None
+    if accelerator.is_main_process or not main_only:
+        try:
+            result = action()
+        except catch as failure:
+            error = describe(failure)
+    gathered = gather_all(accelerator, (error, result))
+    failed = [(rank, error) for rank, (error, _) in enumerate(gathered) if error is not None]
+    return [result for _, result in gathered], (failed[0] if failed else None)

@@ -15,10 +15,11 @@ from typing import Protocol
 
 import torch
 
-from pard_train.checkpoint import Checkpoints, TrainState
-from pard_train.config import Config, ConfigError
+from pard_train.checkpoint import Checkpoints
+from pard_train.config import AcceptanceConfig, ConfigError, HeldOutEvalConfig
 from pard_train.data import PardCollator
 from pard_train.model import DraftSpec
+from pard_train.train_state import TrainState
 
 
 class Evaluator(Protocol):
@@ -34,17 +35,29 @@ class Evaluator(Protocol):
 
 
 def build_evaluators(
-    config: Config, data, collate: PardCollator, tokenizer, spec: DraftSpec, method, accelerator
+    held_out: HeldOutEvalConfig,
+    acceptance: AcceptanceConfig,
+    *,
+    micro_batch_size: int,
+    target: str,
+    data,
+    collate: PardCollator,
+    tokenizer,
+    spec: DraftSpec,
+    method,
+    accelerator,
 ) -> list[Evaluator]:
+    """The evaluators ``eval`` and ``acceptance`` ask for; ``target`` is the resolved measuring target
+    (``acceptance.target``, else ``model.path``). ZeRO-3 with a measured acceptance is refused by the config."""
     evaluators: list[Evaluator] = []
-    measured = config.acceptance.every_steps > 0
-    if config.eval.every_steps:
-        held_out = HeldOut.build(config, data.validation, collate, method, accelerator, selects_best=not measured)
-        evaluators.append(held_out)
+    measured = acceptance.every_steps > 0
+    if held_out.every_steps:
+        rows = data.validation
+        evaluators.append(
+            HeldOut.build(held_out, micro_batch_size, rows, collate, method, accelerator, selects_best=not measured)
+        )
     if measured:
-        if config.deepspeed.enabled and config.deepspeed.zero_stage == 3:
-            raise ConfigError("acceptance.every_steps needs whole weights on one process; not available with ZeRO-3")
-        evaluators.append(MeasuredAcceptance(config, tokenizer, spec, accelerator))
+        evaluators.append(MeasuredAcceptance(acceptance, target, tokenizer, spec, method, accelerator))
     return evaluators
 
 
@@ -53,13 +66,22 @@ def run_due(
 ) -> TrainState:
     """Run the evaluators due at ``state.step``, log their records, and offer the selecting one's score as best."""
     for evaluator in evaluators:
-        if state.step % evaluator.every and state.step != last_step:
+        if not _is_due(evaluator, state.step, last_step):
             continue
         record = evaluator.run(model)
         tracker.log({f"eval/{key}": value for key, value in record.items()}, state.step)
         if evaluator.selects_best:
             state = checkpoints.offer_best(state, record[evaluator.score_key])
     return state
+
+
+def _is_due(evaluator: Evaluator, step: int, last_step: int) -> bool:
+    return step % evaluator.every == 0 or step == last_step
+
+
+def any_due(evaluators: list[Evaluator], step: int, last_step: int) -> bool:
+    """Whether :func:`run_due` runs an evaluator at ``step``."""
+    return any(_is_due(evaluator, step, last_step) for evaluator in evaluators)
 
 
 class HeldOut:
@@ -73,17 +95,25 @@ class HeldOut:
         self.num_depths = collate.num_depths
 
     @classmethod
-    def build(cls, config: Config, rows, collate: PardCollator, method, accelerator, selects_best: bool) -> HeldOut:
+    def build(
+        cls,
+        settings: HeldOutEvalConfig,
+        micro_batch_size: int,
+        rows,
+        collate: PardCollator,
+        method,
+        accelerator,
+        selects_best: bool,
+    ) -> HeldOut:
         if not rows:
             raise ConfigError(
                 "eval.every_steps: the data has no validation split; set data.validation_files or "
                 "data.validation_fraction, or eval.every_steps=0"
             )
-        rows = rows[: config.eval.max_rows]
+        rows = rows[: settings.max_rows]
         # Its own collator: fixed layouts (epoch 0, another seed), independent of the training epoch.
         held_out = replace(collate, seed=collate.seed + 1_000_003, epoch=0)
-        micro, every = config.train.micro_batch_size, config.eval.every_steps
-        return cls(rows, held_out, method, accelerator, micro, every, selects_best)
+        return cls(rows, held_out, method, accelerator, micro_batch_size, settings.every_steps, selects_best)
 
     @torch.no_grad()
     def run(self, model) -> dict[str, float]:
@@ -132,21 +162,21 @@ class MeasuredAcceptance:
     score_key = "acceptance_length"
     selects_best = True
 
-    def __init__(self, config: Config, tokenizer, spec: DraftSpec, accelerator):
+    def __init__(self, settings: AcceptanceConfig, target: str, tokenizer, spec: DraftSpec, method, accelerator):
         from pard_train.config import AttentionBackend
         from pard_train.evaluate.benchmarks import load_prompts
         from pard_train.model import load_causal_lm
 
-        self.config, self.tokenizer, self.spec, self.accelerator = config, tokenizer, spec, accelerator
-        self.every = config.acceptance.every_steps
+        self.settings, self.tokenizer, self.spec, self.accelerator = settings, tokenizer, spec, accelerator
+        self.method = method
+        self.every = settings.every_steps
         self.target, self.prompts = None, []
         if accelerator.is_main_process:
-            settings = config.acceptance
             # The target only runs inference: in bf16 on a GPU (as a server runs it; an fp32 8B target would take
             # 32 GB of rank 0's GPU beside the training state), fp32 on CPU.
             dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-            target = load_causal_lm(settings.target or config.model.path, AttentionBackend.sdpa, dtype)
-            self.target = target.to(accelerator.device).eval()
+            model = load_causal_lm(target, AttentionBackend.sdpa, dtype)
+            self.target = model.to(accelerator.device).eval()
             for name in settings.benchmarks:
                 self.prompts += [prompt.turns[0] for prompt in load_prompts(name, settings.num_prompts)[1]]
 
@@ -157,7 +187,7 @@ class MeasuredAcceptance:
 
         result = [None]
         if self.accelerator.is_main_process:
-            draft = self.accelerator.unwrap_model(model).draft
+            draft = self.method.draft  # the trained module's own draft (the same parameters)
             with decoding_attention(draft):
                 summary = measure_acceptance(
                     draft,
@@ -166,7 +196,7 @@ class MeasuredAcceptance:
                     self.prompts,
                     num_draft_tokens=self.spec.num_draft_tokens,
                     mask_token_id=self.spec.mask_token_id,
-                    max_new_tokens=self.config.acceptance.max_new_tokens,
+                    max_new_tokens=self.settings.max_new_tokens,
                 )
             record = {"acceptance_length": summary["acceptance_length"]}
             for position, value in enumerate(summary["conditional_acceptance"], start=1):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,10 +29,13 @@ from pard_train.atomic import atomic_directory, atomic_write_text
 from pard_train.config import FeatureCapture
 from pard_train.draft_format import DraftFormat, Pard2Fields
 from pard_train.errors import ExportError, PardTrainError
+from pard_train.logs import setup_logging
 from pard_train.mask_token import validate_mask_token
 from pard_train.model import DraftSpec, embedding_rows
 from pard_train.serving_check import ServingCheckError, TargetShape, check_config
 from pard_train.vocab import check_target_vocabulary, pad_vocabulary
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -269,7 +273,6 @@ def export_draft(
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     pard2: tuple[Pard2Fields, torch.Tensor] | None = None,
-    log=None,
 ) -> ModelCard:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
@@ -279,8 +282,8 @@ def export_draft(
     model the draft must match: same tokenizer, embedding and LM head padded up to its ``vocab_size`` (see
     :mod:`pard_train.vocab`); None: not checked, and the card says so. ``state_dict``: the weights to write instead of
     ``model.state_dict()`` (the trainer passes the one gathered from ZeRO-3 shards). ``pard2``: the PARD-2 fields and
-    W of a target-dependent draft (None: a plain PARD draft, however it was trained). ``log``: told the vocabulary
-    outcome. Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
+    W of a target-dependent draft (None: a plain PARD draft, however it was trained). Logs the vocabulary outcome.
+    Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
     Raises ExportError (existing directory without ``overwrite``), VocabularyError or MaskTokenError.
     """
     num_draft_tokens, mask_token_id = spec.num_draft_tokens, spec.mask_token_id
@@ -341,10 +344,9 @@ def export_draft(
         draft_format.write_recipe(staging, recipe)
         card = ModelCard(output_dir.name, spec, dtype, recipe, al_table, draft, vocabulary.note())
         card.write(staging)
-    if log is not None:
-        log(vocabulary.note())
-        if served_with:
-            log(f"warning: {served_with}")
+    logger.info(f"export: {vocabulary.note()}")
+    if served_with:
+        logger.warning(f"export: warning: {served_with}")
     return card
 
 
@@ -389,7 +391,7 @@ def _with_k_sweep(al_table: str | None, args, trained_k: int) -> str | None:
     note = f"K sweep ({args.k_sweep.name}): recommended K = {k} on the measured hardware."
     if k > trained_k:
         note += f" WARNING: above the trained K = {trained_k}; its extra depths were never trained."
-        print(f"pard_train.export: warning: recommended K={k} is above the trained K={trained_k}", file=sys.stderr)
+        logger.warning(f"pard_train.export: warning: recommended K={k} is above the trained K={trained_k}")
     return "\n\n".join(part for part in (al_table, note, f"```bash\n{command}\n```") if part)
 
 
@@ -440,12 +442,13 @@ def _export(args) -> int:
         target=args.target,
         overwrite=args.overwrite,
         pard2=_pard2_from(checkpoint, recorded),
-        log=lambda line: print(f"pard_train.export: {line}"),
     )
     out = Path(args.output)
     served = DraftFormat(num_draft_tokens, mask_token_id, recorded.pard2).served_k
-    print(f"exported {out} (K={num_draft_tokens}, mask token {mask_token_id}, {str(dtype).removeprefix('torch.')})")
-    print(vllm_command(str(out.resolve()), served))
+    logger.info(
+        f"exported {out} (K={num_draft_tokens}, mask token {mask_token_id}, {str(dtype).removeprefix('torch.')})"
+    )
+    logger.info(vllm_command(str(out.resolve()), served))
     return 0
 
 
@@ -469,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
+    setup_logging()
     if args.check is None and (args.checkpoint is None or args.output is None):
         parser.error("give --checkpoint and --output to export, or --check DRAFT for the serving preflight")
 

@@ -9,8 +9,9 @@ the softmax twice. Per chunk: one matmul forward and two backward, against four 
 head's gradient (fp32, vocabulary x width) is held from the forward to the backward pass, and under ZeRO-3 the head's
 weight stays gathered for the objective's whole forward and backward (:func:`gather_head_with`).
 
-Used by PARD's cross-entropy (:func:`pard_train.loss.pard_loss`) and PARD-2's weighted CE + KD
-(:func:`pard_train.methods.pard2.pard2_loss`).
+Used by PARD's cross-entropy (:func:`pard_train.methods.pard.pard_loss`), PARD-2's weighted CE + KD
+(:func:`pard_train.methods.pard2.pard2_loss`) and the teacher's confidences (:mod:`pard_train.methods.teacher`, no
+gradient).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+CHUNK_TOKENS = 4096
+"""Labelled tokens whose logits exist at once (4096 x 128k fp32 logits = 2 GiB); read at each call, so a test can
+make every caller chunk finely."""
 
 TokenTerms = Callable[[Tensor, slice], tuple[Tensor, tuple[Tensor, ...]]]
 """``(logits [n, V], the chunk's slice of the labelled tokens) -> (objective [n], outputs)``: the per-token objective,
@@ -95,23 +100,29 @@ class _GradientsFromForward(torch.autograd.Function):
 
 
 def chunked_head_loss(
-    model, hidden: Tensor, token_terms: TokenTerms, normalizer: float, chunk_tokens: int
+    model, hidden: Tensor, token_terms: TokenTerms, normalizer: float = 1.0, chunk_tokens: int | None = None
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``sum(objective) / normalizer`` over all labelled tokens and the concatenated per-token outputs.
 
     ``hidden`` is ``[N, H]`` (the decoder's output at the labelled tokens); the loss is differentiable in ``hidden``
-    and in the head's parameters. Only one chunk's logits (and its softmax) exist at a time.
+    and in the head's parameters. Only one chunk's logits (and its softmax) exist at a time: ``chunk_tokens``, by
+    default :data:`CHUNK_TOKENS`.
     """
+    chunk_tokens = chunk_tokens or CHUNK_TOKENS
     params = head_parameters(model)
     inputs = [hidden, *params]
     train = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)
+    frozen = not any(parameter.requires_grad for parameter in params)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     hidden_grads, param_grads, outputs = [], [None] * len(params), []
     for begin in range(0, max(hidden.shape[0], 1), chunk_tokens):  # one empty chunk when there are no tokens
         part = slice(begin, begin + chunk_tokens)
         if not train:
             with torch.no_grad():
-                objective, values = token_terms(postprocess_logits(model, F.linear(hidden[part], *params)), part)
+                # A frozen model's head is called as a module (a ZeRO-3 inference engine's hooks gather its weight);
+                # a trained one's weight is read directly, held whole by gather_head_with under ZeRO-3.
+                head = project_logits(model, hidden[part]) if frozen else F.linear(hidden[part], *params)
+                objective, values = token_terms(head if frozen else postprocess_logits(model, head), part)
             total += objective.float().sum()
             outputs.append(values)
             continue

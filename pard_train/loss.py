@@ -1,16 +1,16 @@
-"""Forward a causal LM over a PARD layout batch and score it: cross-entropy over labelled tokens, metrics per depth."""
+"""Forward a causal LM over a PARD layout batch up to its labelled tokens, and the per-depth statistics every method's
+objective reports (PARD's own loss is :func:`pard_train.methods.pard.pard_loss`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pard_train.attention import AttentionBackend, attention_mask_for
 from pard_train.layout import IGNORE_INDEX, PardBatch
-from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project_logits  # noqa: F401 - re-exported
+from pard_train.lm_head_loss import project_logits
 
 
 def labelled_hidden(
@@ -52,10 +52,6 @@ def labelled_logits(model, batch: PardBatch, backend: AttentionBackend) -> tuple
     return project_logits(model, hidden), labels, depth
 
 
-LOSS_CHUNK_TOKENS = 4096
-"""Labelled tokens whose logits exist at once in :func:`pard_loss` (4096 x 128k fp32 logits = 2 GiB)."""
-
-
 @dataclass
 class DepthStats:
     """Sums over labelled tokens, per depth: enough to average across micro-batches and ranks exactly."""
@@ -89,39 +85,3 @@ class DepthStats:
 def estimated_acceptance_length(accuracy: Tensor) -> float:
     """``1 + sum_k prod_{d<=k} acc_d``: tokens per target forward if depth errors were independent."""
     return float(1.0 + torch.cumprod(accuracy.double(), dim=0).sum())
-
-
-def pard_loss(
-    model, batch: PardBatch, backend: AttentionBackend, num_depths: int, normalizer: float
-) -> tuple[Tensor, DepthStats]:
-    """Summed cross-entropy of the batch divided by ``normalizer`` (the labelled-token count of the whole global
-    batch, so that accumulation and data parallelism average over tokens, not over micro-batches)."""
-    hidden, labels, depth = labelled_hidden(model, batch, backend)
-
-    def cross_entropy(logits: Tensor, part: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
-        logits = logits.float()
-        token_loss = F.cross_entropy(logits, labels[part], reduction="none")
-        return token_loss, (token_loss.detach(), (logits.detach().argmax(-1) == labels[part]).float())
-
-    # The head runs once per chunk of labelled tokens: only one chunk's [tokens, vocabulary] logits ever exist.
-    loss, (token_loss, hit) = chunked_head_loss(model, hidden, cross_entropy, normalizer, LOSS_CHUNK_TOKENS)
-    with torch.no_grad():
-        stats = DepthStats(
-            loss_sum=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, token_loss),
-            correct=torch.zeros(num_depths, device=labels.device).index_add_(0, depth, hit.float()),
-            count=torch.bincount(depth, minlength=num_depths).float(),
-        )
-    return loss, stats
-
-
-class PardObjective(torch.nn.Module):
-    """The draft and its PARD loss as one module. DDP and DeepSpeed attach their gradient machinery in ``forward``,
-    so the loss (which runs the decoder and the LM head separately) must be computed inside it."""
-
-    def __init__(self, draft, backend: AttentionBackend, num_depths: int):
-        super().__init__()
-        self.draft, self.backend, self.num_depths = draft, backend, num_depths
-        gather_head_with(self, draft)  # ZeRO-3: the loss reads the head's weight directly
-
-    def forward(self, batch: PardBatch, normalizer: float) -> tuple[Tensor, DepthStats]:
-        return pard_loss(self.draft, batch, self.backend, self.num_depths, normalizer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 from pard_train.config import LrSchedule, TrainConfig
@@ -25,3 +26,14 @@ def build_scheduler(train: TrainConfig, optimizer, total_steps: int):
         total_steps,
         scheduler_specific_kwargs=extra,
     )
+
+
+def continue_with_peak_lr(scheduler: LambdaLR, lr: float, step: int) -> None:
+    """Make ``scheduler`` (restored from a checkpoint at ``step``) continue with the peak ``lr`` instead of the one
+    the checkpoint recorded: the optimizer's groups start from ``lr`` (``initial_lr``, what a scheduler resumes
+    from), torch's constructor places a scheduler with the same schedule at ``step`` (and sets the groups' LR to its
+    value there), and its state is loaded into ``scheduler``, the object the checkpoints save."""
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = lr
+    at_step = LambdaLR(scheduler.optimizer, scheduler.lr_lambdas, last_epoch=step - 1)  # its first step() is `step`
+    scheduler.load_state_dict(at_step.state_dict())

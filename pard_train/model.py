@@ -34,6 +34,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         if Path(path).is_dir():
             raise ModelNotFoundError(f"no tokenizer in {path}: {error}") from error
         raise ModelNotFoundError(_hub_unreachable_message(path, error)) from error
+    except ValueError as error:  # a directory without tokenizer files: transformers cannot build a backend
+        if not Path(path).is_dir():
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"no usable tokenizer in {path}: {first}") from error
 
 
 def load_causal_lm(path: str, backend: AttentionBackend, dtype: torch.dtype = torch.float32, **kwargs):

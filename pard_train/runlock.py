@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import time
@@ -33,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pard_train.errors import RunLockedError
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 
@@ -107,10 +110,9 @@ def _read(path: Path) -> Owner | None:
 class RunLock:
     """Context manager holding ``<run_dir>/run.lock``; raises :class:`RunLockedError` if another run holds it."""
 
-    def __init__(self, run_dir: str | Path, log=print):
+    def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_FILE
         self.owner = Owner.me()
-        self.log = log
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -134,7 +136,9 @@ class RunLock:
                     f"train into another run.name / run.dir; if that run is gone, delete {self.path}"
                 )
             if self._take_over(holder):
-                self.log(f"run lock: took over {self.path} from a run that is gone ({holder.describe()}: {reason})")
+                logger.warning(
+                    f"run lock: took over {self.path} from a run that is gone ({holder.describe()}: {reason})"
+                )
                 return
         raise RunLockedError(f"{self.path.parent}: could not take {self.path}: other launches keep taking it")
 
@@ -188,7 +192,7 @@ class RunLock:
             try:
                 self.path.unlink(missing_ok=True)
             except OSError as error:  # a read-only run dir: keep the real error; the next launch takes it over
-                self.log(f"run lock: could not remove {self.path} ({error.strerror or error})")
+                logger.warning(f"run lock: could not remove {self.path} ({error.strerror or error})")
 
 
 @contextmanager

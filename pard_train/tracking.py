@@ -8,7 +8,6 @@ needs no network; the run id is kept in the run directory so a resumed run conti
 from __future__ import annotations
 
 import json
-import math
 import resource
 import time
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pard_train.atomic import atomic_write_text
-from pard_train.config import Config, ConfigError, TrackerKind
+from pard_train.config import ConfigError, TrackerKind, TrackingConfig
 from pard_train.flops import ModelFlops, peak_flops
 from pard_train.loss import DepthStats
 
@@ -64,16 +63,16 @@ class TensorBoardTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    def __init__(self, config: Config, run_dir: Path):
+    def __init__(self, settings: TrackingConfig, run_name: str, run_dir: Path):
         import wandb
 
         id_file = run_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
-            project=config.tracking.project,
-            entity=config.tracking.entity,
-            name=config.run.name,
+            project=settings.project,
+            entity=settings.entity,
+            name=run_name,
             id=run_id,
             resume="allow",
             dir=str(run_dir),
@@ -108,16 +107,16 @@ class Trackers(Tracker):
             tracker.close()
 
 
-def build_tracker(config: Config, run_dir: Path, is_main_process: bool) -> Tracker:
+def build_tracker(settings: TrackingConfig, run_name: str, run_dir: Path, is_main_process: bool) -> Tracker:
     """metrics.jsonl plus the configured backend on the main process; a no-op tracker elsewhere."""
     if not is_main_process:
         return Tracker()
     run_dir.mkdir(parents=True, exist_ok=True)
     trackers: list[Tracker] = [JsonlTracker(run_dir / "metrics.jsonl")]
-    if config.tracking.backend == TrackerKind.tensorboard:
+    if settings.backend == TrackerKind.tensorboard:
         trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
-    elif config.tracking.backend == TrackerKind.wandb:
-        trackers.append(WandbTracker(config, run_dir))
+    elif settings.backend == TrackerKind.wandb:
+        trackers.append(WandbTracker(settings, run_name, run_dir))
     return Trackers(trackers)
 
 
@@ -165,8 +164,6 @@ class MetricsWindow:
             record["memory/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if self.peak:  # useful FLOPs (pard_train/flops.py) over every device's datasheet peak
             record["mfu"] = flops / elapsed / (self.peak * acc.num_processes)
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"loss is {record['loss']} at step {step}: lower train.lr or check the data")
         self._reset()
         return record
 
@@ -188,14 +185,14 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def check_tracking_ready(config: Config, environ=None) -> None:
+def check_tracking_ready(settings: TrackingConfig, environ=None) -> None:
     """Fail at start, in one line, when wandb would stop to prompt for a key (on a terminal) or crash (elsewhere):
     wandb selected, online, and no key in the environment or in ``~/.netrc`` (where ``wandb login`` puts it)."""
     import netrc
     import os
 
     environ = os.environ if environ is None else environ
-    if config.tracking.backend != TrackerKind.wandb:
+    if settings.backend != TrackerKind.wandb:
         return
     if environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or environ.get("WANDB_API_KEY"):
         return

@@ -12,6 +12,7 @@ Each job lives with the component that owns it and decides its own cadence: the 
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from pard_train import acceptance, run_record
 from pard_train.atomic import atomic_write_text
 from pard_train.attention import BLOCK, resolve_backend
-from pard_train.checkpoint import Checkpoints, TrainState, method_settings
+from pard_train.checkpoint import Checkpoints
 from pard_train.config import AttentionBackend, Config
 from pard_train.data import PardCollator, build_data
 from pard_train.data.schedule import DataSchedule, StepBatch, StepBatches, step_loader
@@ -35,21 +36,24 @@ from pard_train.distributed import (
     is_deepspeed,
     mixed_precision_for,
     on_main,
-    print0,
     shutdown,
 )
 from pard_train.errors import ExportError
-from pard_train.evaluators import build_evaluators, run_due
+from pard_train.evaluators import any_due, build_evaluators, run_due
 from pard_train.export import export_draft, training_recipe
 from pard_train.layout import DropTokenSchedule
 from pard_train.loss import DepthStats
-from pard_train.lr_schedule import build_scheduler
+from pard_train.loss_guard import LossGuard
+from pard_train.lr_schedule import build_scheduler, continue_with_peak_lr
 from pard_train.methods import build_method
 from pard_train.model import load_draft, prepare_model_files
 from pard_train.model_identity import model_fingerprint
 from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals
 from pard_train.tracking import MetricsWindow, build_tracker, check_tracking_ready, truncate_metrics
+from pard_train.train_state import TrainState, run_settings
+
+logger = logging.getLogger(__name__)
 
 
 def train(config: Config) -> Path | None:
@@ -72,9 +76,9 @@ class Trainer:
         self.config = config
         # transformers' loading and saving bars would stand before any error line; this loop reports its own steps.
         hf_logging.disable_progress_bar()
-        check_tracking_ready(config)  # before anything slow: wandb would prompt for a key at the first log
-        acceptance.check_benchmarks(config)  # not after training
-        self.accelerator = acc = build_accelerator(config)
+        check_tracking_ready(config.tracking)  # before anything slow: wandb would prompt for a key at the first log
+        acceptance.check_benchmarks(config.acceptance)  # not after training
+        self.accelerator = acc = build_accelerator(config.train, config.deepspeed)
         teardown.callback(shutdown, acc)
         self.run_dir = Path(config.run.path)
         teardown.enter_context(hold_run_lock(self.run_dir, acc))  # before anything is written into the run dir
@@ -91,10 +95,9 @@ class Trainer:
         # Every rank loads together: under ZeRO-3 loading partitions the weights, a collective.
         draft, self.tokenizer, self.spec = load_draft(config.model, self.backend, config.pard.num_draft_tokens)
         spec = self.spec
-        print0(acc, f"draft {config.model.draft_path}: mask token {spec.mask_token_id}, K={spec.num_draft_tokens}")
+        logger.info(f"draft {config.model.draft_path}: mask token {spec.mask_token_id}, K={spec.num_draft_tokens}")
         if config.pard.num_draft_tokens == 1:
-            print0(
-                acc,
+            logger.warning(
                 "warning: pard.num_draft_tokens=1 trains depth 0 only (plain next-token prediction): the mask token "
                 "is never trained, so the export drafts one token per pass like its base model; use K >= 2",
             )
@@ -120,8 +123,28 @@ class Trainer:
         self.collate = PardCollator(
             self.spec.mask_token_id, pard.num_draft_tokens, pad_id, drop, config.train.seed, multiple
         )
-        self.method = build_method(config, draft, self.backend, self.spec, acc, data)
-        self.evaluators = build_evaluators(config, data, self.collate, self.tokenizer, self.spec, self.method, acc)
+        self.method = build_method(
+            config.method,
+            draft,
+            self.backend,
+            self.spec,
+            acc,
+            data,
+            seed=config.train.seed,
+            cache_dir=config.data.cache_dir,
+        )
+        self.evaluators = build_evaluators(
+            config.eval,
+            config.acceptance,
+            micro_batch_size=config.train.micro_batch_size,
+            target=config.acceptance_target,
+            data=data,
+            collate=self.collate,
+            tokenizer=self.tokenizer,
+            spec=self.spec,
+            method=self.method,
+            accelerator=acc,
+        )
         self.data_stats = data.stats
 
         self.last_step = self.schedule.steps_per_epoch * config.train.epochs
@@ -138,23 +161,26 @@ class Trainer:
 
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))  # what a checkpoint records
         self.checkpoints = Checkpoints.build(config.checkpoint, self.run_dir, acc, self.config_yaml, self.scheduler)
-        method = method_settings(config, self.spec, self.model_id)
-        state = TrainState(0, method, self.schedule.rows_per_step, acc.num_processes)
+        settings = run_settings(config, self.spec, self.method.resume_settings(), self.model_id)
+        state = TrainState(0, settings, self.schedule.rows_per_step, acc.num_processes)
         state = replace(state, data=data.fingerprint)
         if acc.is_main_process:
-            for name in self.checkpoints.remove_leftovers():
-                print(f"removed {name}, left by a save that did not finish", flush=True)
+            for name in self.checkpoints.store.remove_leftovers():
+                logger.info(f"removed {name}, left by a save that did not finish")
         resume = config.checkpoint.resume and status != "retrain"  # run.force=true on a finished run: from step 0
-        self.state = self.checkpoints.resume(state, is_deepspeed(acc)) if resume else state
+        if resume:
+            state = self.checkpoints.resume(state, is_deepspeed(acc), self.method.recorded_defaults)
+        self.state = state
         if acc.is_main_process:
             truncate_metrics(self.run_dir, self.state.step)  # the steps after the checkpoint are trained again
         if self.state.step > 0:
             self._apply_logged_changes()
         self.config_yaml = self._config_record()
-        self.tracker = build_tracker(config, self.run_dir, acc.is_main_process)
+        self.tracker = build_tracker(config.tracking, config.run.name, self.run_dir, acc.is_main_process)
         teardown.callback(self.tracker.close)
         self.metrics = MetricsWindow(pard.num_draft_tokens, draft, acc, config.train.log_every)
         self.stop = teardown.enter_context(StopSignals())
+        self.loss_guard = LossGuard()
         self.teardown = teardown
 
     def _apply_logged_changes(self) -> None:
@@ -166,15 +192,9 @@ class Trainer:
         changes = run_record.logged_changes(before, self.config)
         if not changes:
             return
-        lr = self.config.train.lr
-        optimizer = self.scheduler.optimizer
-        for group, rule in zip(optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"] = lr
-            group["lr"] = lr * rule(self.scheduler.last_epoch)  # the new schedule's value at this step
-        self.scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-        self.scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        continue_with_peak_lr(self.scheduler, self.config.train.lr, step)  # the new schedule's value at this step
         for key, (old, new) in changes.items():
-            print0(acc, f"resume at step {step}: {key} changed from {old} to {new}; applied from step {step + 1}")
+            logger.info(f"resume at step {step}: {key} changed from {old} to {new}; applied from step {step + 1}")
             self.record.changes.append({"step": step, "key": key, "before": old, "after": new})
         if acc.is_main_process:
             self.record.write(self.run_dir)
@@ -190,15 +210,17 @@ class Trainer:
         acc, config = self.accelerator, self.config
         if self.finished:
             final, step = self.run_dir / "final", self.record.finished["step"]
-            print0(
-                acc,
+            logger.info(
                 f"{self.run_dir} already holds this configuration's finished draft ({final}, {step} steps): nothing "
                 "to train; run.force=true trains it again",
             )
             return final
         if config.acceptance.before_training and self.state.step == 0:
             if acc.is_main_process:  # the harness runs on one device; the other ranks wait for it
-                acceptance.measure(config, config.model.draft_path, self.spec, "before")
+                target = config.acceptance_target
+                acceptance.measure(
+                    config.acceptance, target, self.run_dir, config.model.draft_path, self.spec, "before"
+                )
             acc.wait_for_everyone()
         if acc.is_main_process:
             atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
@@ -219,13 +241,14 @@ class Trainer:
         tracker = self.tracker
         for batch in loader:
             inputs, weight = self._prepare(batch)
-            loss_weight, stop = self._agree(weight)
+            loss_weight, stop = self._agree(weight)  # also checks the previous step's loss
             if stop:
                 self.checkpoints.save_unless_saved(self.state)
                 where = self.checkpoints.path_for(self.state.step)
-                print0(acc, f"stop signal: saved step {self.state.step} to {where}")
+                logger.info(f"stop signal: saved step {self.state.step} to {where}")
                 return None
             stats, grad_norm = self.train_step(inputs, loss_weight)
+            self.loss_guard.record(stats.as_tensor(), batch.step)
             self.state = replace(self.state, step=batch.step)
             progress.update(1)
             self.metrics.add(stats, grad_norm, batch.micro_batches)
@@ -233,6 +256,8 @@ class Trainer:
                 record = self.metrics.flush(batch.step, batch.epoch, self.scheduler.get_last_lr()[0])
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['labelled_tokens_per_s']:.0f}")
                 tracker.log(record, batch.step)
+            if self.checkpoints.due(batch.step, self.last_step) or any_due(self.evaluators, batch.step, self.last_step):
+                self.loss_guard.check_now(acc)  # they synchronise anyway; no NaN-updated weights reach them
             self.checkpoints.maybe_save(self.state, self.last_step)
             self.state = run_due(
                 self.evaluators, self.model, self.state, self.last_step, self.checkpoints, self.tracker
@@ -251,9 +276,12 @@ class Trainer:
 
     def _agree(self, loss_weight: float) -> tuple[float, bool]:
         """One all-reduce per step: the loss weight of the global batch (labelled tokens, or PARD-2's CAT weights),
-        and whether any rank must stop."""
-        local = torch.tensor([float(loss_weight), float(self.stop.requested)], device=self.accelerator.device)
-        total, stops = self.accelerator.reduce(local, reduction="sum").tolist()
+        whether any rank must stop, and the previous step's loss, checked here (:mod:`pard_train.loss_guard`)."""
+        device = self.accelerator.device
+        flags = torch.tensor([float(loss_weight), float(self.stop.requested)], device=device)
+        local = torch.cat([flags, self.loss_guard.carried(device)[None]])
+        total, stops, previous_loss = self.accelerator.reduce(local, reduction="sum").tolist()
+        self.loss_guard.check_reduced(previous_loss)
         return total, stops > 0
 
     def train_step(self, micro_batches: list, loss_weight: float) -> tuple[DepthStats, float]:
@@ -284,15 +312,14 @@ class Trainer:
     def finish(self) -> Path:
         """Export the trained draft to ``<run>/final`` and measure it when asked (collective)."""
         acc, config = self.accelerator, self.config
+        self.loss_guard.check_now(acc)  # the last step's loss, before its weights are exported
         check_replicas_agree(acc, self.model)
         final_dir = self.run_dir / "final"
         # Collective: ZeRO-3 gathers its shards onto rank 0 (the others get None); elsewhere it is the model's own.
         gathered = acc.get_state_dict(self.model) or {}
-        state_dict = {name.removeprefix("draft."): v for name, v in gathered.items() if name.startswith("draft.")}
-        extras = {name: value for name, value in gathered.items() if not name.startswith("draft.")}
         if acc.is_main_process:
             try:
-                card = self._export(final_dir, state_dict, extras)
+                card = self._export(final_dir, gathered)
                 run_record.finish(self.run_dir, self.record, config, self.state.step)
             except OSError as error:  # a read-only or full run directory: one line, not a traceback
                 where = f" ({error.filename})" if error.filename else ""
@@ -301,9 +328,10 @@ class Trainer:
                     "run directory writable (or free space) and rerun the same command: it resumes from the newest "
                     "checkpoint and exports"
                 ) from error
-            print0(acc, f"exported the PARD draft to {final_dir} after {self.state.step} steps")
+            logger.info(f"exported the PARD draft to {final_dir} after {self.state.step} steps")
             if config.acceptance.after_training:
-                record, table = acceptance.after_training(config, self.spec, final_dir)
+                settings, target = config.acceptance, config.acceptance_target
+                record, table = acceptance.after_training(settings, target, self.run_dir, self.spec, final_dir)
                 replace(card, al_table=table).write(final_dir)
                 self.tracker.log(record, self.state.step)
         acc.wait_for_everyone()
@@ -313,10 +341,11 @@ class Trainer:
         """The model a derived draft was cut from (``model.path`` with ``model.keep_layers``): its export's target."""
         return self.config.model.path if self.config.model.keep_layers is not None else None
 
-    def _export(self, final_dir: Path, state_dict: dict, extras: dict):
-        acc, config = self.accelerator, self.config
+    def _export(self, final_dir: Path, objective_state: dict):
+        config = self.config
+        state_dict, pard2 = self.method.export_state(objective_state)
         return export_draft(
-            acc.unwrap_model(self.model).draft,
+            self.method.draft,
             self.tokenizer,
             final_dir,
             self.spec,
@@ -326,6 +355,5 @@ class Trainer:
             target=config.acceptance.target or config.method.target or self._derived_from(),
             overwrite=True,  # the run's own final model: a re-run of a finished run re-exports it
             state_dict=state_dict,
-            pard2=self.method.export_files(extras),
-            log=lambda line: print0(acc, f"export: {line}"),
+            pard2=pard2,
         )

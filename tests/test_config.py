@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
@@ -194,3 +195,25 @@ def test_a_plus_typo_through_the_entry_point_is_one_line(capsys):
 
     line = one_error_line(*entry(capsys, "+config=tiny", "+train.learning_rate=1e-4")[::2])
     assert line.endswith("did you mean train.lr?"), line
+
+
+def test_a_rule_across_sections_is_one_line_when_the_config_is_built():
+    """ZeRO-3 keeps no whole weights, which a measured acceptance during training needs: refused at conversion,
+    before anything loads, not when the evaluators are built."""
+    with pytest.raises(ConfigError) as refused:
+        to_config(compose("+config=tiny", "deepspeed=zero3", "acceptance.every_steps=5"))
+    message = str(refused.value)
+    assert message.startswith("acceptance.every_steps: ") and "ZeRO-3" in message and "\n" not in message
+    assert to_config(compose("+config=tiny", "deepspeed=zero2", "acceptance.every_steps=5")).acceptance.every_steps == 5
+    config = to_config(compose("+config=tiny", "model.path=/m"))
+    assert config.acceptance_target == "/m" and config.data.cache_dir == f"{config.run.output_root}/cache/data"
+
+
+def test_no_hydra_syntax_outside_the_config_layer():
+    """An interpolation is resolved by Hydra in the config layer; code below it never sees or tests for one."""
+    import pard_train.data.documents as documents
+
+    assert "${" not in inspect.getsource(documents)
+    from pard_train.config import DataConfig
+
+    assert DataConfig().cache_dir is None  # outside Hydra: the user cache, no interpolation string to detect

@@ -4,6 +4,7 @@ clear line; so do missing files, no data at all, and a dataset name on an offlin
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -41,7 +42,7 @@ def _config(tmp_path, files, **overrides) -> DataConfig:
     return DataConfig(**{**settings, **overrides})
 
 
-def test_good_rows_train_and_bad_rows_are_reported_by_reason(tmp_path, tokenizer):
+def test_good_rows_train_and_bad_rows_are_reported_by_reason(tmp_path, tokenizer, caplog):
     path = tmp_path / "mixed.jsonl"
     lines = [_good(i) for i in range(12)]
     bad_lines = {}
@@ -49,9 +50,10 @@ def test_good_rows_train_and_bad_rows_are_reported_by_reason(tmp_path, tokenizer
         lines.append(line)
         bad_lines[reason] = len(lines)
     path.write_text("\n".join(lines) + "\n")
-    printed = []
+    caplog.set_level(logging.INFO, logger="pard_train")
     config = _config(tmp_path, [path], truncation=Truncation.drop, max_bad_fraction=0.5, loss_on=LossOn.assistant)
-    data = build_data(config, tokenizer, log=printed.append)
+    data = build_data(config, tokenizer)
+    printed = caplog.messages
     report = data.stats["sources"][0]
     assert report["rows"] == 12 + len(BAD) and report["documents"] == 12
     assert data.stats["data/train_conversations"] == 12 and data.stats["data/bad_rows"] == len(BAD)
@@ -66,7 +68,7 @@ def test_good_rows_train_and_bad_rows_are_reported_by_reason(tmp_path, tokenizer
 def test_over_long_rows_are_truncated_by_default(tmp_path, tokenizer):
     path = tmp_path / "long.jsonl"
     path.write_text(BAD["over-long"].replace("word " * 200, "word " * 20).replace("fine", "fine " * 200) + "\n")
-    data = build_data(_config(tmp_path, [path]), tokenizer, log=lambda _: None)
+    data = build_data(_config(tmp_path, [path]), tokenizer)
     assert data.stats["data/truncated"] == 1 and len(data.train[0].input_ids) == 64
 
 
@@ -74,9 +76,7 @@ def test_an_all_bad_file_fails_with_one_clear_line(tmp_path, tokenizer):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(BAD.values()) + "\n")
     with pytest.raises(DataError) as caught:
-        build_data(
-            _config(tmp_path, [path], max_bad_fraction=1.0, truncation=Truncation.drop), tokenizer, log=lambda _: None
-        )
+        build_data(_config(tmp_path, [path], max_bad_fraction=1.0, truncation=Truncation.drop), tokenizer)
     message = str(caught.value)
     assert "\n" not in message and str(path) in message and "no usable conversation" in message
     assert "malformed JSON" in message
@@ -86,9 +86,9 @@ def test_too_many_bad_rows_fail_naming_the_limit(tmp_path, tokenizer):
     path = tmp_path / "half.jsonl"
     path.write_text("\n".join([_good(0), _good(1), BAD["unknown role"], BAD["empty turn"]]) + "\n")
     with pytest.raises(DataError, match=r"2 of 4 rows are unusable.*data\.max_bad_fraction=0\.1") as caught:
-        build_data(_config(tmp_path, [path]), tokenizer, log=lambda _: None)
+        build_data(_config(tmp_path, [path]), tokenizer)
     assert "\n" not in str(caught.value)
-    assert build_data(_config(tmp_path, [path], max_bad_fraction=0.5), tokenizer, log=lambda _: None).train
+    assert build_data(_config(tmp_path, [path], max_bad_fraction=0.5), tokenizer).train
 
 
 def test_missing_and_unreachable_sources_fail_in_one_line(tmp_path, tokenizer, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 
 import pytest
@@ -33,7 +34,7 @@ def _config(path, cache_dir, **overrides) -> DataConfig:
 
 
 def _build(config, tokenizer):
-    data = build_data(config, tokenizer, log=lambda line: None)
+    data = build_data(config, tokenizer)
     return data, data.stats["sources"][0]["cached"]
 
 
@@ -60,8 +61,8 @@ def test_second_run_reuses_the_cache_and_changes_rebuild_it(tmp_path, data_file)
 
 def test_parallel_tokenising_gives_the_same_documents(tmp_path, data_file):
     tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
-    serial = build_data(_config(data_file, tmp_path / "a", num_proc=1, pack=False), tokenizer, log=lambda _: None)
-    parallel = build_data(_config(data_file, tmp_path / "b", num_proc=2, pack=False), tokenizer, log=lambda _: None)
+    serial = build_data(_config(data_file, tmp_path / "a", num_proc=1, pack=False), tokenizer)
+    parallel = build_data(_config(data_file, tmp_path / "b", num_proc=2, pack=False), tokenizer)
     assert [r.input_ids for r in parallel.train] == [r.input_ids for r in serial.train]
 
 
@@ -77,23 +78,25 @@ class FakeAccelerator:
         yield
 
 
-def test_ranks_build_under_main_process_first_and_only_the_main_one_prints(tmp_path, data_file):
+def test_ranks_build_under_main_process_first_and_only_the_main_one_prints(tmp_path, data_file, caplog):
     tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
     for is_main in (True, False):
-        accelerator, lines = FakeAccelerator(is_main), []
-        build_data(_config(data_file, tmp_path / "cache"), tokenizer, accelerator=accelerator, log=lines.append)
+        accelerator = FakeAccelerator(is_main)
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="pard_train")
+        build_data(_config(data_file, tmp_path / "cache"), tokenizer, accelerator=accelerator)
         assert accelerator.entered >= 1
-        assert bool(lines) == is_main
+        assert bool(caplog.messages) == is_main
 
 
 def test_no_cache_mode_writes_nothing(tmp_path, data_file):
     tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
-    data = build_data(_config(data_file, tmp_path / "cache", cache=False), tokenizer, log=lambda _: None)
+    data = build_data(_config(data_file, tmp_path / "cache", cache=False), tokenizer)
     assert data.train and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("damage", ["same_size", "truncated", "manifest_gone"])
-def test_a_damaged_cache_is_named_moved_aside_and_rebuilt_equal(tmp_path, data_file, capsys, damage):
+def test_a_damaged_cache_is_named_moved_aside_and_rebuilt_equal(tmp_path, data_file, caplog, damage):
     cache = tmp_path / "cache"
     tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
     clean, cached = _build(_config(data_file, cache), tokenizer)
@@ -108,9 +111,9 @@ def test_a_damaged_cache_is_named_moved_aside_and_rebuilt_equal(tmp_path, data_f
         arrow.write_bytes(bytes(data[: len(data) // 2]))
     else:
         (entry / MANIFEST).unlink()
-    capsys.readouterr()
+    caplog.clear()
     rebuilt, cached = _build(_config(data_file, cache), tokenizer)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert not cached and f"data cache {entry} is damaged (" in out and "rebuilding it" in out, out
     assert [r.input_ids for r in rebuilt.train] == [r.input_ids for r in clean.train]
     assert [r.supervised for r in rebuilt.train] == [r.supervised for r in clean.train]

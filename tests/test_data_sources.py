@@ -28,7 +28,7 @@ def tokenizer():
 
 def _build(tmp_path, tokenizer, **settings):
     config = DataConfig(**{"max_length": 64, "cache_dir": str(tmp_path / "cache"), "pack": False, **settings})
-    return build_data(config, tokenizer, log=lambda _: None)
+    return build_data(config, tokenizer)
 
 
 def _tags(rows, tokenizer) -> list[str]:

@@ -75,7 +75,7 @@ def test_deepspeed_json_follows_the_typed_config(tiny_checkpoint, tmp_path):
         compose("+config=tiny", "deepspeed=zero3", "deepspeed.offload_optimizer=true", "train.grad_accum_steps=3")
     )
     assert config.deepspeed == DeepSpeedConfig(enabled=True, zero_stage=3, offload_optimizer=True)
-    ds = deepspeed_config(config, "bf16")
+    ds = deepspeed_config(config.deepspeed, config.train, "bf16")
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["gradient_accumulation_steps"] == 3 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == config.train.max_grad_norm

@@ -5,6 +5,7 @@ finished parts; a complete run replaces it with report.json and leaves no partia
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from launch import entry
@@ -94,12 +95,13 @@ def test_a_crash_in_a_later_benchmark_keeps_the_finished_parts(tmp_path, capsys,
     }
 
 
-def test_a_partial_report_that_cannot_be_written_warns_once_and_measuring_goes_on(tmp_path):
+def test_a_partial_report_that_cannot_be_written_warns_once_and_measuring_goes_on(tmp_path, caplog):
     (tmp_path / "a-file").write_text("x")
-    lines: list[str] = []
-    writer = PartialReportWriter(tmp_path / "a-file" / "out", log=lines.append)
+    caplog.set_level(logging.INFO, logger="pard_train")
+    writer = PartialReportWriter(tmp_path / "a-file" / "out")
     writer({"partial": True})
     writer({"partial": True})
+    lines = caplog.messages
     assert len(lines) == 1 and lines[0].startswith("WARNING: could not write"), lines
 
 

@@ -11,7 +11,8 @@ import torch
 from pard_train.attention import AttentionBackend, attention_mask_for
 from pard_train.config import ModelConfig
 from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, build_row, collate_rows
-from pard_train.loss import SUPPORTED_ARCHITECTURES, labelled_hidden, labelled_logits, pard_loss
+from pard_train.loss import SUPPORTED_ARCHITECTURES, labelled_hidden, labelled_logits
+from pard_train.methods.pard import pard_loss
 from pard_train.model import load_draft
 from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
 

@@ -117,7 +117,8 @@ def test_process_group_timeout_is_passed(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(distributed, "Accelerator", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr(distributed, "DeepSpeedPlugin", lambda **kwargs: kwargs)
     for preset in ("deepspeed=none", "deepspeed=zero3"):
-        distributed.build_accelerator(to_config(compose("+config=tiny", preset)))
+        config = to_config(compose("+config=tiny", preset))
+        distributed.build_accelerator(config.train, config.deepspeed)
         (handler,) = seen["kwargs_handlers"]
         kwargs = handler.to_kwargs()
         assert kwargs["timeout"] == PROCESS_GROUP_TIMEOUT and PROCESS_GROUP_TIMEOUT.total_seconds() > 600
@@ -131,10 +132,10 @@ def test_deepspeed_json_fp32_gradients_and_torch_adamw():
     from pard_train.config import to_config
 
     config = to_config(compose("+config=tiny", "deepspeed=zero2", "deepspeed.offload_optimizer=true"))
-    ds = deepspeed_config(config, "bf16")
+    ds = deepspeed_config(config.deepspeed, config.train, "bf16")
     assert ds["communication_data_type"] == "fp32" and ds["data_types"] == {"grad_accum_dtype": "fp32"}
     assert ds["zero_force_ds_cpu_optimizer"] is False
-    fp32 = deepspeed_config(config, "no")
+    fp32 = deepspeed_config(config.deepspeed, config.train, "no")
     assert "communication_data_type" not in fp32 and "data_types" not in fp32
 
 
@@ -147,7 +148,8 @@ stage, offload = int(sys.argv[1]), sys.argv[2] == "offload"
 overrides = ["+config=tiny", f"deepspeed=zero{stage}", "train.grad_accum_steps=2", "train.micro_batch_size=2"]
 if offload:
     overrides.append("deepspeed.offload_optimizer=true")
-config = deepspeed_config(to_config(compose(*overrides)), "bf16")
+composed = to_config(compose(*overrides))
+config = deepspeed_config(composed.deepspeed, composed.train, "bf16")
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -368,7 +370,7 @@ def test_measured_acceptance_target_in_bf16_on_gpu(monkeypatch):
     monkeypatch.setattr(model_module, "load_causal_lm", load)
     accelerator = type("Acc", (), {"is_main_process": True, "device": torch.device("cuda", 0)})()
     config = to_config(compose("+config=tiny", "acceptance.every_steps=5", "acceptance.benchmarks=[gsm8k]"))
-    evaluators.MeasuredAcceptance(config, None, None, accelerator)
+    evaluators.MeasuredAcceptance(config.acceptance, config.acceptance_target, None, None, None, accelerator)
     assert loaded == [("sdpa", torch.bfloat16)]
 
 
@@ -385,9 +387,9 @@ def test_lossless_check_runs_in_fp32(tmp_path):
     object.__setattr__(spec, "num_draft_tokens", 4)
     object.__setattr__(spec, "mask_token_id", 3)
     checked = to_config(compose("+config=tiny", "acceptance.modes=[target,pard]"))
-    assert _harness_config(checked, Path("d"), spec, tmp_path).dtype == DType.fp32
+    assert _harness_config(checked.acceptance, "t", Path("d"), spec, tmp_path).dtype == DType.fp32
     plain = to_config(compose("+config=tiny", "acceptance.modes=[pard]"))
-    assert _harness_config(plain, Path("d"), spec, tmp_path).dtype == DType.auto
+    assert _harness_config(plain.acceptance, "t", Path("d"), spec, tmp_path).dtype == DType.auto
 
 
 # Item 2: held-out evaluation with a validation split that does not divide evenly: every rank runs the same number

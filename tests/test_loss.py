@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pard_train.loss as loss_module
+import pard_train.lm_head_loss as lm_head_loss
 from pard_train.attention import AttentionBackend
 from pard_train.layout import DropTokenSchedule, build_row, collate_rows
-from pard_train.loss import labelled_logits, pard_loss
+from pard_train.loss import labelled_logits
+from pard_train.methods.pard import pard_loss
 from pard_train.tiny import build_tiny_model
 
 K = 4
@@ -44,7 +45,7 @@ def test_chunked_loss_matches_direct_loss_and_gradients(monkeypatch, chunk):
     expected_hits = torch.zeros(K).index_add_(0, depth, (logits.argmax(-1) == labels).float())
     model.zero_grad()
 
-    monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(lm_head_loss, "CHUNK_TOKENS", chunk)
     loss, stats = pard_loss(model, batch, AttentionBackend.sdpa, K, normalizer)
     loss.backward()
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pard_train.loss as loss_module
+import pard_train.lm_head_loss as lm_head_loss
 from pard_train.config import AttentionBackend, MethodConfig, MethodName
 from pard_train.layout import (
     IGNORE_INDEX,
@@ -22,7 +22,7 @@ from pard_train.layout import (
     collate_rows,
     dense_attention_mask,
 )
-from pard_train.loss import pard_loss
+from pard_train.methods.pard import pard_loss
 from pard_train.methods.pard2 import (
     Pard2Inputs,
     anchor_features,
@@ -107,9 +107,12 @@ def _inputs(batch, teacher, cat=True, keep=None):
     return Pard2Inputs(batch, signals, weights, keep, teacher.model)
 
 
-def test_teacher_confidence_is_the_target_probability_of_each_real_token():
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_teacher_confidence_is_the_target_probability_of_each_real_token(monkeypatch, chunk):
+    """Chunked through the LM-head helper like the losses: the chunk size changes nothing."""
     _, teacher = _models()
     batch = _batch()
+    monkeypatch.setattr(lm_head_loss, "CHUNK_TOKENS", chunk)
     signals = teacher(batch)
     for b in range(2):
         real = ((batch.depth[b] == 0) & (batch.document[b] != PAD_DOCUMENT)).nonzero().flatten()
@@ -147,7 +150,7 @@ def test_pard2_loss_equals_a_direct_full_logits_computation(monkeypatch, chunk):
     expected = {name: p.grad.clone() for name, p in draft.named_parameters()}
     draft.zero_grad()
 
-    monkeypatch.setattr(loss_module, "LOSS_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(lm_head_loss, "CHUNK_TOKENS", chunk)
     loss, stats = pard2_loss(draft, None, inputs, SDPA, K, settings_, normalizer)
     loss.backward()
     assert loss.item() == pytest.approx(direct.item(), rel=1e-5)

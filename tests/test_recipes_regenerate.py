@@ -104,7 +104,7 @@ def test_regenerates_resumes_without_duplicates_and_shards(tmp_path, tiny_checkp
 
     # The trainer reads the output (rows whose tiny random answer came out empty count as bad rows).
     config = DataConfig(train_files=[str(out / "*.jsonl")], cache_dir=str(tmp_path / "cache"), max_bad_fraction=1.0)
-    data = build_data(config, real.tokenizer, log=lambda _: None)
+    data = build_data(config, real.tokenizer)
     assert data.stats["sources"][0]["rows"] == 10
 
 

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +16,12 @@ import torch
 from launch import REPO, env, records, start, tiny_overrides, wait_for
 from safetensors.torch import load_file
 
-from pard_train.checkpoint import COMPLETE, Checkpoints, ResumeError, TrainState, check_resumable
+from pard_train.checkpoint import Checkpoints
+from pard_train.checkpoint_store import COMPLETE, CheckpointStore
+from pard_train.config import Config, MethodConfig, MethodName
+from pard_train.errors import ResumeError
+from pard_train.methods.pard2 import recorded_defaults, resume_settings
+from pard_train.train_state import STATE_FILE, TrainState, check_resumable, read_state, run_settings
 
 STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
 
@@ -67,7 +73,7 @@ def test_sigterm_saves_exits_zero_and_restart_continues(tiny_checkpoint, tmp_pat
     wait_for(lambda: any(r.get("step", 0) >= 4 for r in records(run_dir)), 300, "step 4", process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0, (tmp_path / "first.txt").read_text()[-2000:]
-    stopped = Checkpoints(run_dir, None, 2).latest()
+    stopped = (CheckpointStore(run_dir, None).complete() or [None])[-1]
     assert stopped is not None and not (run_dir / "final").exists()
     step = json.loads((stopped / "train_state.json").read_text())["step"]
     assert 4 <= step < 10 and f"stop signal: saved step {step}" in (tmp_path / "first.txt").read_text()
@@ -96,10 +102,10 @@ def test_checkpoint_without_completion_marker_is_ignored(tmp_path):
             (root / f"step_{step:08d}" / COMPLETE).write_text(f"{step}\n")
     (root / ".step_00000008.partial").mkdir()
     (root / ".step_00000008.partial" / COMPLETE).write_text("8\n")  # never renamed into place: not a checkpoint
-    checkpoints = Checkpoints(tmp_path, SimpleNamespace(is_main_process=True), keep_last=1)
-    assert checkpoints.latest() == root / "step_00000004"
-    checkpoints._prune()
-    assert [p.name for p in checkpoints.complete()] == ["step_00000004"]
+    store = CheckpointStore(tmp_path, SimpleNamespace(is_main_process=True))
+    assert store.complete()[-1] == root / "step_00000004"
+    Checkpoints(store, keep_last=1)._prune()
+    assert [p.name for p in store.complete()] == ["step_00000004"]
 
 
 def test_resume_refusal_names_every_changed_method_setting(tmp_path):
@@ -125,10 +131,37 @@ def test_a_pard2_checkpoint_from_before_feature_capture_resumes_only_with_the_tr
     saved = TrainState(step=5, method=method, rows_per_step=8, num_processes=1)
     if features:
         training = TrainState(0, {**method, "method.feature_capture": "training"}, 8, 1)
-        check_resumable(saved, training, tmp_path, deepspeed=False)
+        check_resumable(saved, training, tmp_path, deepspeed=False, recorded_defaults=recorded_defaults)
     now = TrainState(0, {**method, **({"method.feature_capture": "vllm"} if features else {})}, 8, 1)
     if refused:
         with pytest.raises(ResumeError, match="method.feature_capture: checkpoint 'training', now 'vllm'"):
-            check_resumable(saved, now, tmp_path, deepspeed=False)
+            check_resumable(saved, now, tmp_path, deepspeed=False, recorded_defaults=recorded_defaults)
     else:
-        check_resumable(saved, now, tmp_path, deepspeed=False)
+        check_resumable(saved, now, tmp_path, deepspeed=False, recorded_defaults=recorded_defaults)
+
+
+def test_each_method_declares_its_own_resume_settings(tmp_path):
+    """PARD-2's settings come from PARD-2 (the capture only with features); the run adds the layout's; a changed
+    PARD-2 setting is refused by name."""
+    settings = MethodConfig(name=MethodName.pard2, target="t", kd_weight=0.5, features=True)
+    declared = resume_settings(settings)
+    assert declared["method.kd_weight"] == 0.5 and declared["method.feature_capture"] == "vllm"
+    assert "method.feature_capture" not in resume_settings(replace(settings, features=False))
+    config = Config(method=settings)
+    run = run_settings(config, SimpleNamespace(mask_token_id=7), declared, model="abc")
+    assert run["method.name"] == "pard2" and run["model (files)"] == "abc" and run["pard.num_draft_tokens"] >= 1
+    saved = TrainState(3, run, 8, 1)
+    now = TrainState(
+        0, run_settings(config, SimpleNamespace(mask_token_id=7), {**declared, "method.kd_weight": 1.0}), 8, 1
+    )
+    with pytest.raises(ResumeError, match=r"method.kd_weight: checkpoint 0.5, now 1.0"):
+        check_resumable(saved, replace(now, method={**now.method, "model (files)": "abc"}), tmp_path, False)
+
+
+def test_a_train_state_from_an_older_version_still_reads(tmp_path):
+    """Checkpoints before issue 22 wrote an always-empty ``extra``: they still resume."""
+    (tmp_path / STATE_FILE).write_text(
+        json.dumps({"step": 4, "method": {}, "rows_per_step": 8, "num_processes": 1, "extra": {}})
+    )
+    assert read_state(tmp_path) == TrainState(4, {}, 8, 1)
+    assert TrainState.from_dict(json.loads(TrainState(5, {"a": 1}, 8, 2, 1.5, "fp").to_json())).best_al == 1.5

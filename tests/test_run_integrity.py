@@ -21,9 +21,10 @@ import torch
 from launch import REPO, env, free_port, tiny_overrides
 from safetensors.torch import load_file
 
-from pard_train.checkpoint import COMPLETE, MANIFEST, Checkpoints, TrainState
+from pard_train.checkpoint_store import COMPLETE, MANIFEST, CheckpointStore
 from pard_train.errors import CheckpointSaveError, ResumeError, RunLockedError
 from pard_train.runlock import LOCK_FILE, Owner, RunLock
+from pard_train.train_state import TrainState
 
 STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
 HOLD = "import sys, time; from pard_train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"  # noqa: E501
@@ -150,7 +151,7 @@ def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tm
     assert f"was trained on other data (fingerprint {saved}, now " in error and "another run.name" in error, error
 
 
-def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, caplog):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, env=env(), stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"held"
@@ -161,14 +162,15 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    said = []
-    with RunLock(tmp_path, log=said.append):
+    caplog.clear()
+    with RunLock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    said = caplog.messages
     assert len(said) == 1 and f"pid {holder.pid} is not running" in said[0], said
     assert not (tmp_path / LOCK_FILE).exists()
 
 
-def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch):
+def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch, caplog):
     lock = tmp_path / LOCK_FILE
 
     def owned_by(**fields):
@@ -183,10 +185,10 @@ def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch):
     # The same job, requeued (SLURM runs one instance of a job at a time): taken over.
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    said = []
-    first = RunLock(tmp_path, log=said.append)
+    caplog.clear()
+    first = RunLock(tmp_path)
     first.acquire()
-    assert "SLURM requeued job 77 (restart 0 -> 1)" in said[0]
+    assert "SLURM requeued job 77 (restart 0 -> 1)" in caplog.messages[0]
     # The old instance's release must not remove its successor's lock.
     old = RunLock(tmp_path)
     old.owner.token = "theirs"
@@ -196,10 +198,10 @@ def test_lock_under_slurm_requeue_and_pid_reuse(tmp_path, monkeypatch):
     # This host, a live PID whose start time differs from the recorded one: the PID was reused, the owner is gone.
     monkeypatch.delenv("SLURM_JOB_ID")
     owned_by(pid=os.getppid(), pid_start="1", slurm_job=None, slurm_restart=None)
-    said.clear()
-    with RunLock(tmp_path, log=said.append):
+    caplog.clear()
+    with RunLock(tmp_path):
         pass
-    assert f"pid {os.getppid()} is now another process" in said[0]
+    assert f"pid {os.getppid()} is now another process" in caplog.messages[0]
 
 
 def test_lock_without_hard_links(tmp_path, monkeypatch):
@@ -240,7 +242,7 @@ class FakeAccelerator:
 )
 def test_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail, cause):
     acc = FakeAccelerator()
-    checkpoints = Checkpoints(tmp_path, acc, keep_last=2)
+    checkpoints = CheckpointStore(tmp_path, acc)
     state = TrainState(2, {}, 8, 1)
     checkpoints.save(state)
     before = {p.name: p.read_bytes() for p in checkpoints.path_for(2).iterdir()}
@@ -249,7 +251,7 @@ def test_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mo
         def read_only(*args):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-        monkeypatch.setattr("pard_train.checkpoint.os.replace", read_only)
+        monkeypatch.setattr("pard_train.checkpoint_store.os.replace", read_only)
     else:
         acc.fail = fail
     with pytest.raises(CheckpointSaveError) as raised:
@@ -265,7 +267,7 @@ def test_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mo
 
 def test_resume_names_the_damaged_file_and_falls_back(tmp_path):
     acc = FakeAccelerator()
-    checkpoints = Checkpoints(tmp_path, acc, keep_last=3)
+    checkpoints = CheckpointStore(tmp_path, acc)
     for step in (2, 4, 6):
         checkpoints.save(TrainState(step, {}, 8, 1, data="abc"))
     assert_matches_manifest_loosely = json.loads((checkpoints.path_for(6) / MANIFEST).read_text())["files"]
@@ -289,10 +291,12 @@ CHOOSE_ON_TWO_RANKS = textwrap.dedent(
     import sys
     from pathlib import Path
     from accelerate import Accelerator
-    from pard_train.checkpoint import Checkpoints
+    from pard_train.checkpoint_store import CheckpointStore
+    from pard_train.logs import setup_logging
 
+    setup_logging()
     acc = Accelerator(cpu=True)
-    checkpoints = Checkpoints(sys.argv[1], acc, keep_last=3)
+    checkpoints = CheckpointStore(sys.argv[1], acc)
     if acc.process_index == 1:
         checkpoints.complete = lambda: []  # a node whose cached listing of the shared directory is stale
     path, state = checkpoints.choose()
@@ -305,7 +309,7 @@ CHOOSE_ON_TWO_RANKS = textwrap.dedent(
 @pytest.mark.slow
 def test_checkpoint_choice_is_rank_zeros(tmp_path):
     """Ranks hash shares of each checkpoint and resume from what rank 0 lists (issue 14, item 14)."""
-    checkpoints = Checkpoints(tmp_path, FakeAccelerator(), keep_last=3)
+    checkpoints = CheckpointStore(tmp_path, FakeAccelerator())
     for step in (2, 4):
         checkpoints.save(TrainState(step, {}, 8, 1))
     (checkpoints.path_for(4) / "model.safetensors").write_bytes(os.urandom(4096))  # same size, other bytes

@@ -165,7 +165,7 @@ def test_the_width_rule_needs_the_target(exports, tmp_path):
         check_serving(exports / "td", wider)
 
 
-def test_a_td_export_measured_against_a_target_of_another_width_is_written_with_a_warning(tmp_path):
+def test_a_td_export_measured_against_a_target_of_another_width_is_written_with_a_warning(caplog, tmp_path):
     """The training result is kept; the log says vLLM would serve it target-independent with that target."""
     from transformers import LlamaConfig
 
@@ -173,7 +173,6 @@ def test_a_td_export_measured_against_a_target_of_another_width_is_written_with_
     width = 2 * target.config.hidden_size
     fields = Pard2Fields((-1, -2), width, 0.02)
     wider = LlamaConfig(vocab_size=draft.config.vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
-    lines = []
     out = tmp_path / "td"
     export_draft(
         draft,
@@ -182,7 +181,7 @@ def test_a_td_export_measured_against_a_target_of_another_width_is_written_with_
         DraftSpec(K, mask_id, "t"),
         target=wider,
         pard2=(fields, torch.zeros(64, width)),
-        log=lines.append,
     )
+    lines = caplog.messages
     assert any("warning: with the target LlamaConfig" in line and "silently serve it" in line for line in lines)
     assert check_serving(out)[-1].startswith("ok: ")

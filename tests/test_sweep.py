@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -48,10 +49,27 @@ def sweep(tmp_path_factory):
         warmup=False,
         output_dir=str(root / "out"),
     )
-    log = []
-    report = run_sweep(config, log=log.append)
+    lines = _Lines()
+    package = logging.getLogger("pard_train")  # the sweep's log lines (a module fixture cannot use caplog)
+    level = package.level
+    package.addHandler(lines)
+    package.setLevel(logging.INFO)
+    try:
+        report = run_sweep(config)
+    finally:
+        package.removeHandler(lines)
+        package.setLevel(level)
     write_sweep_report(report, config.output_dir)
-    return report, log, root / "out"
+    return report, lines.messages, root / "out"
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def test_one_report_with_every_cell_and_the_family_matrix(sweep):
@@ -183,7 +201,7 @@ def test_sweep_loads_each_model_once_and_decodes_target_only_once_per_target(tmp
         timing_repeats=1,
         warmup=False,
     )
-    report = run_sweep(config, log=lambda line: None)
+    report = run_sweep(config)
     assert sorted(loads) == sorted([*targets, str(tmp_path / "draft")])
     assert len(target_only) == 2  # one prompt, one turn, per target
     for target in targets:

@@ -33,6 +33,9 @@ SCRIPT = textwrap.dedent(
         return original_step(self, *args)
     trainer.Trainer.train_step = failing_step
 
+    from pard_train.logs import setup_logging
+
+    setup_logging()  # as the entry point does: the resume line goes to stdout
     config = to_config(compose(*{overrides!r}))
     handler = signal.getsignal(signal.SIGTERM)
     try:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import pytest
 from conftest import compose
 
-from pard_train.config import TrackerKind, to_config
+from pard_train.config import TrackerKind, TrackingConfig, to_config
 from pard_train.tracking import Tracker, build_tracker, peak_flops
 from pard_train.train import train
 
@@ -60,11 +59,8 @@ def test_tensorboard_run_holds_per_depth_metrics(tiny_checkpoint, tmp_path):
 def test_wandb_offline_records_per_depth_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    config = SimpleNamespace(
-        tracking=SimpleNamespace(backend=TrackerKind.wandb, project="pard-test", entity=None),
-        run=SimpleNamespace(name="tiny"),
-    )
-    tracker = build_tracker(config, tmp_path, is_main_process=True)
+    settings = TrackingConfig(backend=TrackerKind.wandb, project="pard-test", entity=None)
+    tracker = build_tracker(settings, "tiny", tmp_path, is_main_process=True)
     metrics = {key: 0.5 for key in per_depth_keys()}
     tracker.log_config({"pard": {"num_draft_tokens": K}})
     tracker.log(metrics, step=3)
@@ -85,8 +81,7 @@ def test_wandb_offline_records_per_depth_metrics(tmp_path, monkeypatch):
 
 
 def test_only_the_main_process_tracks(tmp_path):
-    config = SimpleNamespace(tracking=SimpleNamespace(backend=TrackerKind.tensorboard))
-    tracker = build_tracker(config, tmp_path / "run", is_main_process=False)
+    tracker = build_tracker(TrackingConfig(backend=TrackerKind.tensorboard), "run", tmp_path / "run", False)
     assert type(tracker) is Tracker
     tracker.log({"loss": 1.0}, step=1)
     assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ import sys
 import pytest
 from launch import REPO, entry, env, one_error_line, records, start, tiny_overrides, wait_for
 
-from pard_train.checkpoint import Checkpoints
+from pard_train.checkpoint_store import CheckpointStore
 from pard_train.signals import StopSignals
 
 DATA = str(REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl")
@@ -142,7 +142,7 @@ def test_ctrl_c_saves_a_checkpoint_like_sigterm(tiny_checkpoint, tmp_path):
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-2000:]
     log = (tmp_path / "log.txt").read_text()
-    saved = Checkpoints(run_dir, None, 2).latest()
+    saved = (CheckpointStore(run_dir, None).complete() or [None])[-1]
     assert saved is not None and "Ctrl-C: saving a checkpoint after this step" in log and "Traceback" not in log
     step = json.loads((saved / "train_state.json").read_text())["step"]
     assert f"stop signal: saved step {step}" in log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -43,11 +44,12 @@ def _export(draft, tokenizer, mask_id, out, **kwargs):
     return out
 
 
-def test_padded_draft_drafts_the_same_tokens_with_the_same_acceptance(family, tmp_path):
+def test_padded_draft_drafts_the_same_tokens_with_the_same_acceptance(family, tmp_path, caplog):
     target, draft, tokenizer, mask_id, target_dir = family
     rows = draft.get_input_embeddings().weight.shape[0]
-    lines = []
-    out = _export(draft, tokenizer, mask_id, tmp_path / "padded", target=target_dir, log=lines.append)
+    caplog.set_level(logging.INFO, logger="pard_train")
+    out = _export(draft, tokenizer, mask_id, tmp_path / "padded", target=target_dir)
+    lines = caplog.messages
     padded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert json.loads((out / "config.json").read_text())["vocab_size"] == rows + EXTRA
     assert padded.get_input_embeddings().weight.shape[0] == padded.lm_head.weight.shape[0] == rows + EXTRA
@@ -102,9 +104,10 @@ def test_mismatched_tokenizer_and_smaller_target_are_refused(family, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_without_a_target_the_card_says_the_vocabulary_was_not_checked(family, tmp_path):
+def test_without_a_target_the_card_says_the_vocabulary_was_not_checked(family, tmp_path, caplog):
     _, draft, tokenizer, mask_id, _ = family
-    lines = []
-    out = _export(draft, tokenizer, mask_id, tmp_path / "unchecked", log=lines.append)
+    caplog.set_level(logging.INFO, logger="pard_train")
+    out = _export(draft, tokenizer, mask_id, tmp_path / "unchecked")
+    lines = caplog.messages
     assert "NOT checked against any target" in lines[0]
     assert "NOT checked against any target" in (out / "README.md").read_text()

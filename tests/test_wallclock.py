@@ -3,6 +3,8 @@ target-only per repeat, the expected speed-up from isolated forward times beside
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pard_train.evaluate import wallclock
@@ -37,7 +39,7 @@ def test_the_term_that_is_off_is_named_only_when_measured_and_expected_disagree(
 
 
 @pytest.mark.slow
-def test_the_harness_reports_repeats_spread_and_expected_speed_up(tmp_path):
+def test_the_harness_reports_repeats_spread_and_expected_speed_up(tmp_path, caplog):
     target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft")
     config = EvalConfig(
         target=str(target_dir),
@@ -51,8 +53,9 @@ def test_the_harness_reports_repeats_spread_and_expected_speed_up(tmp_path):
         timing_repeats=1,
         threads=1,
     )
-    lines = []
-    report = evaluate(config, log=lines.append)
+    caplog.set_level(logging.INFO, logger="pard_train")
+    report = evaluate(config)
+    lines = caplog.messages
     section = report["wallclock"]
     assert section["repeats"] == 3 and section["conditions"]["threads"] == 1
     for mode in ("target", "pard"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import random
 import time
 from array import array
@@ -20,6 +21,8 @@ from pard_train.data.packing import PackedRow, pack, packing_efficiency
 from pard_train.data.render import check_template
 from pard_train.data.sources import DataError, resolve, sources_of
 from pard_train.data.templates import apply_template_override
+
+logger = logging.getLogger(__name__)
 
 Document = tuple[list[int], list[bool]]
 
@@ -83,8 +86,8 @@ def _load(sources, tokenizer, config, tokenizer_fp, accelerator) -> list[tuple[l
     return loaded
 
 
-def build_data(config: DataConfig, tokenizer, accelerator=None, is_main: bool | None = None, log=print) -> TrainingData:
-    """Packed train and validation rows for ``config``; prints a summary on the main process. Raises DataError.
+def build_data(config: DataConfig, tokenizer, accelerator=None, is_main: bool | None = None) -> TrainingData:
+    """Packed train and validation rows for ``config``; logs a summary on the main process. Raises DataError.
 
     ``tokenizer`` gets ``data.chat_template`` if one is configured (so the saved draft carries the template it was
     trained with). Pass the ``accelerator`` (or ``is_main``) under several processes.
@@ -122,7 +125,7 @@ def build_data(config: DataConfig, tokenizer, accelerator=None, is_main: bool | 
     stats = _stats(config, reports, train, validation, train_rows, validation_rows, time.perf_counter() - started)
     if is_main:
         for line in describe(stats):
-            log(line)
+            logger.info(line)
     return TrainingData(train_rows, validation_rows, stats, rows_fingerprint(train_rows))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -24,6 +25,8 @@ from pard_train.data.cache_manifest import move_aside, verify, write_manifest
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.render import render, special_strings
 from pard_train.data.sources import MALFORMED, DataError, Source, read_raw
+
+logger = logging.getLogger(__name__)
 
 CODE_FILES = ("formats.py", "render.py", "sources.py", "documents.py", "templates.py")
 SAMPLES_PER_REASON = 3
@@ -182,15 +185,14 @@ def load_documents(source: Source, tokenizer, config: DataConfig, tokenizer_fp: 
     import datasets
     from filelock import FileLock
 
-    # An unresolved "${run.output_root}/..." default means DataConfig was built outside Hydra: use the user cache.
-    root = Path(config.cache_dir) if config.cache_dir and "${" not in config.cache_dir else default_cache_dir()
+    root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     destination = root / fingerprint(source, tokenizer_fp or tokenizer_fingerprint(tokenizer), config)
     with FileLock(str(destination) + ".lock"):
         wrong = verify(destination) if destination.exists() else ""
         if wrong:
             aside = move_aside(destination)
-            print(f"data cache {destination} is damaged ({wrong}); moved to {aside}, rebuilding it", flush=True)
+            logger.warning(f"data cache {destination} is damaged ({wrong}); moved to {aside}, rebuilding it")
         if destination.exists():
             report = SourceReport(**json.loads((destination / "report.json").read_text()))
             report.cached = True

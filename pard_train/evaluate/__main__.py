@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from pard_train.cli import run_hydra, user_errors
 from pard_train.errors import PardTrainError
 from pard_train.evaluate.config import register_configs
+from pard_train.logs import setup_logging
 
 register_configs()
 
@@ -34,6 +35,7 @@ def main(cfg: DictConfig) -> None:
     from pard_train.evaluate.sweep import run_sweep
     from pard_train.evaluate.sweep_report import write_sweep_report
 
+    setup_logging()
     with user_errors("pard_train.evaluate"):
         config = to_config(cfg)
         check_before_measuring(config)  # output_dir writable, tokenizers shared: before any measurement
@@ -41,7 +43,7 @@ def main(cfg: DictConfig) -> None:
         partial = PartialReportWriter(config.output_dir)
         with partial.pointed_at_on_failure():
             if is_sweep(config):
-                report = run_sweep(config, on_cell=partial_cell_writer(config.output_dir, partial.log))
+                report = run_sweep(config, on_cell=partial_cell_writer(config.output_dir))
             else:
                 report = evaluate(config, on_progress=partial)
     with user_errors("pard_train.evaluate"), _report_kept(report):

@@ -10,11 +10,14 @@ file is removed once report.json is written.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from pard_train.atomic import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 PARTIAL_NAME = "report.partial.json"
 
@@ -26,13 +29,12 @@ def partial_path(output_dir: str | Path) -> Path:
 class PartialReportWriter:
     """Called with each partial report; writes it atomically, so a reader sees the previous part or the next one.
 
-    A write that fails (a full disk) is reported once through ``log`` and the measurement goes on: losing the
+    A write that fails (a full disk) is logged once as a warning and the measurement goes on: losing the
     safety copy must not cost the measurement it protects (the final report is printed if it cannot be written).
     """
 
-    def __init__(self, output_dir: str | Path, log=print):
+    def __init__(self, output_dir: str | Path):
         self.path = partial_path(output_dir)
-        self.log = log
         self.failed = False
         self.written = False
 
@@ -44,7 +46,7 @@ class PartialReportWriter:
             self.written = True
         except OSError as error:
             self.failed = True
-            self.log(f"WARNING: could not write {self.path} ({error.strerror or error}); measuring on without it")
+            logger.warning(f"WARNING: could not write {self.path} ({error.strerror or error}); measuring on without it")
 
     @contextmanager
     def pointed_at_on_failure(self):
@@ -61,7 +63,7 @@ class PartialReportWriter:
         self.path.unlink(missing_ok=True)
 
 
-def partial_cell_writer(output_dir: str | Path, log=print):
+def partial_cell_writer(output_dir: str | Path):
     """For a sweep: write each finished cell's report into ``output_dir/cells/LABEL`` (where the final sweep report
     puts it too); a failed write is reported once and the sweep goes on, as with :class:`PartialReportWriter`."""
     from pard_train.evaluate.sweep_report import write_cell
@@ -75,6 +77,8 @@ def partial_cell_writer(output_dir: str | Path, log=print):
             write_cell(cell, output_dir)
         except OSError as error:
             failed.append(error)
-            log(f"WARNING: could not write a finished cell's report ({error.strerror or error}); measuring on")
+            logger.warning(
+                f"WARNING: could not write a finished cell's report ({error.strerror or error}); measuring on"
+            )
 
     return on_cell

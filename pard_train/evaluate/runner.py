@@ -5,6 +5,7 @@ Also :func:`measure_acceptance`, the small PARD-mode measurement the trainer cal
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from pard_train.evaluate.config import DType, EvalConfig, Mode
 from pard_train.evaluate.metrics import AcceptanceStats
 from pard_train.evaluate.report import build_report
 from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
+
+logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -206,7 +209,6 @@ def _environment(device: torch.device) -> dict:
 
 def evaluate(
     config: EvalConfig,
-    log=print,
     models: dict | None = None,
     target_runs: dict | None = None,
     on_progress=None,
@@ -235,14 +237,14 @@ def evaluate(
     drafters, k = build_drafters(config, target, tokenizer, device, dtype, models)
     trained_k = trained_num_draft_tokens(drafters.get(Mode.pard))
     if trained_k is not None and k > trained_k:
-        log(
+        logger.warning(
             f"WARNING: K={k} is above the draft's trained K={trained_k}; depths beyond {trained_k - 1} were never "
             "trained — serve it only if the measured AL below says it pays"
         )
     stops = stop_token_ids(target, tokenizer)
     conversation = Conversation(tokenizer, config.system_prompt, config.enable_thinking, config.use_chat_template)
     benchmarks = [load_prompts(name, config.num_prompts) for name in config.benchmarks]
-    log(f"target {config.target}, draft {config.draft}, K={k}, {device} {str(dtype).removeprefix('torch.')}")
+    logger.info(f"target {config.target}, draft {config.draft}, K={k}, {device} {str(dtype).removeprefix('torch.')}")
 
     def generator(drafter, budget=config.max_new_tokens):
         def generate(ids):
@@ -286,7 +288,7 @@ def evaluate(
                     result = results.setdefault(name, {}).setdefault(mode, ModeResult())
                     _run_benchmark(result, prompts, conversation, generator(drafters[mode]))
                     stats = result.stats
-                    log(
+                    logger.info(
                         f"{name:>10} {mode.value:>6}: AL {stats.acceptance_length:.3f}, "
                         f"{stats.generated_tokens / stats.wall_seconds:.1f} tok/s, {stats.generated_tokens} tokens"
                     )
@@ -303,7 +305,7 @@ def evaluate(
         target_runs.update({name: modes[Mode.target] for name, modes in results.items()})
     report = build_report(config, results, k, environment)
     report["trained_num_draft_tokens"] = trained_k
-    report["wallclock"] = wallclock_section(config, report, totals, target, drafters, k, log)
+    report["wallclock"] = wallclock_section(config, report, totals, target, drafters, k)
     for mode, entry in report["wallclock"]["modes"].items():  # over all repeats, not the first alone
         report["overall"][mode]["tokens_per_s"] = entry["tokens_per_s"]["median"]
         if "speedup" in entry:
@@ -347,7 +349,7 @@ def _run_benchmark(result: ModeResult, prompts, conversation: Conversation, gene
     return result
 
 
-def wallclock_section(config: EvalConfig, report: dict, totals: dict, target, drafters: dict, k: int, log) -> dict:
+def wallclock_section(config: EvalConfig, report: dict, totals: dict, target, drafters: dict, k: int) -> dict:
     """Tokens/s per mode over the repeats, speed-up over target-only, and the expected speed-up beside it."""
     from pard_train.evaluate import wallclock
     from pard_train.evaluate.sweep import forward_seconds
@@ -386,7 +388,7 @@ def wallclock_section(config: EvalConfig, report: dict, totals: dict, target, dr
         entry = wallclock.explain(al, isolated, seen, measured)
         entry["summary"] = wallclock.describe(entry)
         section["modes"][mode.value]["expected"] = entry
-        log(f"{mode.value}: {entry['summary']}")
+        logger.info(f"{mode.value}: {entry['summary']}")
     return section
 
 

@@ -9,6 +9,7 @@ a K sweep the expected speed-up per K from forward times measured at the shapes 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import replace
@@ -16,6 +17,8 @@ from dataclasses import replace
 import torch
 
 from pard_train.evaluate.config import EvalConfig
+
+logger = logging.getLogger(__name__)
 
 SPEEDUP_FORMULA = (
     "expected speed-up(K) = AL(K) * t_target(1) / (t_draft(K - 1 + ceil(AL)) + t_target(K + 1)): tokens per round "
@@ -62,7 +65,7 @@ def expected_speedup(al: float, t_draft: float, t_verify: float, t_decode: float
     return al * t_decode / (t_draft + t_verify)
 
 
-def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], models: dict, log) -> dict:
+def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], models: dict) -> dict:
     """Forward times of the target and the draft at the shapes each K runs, and the expected speed-up per K."""
     from pard_train.evaluate.runner import load_model, resolve_device, resolve_dtype
 
@@ -85,11 +88,11 @@ def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, flo
             "t_decode": t_decode,
             "expected_speedup": expected_speedup(al, t_draft, t_verify, t_decode),
         }
-        log(f"K={k}: AL {al:.3f}, expected speed-up {rows[str(k)]['expected_speedup']:.2f}x")
+        logger.info(f"K={k}: AL {al:.3f}, expected speed-up {rows[str(k)]['expected_speedup']:.2f}x")
     return rows
 
 
-def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
+def run_sweep(config: EvalConfig, on_cell=None) -> dict:
     """Evaluate every cell and assemble the sweep report (written by :func:`write_sweep_report`).
 
     ``on_cell``, if given, is called with each cell as it finishes (the CLI writes its report then, so a crash in a
@@ -111,7 +114,7 @@ def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
         for thinking in [False, True] if config.compare_thinking else [config.enable_thinking]:
             target_runs: dict = {}
             for k in config.ks or [config.num_draft_tokens]:
-                log(f"--- target {target}, K={k or 'from draft'}, thinking {'on' if thinking else 'off'}")
+                logger.info(f"--- target {target}, K={k or 'from draft'}, thinking {'on' if thinking else 'off'}")
                 single = replace(
                     config,
                     target=target,
@@ -122,14 +125,14 @@ def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
                     compare_thinking=False,
                     build_tiny=False,
                 )
-                report = evaluate(single, log=log, models=models, target_runs=target_runs)
+                report = evaluate(single, models=models, target_runs=target_runs)
                 cell = {"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report}
                 cells.append(cell)
                 if on_cell is not None:
                     on_cell(cell)
         if config.ks and len(config.ks) > 1:
             swept = [c for c in cells if c["target"] == target and c["thinking"] == timed]
-            timings[target] = _k_sweep_rows(config, target, swept, models, log)
+            timings[target] = _k_sweep_rows(config, target, swept, models)
         for key in [key for key in models if key[0] == target and target != config.draft]:
             del models[key]
     sweep = {
@@ -144,12 +147,12 @@ def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
     return sweep
 
 
-def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], models: dict, log) -> dict:
+def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], models: dict) -> dict:
     """Per K: AL, measured forward times, expected and measured speed-up; and the recommended K."""
     from pard_train.evaluate.sweep_report import pard_al
 
     measured = [(c["k"], pard_al(c["report"])) for c in swept]
-    rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], models, log)
+    rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], models)
     for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
         if str(cell["k"]) in rows:
             rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor
 from pard_train.atomic import atomic_write_bytes
 from pard_train.data.packing import PackedRow
 from pard_train.layout import build_row, collate_rows
+
+logger = logging.getLogger(__name__)
 
 ROWS_PER_FORWARD = 8
 
@@ -81,9 +84,7 @@ class ConfidenceCache:
         return out.to(device)
 
 
-def build_or_load(
-    teacher, rows: dict[str, list[PackedRow]], target: str, directory: Path, accelerator, sharded=False, log=print
-):
+def build_or_load(teacher, rows: dict[str, list[PackedRow]], target: str, directory: Path, accelerator, sharded=False):
     """The cache for ``rows`` and ``target``: computed the first time, then read by every rank. A target sharded by
     ZeRO-3 needs every rank in each of its forwards, so then every rank computes and the main process writes;
     otherwise the main process computes alone while the others wait."""
@@ -91,7 +92,7 @@ def build_or_load(
 
     def compute() -> ConfidenceCache:
         if accelerator.is_main_process:
-            log(f"computing the target's confidences for {sum(len(r) for r in rows.values())} rows into {path}")
+            logger.info(f"computing the target's confidences for {sum(len(r) for r in rows.values())} rows into {path}")
         return ConfidenceCache.compute(teacher, rows, accelerator.device)
 
     def save(cache: ConfidenceCache) -> None:

@@ -12,18 +12,22 @@ Per labelled layout token (depth d, position p, anchor a = p - d):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pard_train import loss as pard_loss_module
-from pard_train.config import AttentionBackend, MethodConfig
+from pard_train.config import AttentionBackend, FeatureCapture, MethodConfig
+from pard_train.distributed import gather_all
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
-from pard_train.lm_head_loss import chunked_head_loss, gather_head_with
-from pard_train.loss import DepthStats, labelled_hidden, project_logits
+from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project_logits
+from pard_train.loss import DepthStats, labelled_hidden
+from pard_train.methods.pard import split_objective_state
 from pard_train.methods.teacher import TeacherSignals
+
+logger = logging.getLogger(__name__)
 
 
 def own_positions(batch: PardBatch) -> Tensor:
@@ -69,7 +73,7 @@ class Pard2Inputs:
     weights: Tensor
     keep: Tensor | None
     teacher: torch.nn.Module
-    """The target model, for its logits (:func:`pard_train.loss.project_logits`)."""
+    """The target model, for its logits (:func:`pard_train.lm_head_loss.project_logits`)."""
 
     @property
     def weight_sum(self) -> float:
@@ -159,12 +163,30 @@ def pard2_loss(
         return objective, (ce.detach(), kd.detach(), hit)
 
     # The head runs once per chunk: only one chunk's [tokens, vocabulary] logits (student and teacher) exist at once.
-    chunk = pard_loss_module.LOSS_CHUNK_TOKENS
-    total, (ce, kd, hit) = chunked_head_loss(draft, hidden, weighted_terms, normalizer, chunk)
+    total, (ce, kd, hit) = chunked_head_loss(draft, hidden, weighted_terms, normalizer)
     with torch.no_grad():
         sums = [ce, hit, torch.ones_like(ce), weight, weight * ce, weight * kd]
         stats = Pard2Stats(*(torch.zeros(num_depths, device=ce.device).index_add_(0, depth, v) for v in sums))
     return total, stats
+
+
+RESUME_KEYS = ("target", "ce_weight", "kd_weight", "kd_temperature", "cat", "features", "feature_scale", "feature_drop")
+
+
+def resume_settings(settings: MethodConfig) -> dict:
+    """PARD-2's settings that change what is learned, as a checkpoint records them."""
+    recorded = {f"method.{key}": getattr(settings, key) for key in RESUME_KEYS}
+    recorded["method.feature_layers"] = list(settings.feature_layers)
+    if settings.features:  # without features no target state is read: the capture changes nothing
+        recorded["method.feature_capture"] = FeatureCapture(settings.feature_capture).value
+    return recorded
+
+
+def recorded_defaults(recorded: dict) -> dict:
+    """PARD-2 checkpoints from before ``method.feature_capture`` trained with features on HF hidden_states."""
+    if recorded.get("method.name") == "pard2" and recorded.get("method.features"):
+        return {"method.feature_capture": FeatureCapture.training.value}
+    return {}
 
 
 def _zero3_config(accelerator) -> dict | None:
@@ -203,7 +225,9 @@ def _sharded_for_inference(target, accelerator):
     # Small persistent tensors are held whole besides each rank's partition of the others.
     held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in engine.module.parameters())
     total = sum(p.ds_numel for p in engine.module.parameters())
-    print(f"PARD-2 target sharded by ZeRO-3: rank {accelerator.process_index} holds {held} of {total} parameters")
+    # One line for all ranks, from rank 0 (every rank builds the engine: the gather is a collective they all reach).
+    parts = ", ".join(str(part) for part in gather_all(accelerator, held))
+    logger.info(f"PARD-2 target sharded by ZeRO-3: the ranks hold {parts} of {total} parameters")
     return engine
 
 
@@ -225,12 +249,23 @@ class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
     vocabulary, and builds W."""
 
-    def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator, data=None):
+    def __init__(
+        self,
+        settings: MethodConfig,
+        draft,
+        backend: AttentionBackend,
+        spec,
+        accelerator,
+        data=None,
+        *,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
         from pard_train.errors import ConfigError
         from pard_train.methods.teacher import Teacher
         from pard_train.model import embedding_rows, load_causal_lm
 
-        settings = self.settings = config.method
+        self.settings = settings
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
         self.target_engine = None
         if _zero3_config(accelerator) is not None:
@@ -260,14 +295,14 @@ class Pard2Method:
             projection = torch.nn.Linear(len(layers) * self.teacher.hidden_size, draft_width, bias=False)
             torch.nn.init.zeros_(projection.weight)  # the untrained draft is exactly the PARD draft it started as
         self.objective = Pard2Objective(draft, projection, backend, spec.num_draft_tokens, settings)
-        self.seed, self.process_index = config.train.seed, accelerator.process_index
+        self.seed, self.process_index = seed, accelerator.process_index
         self.num_depths = spec.num_draft_tokens
         self.confidences = None
         if settings.confidence_cache:
             from pard_train.data.documents import default_cache_dir
             from pard_train.methods import confidence_cache
 
-            directory = config.data.cache_dir if config.data.cache_dir else default_cache_dir()
+            directory = cache_dir if cache_dir else default_cache_dir()
             rows = {"train": data.train, "validation": data.validation}
             self.confidences, _ = confidence_cache.build_or_load(
                 self.teacher, rows, settings.target, directory, accelerator, sharded=self.target_engine is not None
@@ -298,15 +333,27 @@ class Pard2Method:
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:
         return Pard2Stats.zeros(num_depths, device)
 
-    def export_files(self, trained_extras: dict[str, Tensor]):
-        """The PARD-2 fields and W of a target-dependent draft; None when trained without features (CAT/KD only),
-        which makes a plain PARD draft that no server mistakes for a target-dependent one."""
+    def resume_settings(self) -> dict:
+        return resume_settings(self.settings)
+
+    def recorded_defaults(self, recorded: dict) -> dict:
+        return recorded_defaults(recorded)
+
+    @property
+    def draft(self) -> torch.nn.Module:
+        return self.objective.draft
+
+    def export_state(self, objective_state: dict[str, Tensor]):
+        """The draft's weights, and the PARD-2 fields and W of a target-dependent draft; None instead of those when
+        trained without features (CAT/KD only), which makes a plain PARD draft that no server mistakes for a
+        target-dependent one."""
         from pard_train.draft_format import Pard2Fields
 
+        draft, extras = split_objective_state(objective_state)
         settings = self.settings
         if not settings.features:
-            return None
-        weight = trained_extras["projection.weight"]
+            return draft, None
+        weight = extras["projection.weight"]
         fields_ = Pard2Fields(
             target_layers=tuple(settings.feature_layers),
             target_dim=int(weight.shape[1]),
@@ -315,4 +362,4 @@ class Pard2Method:
             target=settings.target,
             feature_capture=settings.feature_capture,
         )
-        return fields_, weight
+        return draft, (fields_, weight)

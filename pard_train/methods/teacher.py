@@ -18,10 +18,7 @@ from pard_train.attention import BLOCK, attention_mask_for
 from pard_train.config import AttentionBackend, FeatureCapture
 from pard_train.evaluate.feature_capture import final_norm_input, target_features
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
-from pard_train.loss import project_logits
-
-CHUNK_TOKENS = 2048
-"""Positions whose full-vocabulary target logits exist at once."""
+from pard_train.lm_head_loss import chunked_head_loss
 
 
 @dataclass
@@ -104,10 +101,15 @@ class Teacher:
         scored = torch.zeros_like(real.input_ids, dtype=torch.bool)
         scored[:, 1:] = (real.document[:, 1:] != PAD_DOCUMENT) & (real.document[:, 1:] == real.document[:, :-1])
         rows, positions = scored.nonzero(as_tuple=True)
+        targets = real.input_ids[rows, positions]
+
+        def log_probability(logits: Tensor, part: slice) -> tuple[Tensor, tuple[Tensor]]:
+            logits = logits.float()
+            chosen = logits.gather(-1, targets[part, None]).squeeze(-1)
+            return torch.zeros_like(chosen), ((chosen - torch.logsumexp(logits, dim=-1)).double(),)
+
+        # Chunked like the loss: only one chunk's full-vocabulary target logits exist at once.
+        _, (scores,) = chunked_head_loss(self.model, hidden[rows, positions - 1], log_probability)
         log_g = torch.zeros(real.input_ids.shape, dtype=torch.float64, device=hidden.device)
-        for begin in range(0, rows.numel(), CHUNK_TOKENS):
-            r, u = rows[begin : begin + CHUNK_TOKENS], positions[begin : begin + CHUNK_TOKENS]
-            logits = project_logits(self.model, hidden[r, u - 1]).float()
-            chosen = logits.gather(-1, real.input_ids[r, u, None]).squeeze(-1)
-            log_g[r, u] = (chosen - torch.logsumexp(logits, dim=-1)).double()
+        log_g[rows, positions] = scores
         return log_g

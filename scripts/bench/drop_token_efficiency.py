@@ -2,7 +2,7 @@
 
 Wall-clock to reach a held-out accuracy with conditional drop-token (r=0.7, r_min=0.2) versus the full PARD layout,
 on the tiny setup: the pard_train.tiny Llama and BPE tokenizer, trained on data_recipes/self_instruct through
-pard_train.data (packing, loss masks, a held-out split) and pard_train.loss, K=8.
+pard_train.data (packing, loss masks, a held-out split) and pard_train.methods.pard, K=8.
 
 Both variants start from the same weights and see the same rows in the same order with the same learning rate; they
 train in one process, one step at a time, always advancing whichever has used less training time, so that load on a
@@ -31,8 +31,10 @@ from pard_train.config import DataConfig
 from pard_train.data.collator import PardCollator
 from pard_train.data.dataset import build_data
 from pard_train.layout import DropTokenSchedule
-from pard_train.loss import DepthStats, pard_loss
+from pard_train.logs import setup_logging
+from pard_train.loss import DepthStats
 from pard_train.mask_token import choose_mask_token
+from pard_train.methods.pard import pard_loss
 from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +69,7 @@ def setup(args):
         cache=False,
         cache_dir=None,
     )
-    data = build_data(config, tokenizer, log=lambda line: print(line, file=sys.stderr))
+    data = build_data(config, tokenizer)
     runs = []
     for name, drop in (("full", None), ("drop-token", DropTokenSchedule(0.7, 0.2))):
         model = build_tiny_model(rows, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed).train()
@@ -186,6 +188,7 @@ def table(summary: list[dict]) -> str:
 
 
 def main(argv=None) -> Path:
+    setup_logging(to_stderr=True)  # stdout is the table
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--budget-s", type=float, default=120.0, help="training seconds per variant")

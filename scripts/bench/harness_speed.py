@@ -15,7 +15,6 @@ an untrained mask token. On CUDA both run in bf16 (the harness's default).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from _common import markdown_table, metadata, write_json
 
 from pard_train.evaluate.config import EvalConfig
 from pard_train.evaluate.runner import evaluate
+from pard_train.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,6 +111,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> Path:
+    setup_logging(to_stderr=True)  # stdout is the table
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--smollm2", type=Path, default=None, help="SmolLM2-135M-Instruct safetensors directory")
@@ -136,7 +137,7 @@ def main(argv=None) -> Path:
         torch.set_num_threads(args.threads)
 
     config = smollm2_config(args) if args.smollm2 else tiny_config(args)
-    report = evaluate(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    report = evaluate(config)
     rows = rows_of(report)
     env = report["environment"]
     name = f"SmolLM2-135M-Instruct ({args.smollm2})" if args.smollm2 else "tiny random pair"

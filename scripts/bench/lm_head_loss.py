@@ -32,8 +32,9 @@ from _common import markdown_table, metadata, write_json  # noqa: E402
 
 from pard_train.attention import AttentionBackend  # noqa: E402
 from pard_train.layout import DropTokenSchedule, build_row, collate_rows  # noqa: E402
-from pard_train.lm_head_loss import chunked_head_loss  # noqa: E402
-from pard_train.loss import LOSS_CHUNK_TOKENS, labelled_hidden, pard_loss, project_logits  # noqa: E402
+from pard_train.lm_head_loss import CHUNK_TOKENS, chunked_head_loss, project_logits  # noqa: E402
+from pard_train.loss import labelled_hidden  # noqa: E402
+from pard_train.methods.pard import pard_loss  # noqa: E402
 
 SDPA = AttentionBackend.sdpa
 
@@ -48,7 +49,7 @@ def checkpointed_head_loss(model, hidden, labels, normalizer: float) -> torch.Te
 
     losses = [
         checkpoint(chunk_loss, h, y, use_reentrant=False)
-        for h, y in zip(hidden.split(LOSS_CHUNK_TOKENS), labels.split(LOSS_CHUNK_TOKENS))
+        for h, y in zip(hidden.split(CHUNK_TOKENS), labels.split(CHUNK_TOKENS))
     ]
     return torch.cat(losses).sum() / normalizer
 
@@ -58,7 +59,7 @@ def head_once_loss(model, hidden, labels, normalizer: float) -> torch.Tensor:
         token_loss = F.cross_entropy(logits.float(), labels[part], reduction="none")
         return token_loss, (token_loss.detach(),)
 
-    return chunked_head_loss(model, hidden, cross_entropy, normalizer, LOSS_CHUNK_TOKENS)[0]
+    return chunked_head_loss(model, hidden, cross_entropy, normalizer, CHUNK_TOKENS)[0]
 
 
 def checkpointed_pard_loss(model, batch, normalizer: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ device with one random model and the same data:
 
 - **ours**: pard_train's O(T) layout vectors; the attention rule evaluated where attention runs
   (:func:`pard_train.attention.attention_mask_for`: a boolean mask for SDPA on CPU, a FlexAttention BlockMask on
-  CUDA) and :func:`pard_train.loss.pard_loss`;
+  CUDA) and :func:`pard_train.methods.pard.pard_loss`;
 - **dense**: the reference's approach, rebuilt here for the purpose: a float additive ``(K*L)^2`` mask built per sample
   in the collator and ``eager`` attention. Everything else is ours (same layout, same labelled-token LM head and
   loss), so the ratio isolates the mask and the attention path.
@@ -50,7 +50,7 @@ from _common import (
 from pard_train.attention import AttentionBackend
 from pard_train.flops import ModelFlops, peak_flops
 from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, PardBatch, build_row, collate_rows
-from pard_train.loss import pard_loss
+from pard_train.methods.pard import pard_loss
 
 SCRIPT = Path(__file__).resolve()
 DROP = DropTokenSchedule(0.7, 0.2)

@@ -298,7 +298,7 @@ def flex_vs_sdpa(smoke: bool, out: Path) -> dict:
     from pard_train.attention import BLOCK
     from pard_train.config import AttentionBackend
     from pard_train.layout import DropTokenSchedule, build_row, collate_rows
-    from pard_train.loss import pard_loss
+    from pard_train.methods.pard import pard_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backward = device.type == "cuda"  # FlexAttention has no backward pass on CPU

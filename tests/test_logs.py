@@ -1,0 +1,80 @@
+"""One logging set-up: bare lines on stdout, the package's from rank 0 only (unless a record asks for every rank),
+idempotent; the data CLI uses it, defaults to the trainer's data settings and exits 2 on a user error."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+
+import pytest
+
+from pard_train.config import DataConfig
+from pard_train.data.__main__ import build_parser, data_config
+from pard_train.data.__main__ import main as data_main
+from pard_train.logs import MainProcessOnly, setup_logging
+
+
+def _record(name: str, **extra) -> logging.LogRecord:
+    record = logging.LogRecord(name, logging.INFO, __file__, 1, "message", None, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_only_rank_zero_speaks_for_the_package(monkeypatch):
+    keep = MainProcessOnly().filter
+    monkeypatch.setenv("RANK", "1")
+    assert not keep(_record("pard_train.checkpoint")) and not keep(_record("pard_train"))
+    assert keep(_record("pard_train.checkpoint", all_ranks=True))
+    assert keep(_record("accelerate.state"))  # other libraries decide for themselves
+    monkeypatch.setenv("RANK", "0")
+    assert keep(_record("pard_train.checkpoint"))
+    monkeypatch.delenv("RANK")
+    assert keep(_record("pard_train.checkpoint"))  # a process started alone is rank 0
+
+
+def test_setup_is_idempotent_and_writes_bare_lines_to_stdout(capsys, monkeypatch):
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))  # restored after the test
+    monkeypatch.setattr(root, "level", root.level)
+    setup_logging()
+    setup_logging()
+    ours = [h for h in root.handlers if any(isinstance(f, MainProcessOnly) for f in h.filters)]
+    assert len(ours) == 1
+    logging.getLogger("pard_train.some_module").info("resuming from somewhere (step 3)")
+    monkeypatch.setenv("RANK", "1")
+    logging.getLogger("pard_train.some_module").info("not from rank 1")
+    out = capsys.readouterr().out
+    assert "resuming from somewhere (step 3)\n" in out and "not from rank 1" not in out
+
+
+def test_the_data_cli_defaults_are_the_trainers():
+    config = data_config(build_parser().parse_args(["rows.jsonl", "--tiny"]))
+    defaults = {field.name: field.default for field in fields(DataConfig)}
+    for name in ("max_length", "loss_on", "truncation", "chat_template", "num_proc", "max_bad_fraction", "pack"):
+        assert getattr(config, name) == defaults[name], name
+
+
+def test_the_data_cli_exits_2_on_a_directory_without_a_tokenizer(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        data_main([str(rows), "--tokenizer", str(tmp_path / "empty"), "--no-cache"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("pard_train.data: error: no usable tokenizer in "), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_setup_replaces_a_plain_console_handler_so_no_line_is_printed_twice(capsys, monkeypatch):
+    """Hydra's own logging leaves a plain StreamHandler on the root logger, with no rank filter."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if type(h) is not logging.StreamHandler])
+    monkeypatch.setattr(root, "level", root.level)
+    hydras = logging.StreamHandler()
+    hydras.setFormatter(logging.Formatter("[HYDRA] %(message)s"))
+    root.addHandler(hydras)
+    setup_logging()
+    assert hydras not in root.handlers
+    logging.getLogger("pard_train.x").info("once")
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("once") == 1
