@@ -86,7 +86,7 @@ def prepare_model_files(config: ModelConfig, train_files: list[str]) -> None:
         ensure_converted(config.gguf_package, config.path)
     if config.build_tiny:
         from pard_train.data.dataset import expand_files
-        from pard_train.tiny import ensure_tiny_checkpoint
+        from pard_train.testing.tiny import ensure_tiny_checkpoint
 
         # Read only if the tokenizer is built; any bytes do for its training (the data loader judges the rows).
         texts = (path.read_text(encoding="utf-8", errors="replace") for path in expand_files(train_files))

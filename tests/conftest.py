@@ -80,7 +80,7 @@ def compose(*overrides: str):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random Llama + BPE tokenizer (trained on the offline instruction set), built once per session."""
-    from pard_train.tiny import ensure_tiny_checkpoint
+    from pard_train.testing.tiny import ensure_tiny_checkpoint
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     return ensure_tiny_checkpoint(path, texts=[SELF_INSTRUCT.read_text(encoding="utf-8")])

@@ -10,7 +10,7 @@ import pytest
 from launch import entry
 
 from pard_train.evaluate.partial import PARTIAL_NAME, PartialReportWriter
-from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+from pard_train.testing.tiny_pair import ensure_tiny_pair
 
 PROG = "pard_train.evaluate"
 

@@ -10,7 +10,7 @@ import pard_train.loss as loss_module
 from pard_train.attention import AttentionBackend
 from pard_train.layout import DropTokenSchedule, build_row, collate_rows
 from pard_train.loss import labelled_logits, pard_loss
-from pard_train.tiny import build_tiny_model
+from pard_train.testing.tiny import build_tiny_model
 
 K = 4
 

@@ -9,7 +9,7 @@ from pard_train.evaluate import wallclock
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.report import markdown_report
 from pard_train.evaluate.runner import evaluate
-from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+from pard_train.testing.tiny_pair import ensure_tiny_pair
 
 
 def test_speed_up_is_taken_per_repeat_against_the_target_of_the_same_repeat():

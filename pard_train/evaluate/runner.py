@@ -223,7 +223,7 @@ def evaluate(
     from pard_train.model import load_tokenizer
 
     if config.build_tiny:
-        from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+        from pard_train.testing.tiny_pair import ensure_tiny_pair
 
         ensure_tiny_pair(config.target, config.draft, num_draft_tokens=config.num_draft_tokens or 4)
     if config.threads is not None:

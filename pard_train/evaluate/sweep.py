@@ -97,7 +97,7 @@ def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
     from pard_train.evaluate.runner import evaluate
 
     if config.build_tiny:
-        from pard_train.evaluate.tiny_pair import ensure_tiny_family, ensure_tiny_pair
+        from pard_train.testing.tiny_pair import ensure_tiny_family, ensure_tiny_pair
 
         if config.targets:
             ensure_tiny_family(config.targets, config.draft, num_draft_tokens=4)

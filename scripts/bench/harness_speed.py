@@ -5,7 +5,7 @@ greedy decoding), ``ar`` (an AR draft, K forwards per round) and ``pard`` (one f
 masks per round). Reports target and draft seconds per forward, tokens/s, acceptance length and the speed-up over
 ``target``, and checks that every mode produced the target's greedy tokens.
 
-By default a tiny random target and draft (pard_train.evaluate.tiny_pair, built offline into --cache): random
+By default a tiny random target and draft (pard_train.testing.tiny_pair, built offline into --cache): random
 weights, so the acceptance length means nothing, only the timings do. With ``--smollm2 DIR`` (a SmolLM2-135M-Instruct
 safetensors directory, e.g. the one ``make demo`` converts) the target is that model and the draft is ``--draft DIR``
 (a trained PARD draft), else the target itself: then the ``ar`` mode accepts every draft and the ``pard`` mode shows

@@ -21,8 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "pard_train" / "evaluate" / "benchmarks"
