@@ -155,20 +155,3 @@ def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], models: di
             rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")
     best = max(rows, key=lambda key: rows[key]["expected_speedup"]) if rows else None
     return {"per_k": rows, "recommended_k": None if best is None else int(best)}
-
-
-def recommended_serving(report: dict, draft_path: str = "PATH_TO_DRAFT", target: str | None = None):
-    """``(K, vLLM command)`` recommended by a K-sweep report (for the model card); None if it holds no K sweep.
-
-    With several targets, ``target`` picks one (default: the first swept).
-    """
-    from pard_train.export import vllm_command
-
-    sweep = report.get("k_sweep")
-    if not sweep or not sweep["targets"]:
-        return None
-    entry = sweep["targets"][target] if target else next(iter(sweep["targets"].values()))
-    k = entry["recommended_k"]
-    if k is None:
-        return None
-    return k, vllm_command(draft_path, k).replace("TARGET_MODEL", target or next(iter(sweep["targets"])))
