@@ -9,7 +9,6 @@ measurement during training is :class:`pard_train.evaluators.MeasuredAcceptance`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pard_train.config import Config
@@ -55,7 +54,7 @@ def check_benchmarks(config: Config) -> None:
             load_prompts(benchmark, settings.num_prompts)
 
 
-def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str, log=print) -> dict:
+def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str, log=print):
     """Run the harness with ``draft`` as the PARD draft; write its report under ``<run>/acceptance/<label>``."""
     from pard_train.evaluate.report import write_report
     from pard_train.evaluate.runner import evaluate
@@ -71,19 +70,18 @@ def after_training(config: Config, spec: DraftSpec, final_dir: Path) -> tuple[di
     """Measure the exported draft; with a measurement from before training, write the comparison
     (``<run>/acceptance/before_after.{md,json,png}``). Returns the tracker record and the table for the model card
     (the comparison, or the measurement alone)."""
+    from pard_train.evaluate.eval_report import EvalReport
     from pard_train.evaluate.report import before_after, markdown_table
 
     run_dir = Path(config.run.path)
     after = measure(config, final_dir, spec, "after")
-    record = {
-        f"acceptance_after/{name}": entry["pard"]["acceptance_length"] for name, entry in after["benchmarks"].items()
-    }
+    record = {f"acceptance_after/{name}": after.acceptance_length("pard", name) for name in after.benchmarks}
     before_report = run_dir / "acceptance" / "before" / "report.json"
     if not before_report.exists():
         return record, markdown_table(after)
-    before = json.loads(before_report.read_text())
-    for name, entry in before["benchmarks"].items():
-        record[f"acceptance_before/{name}"] = entry["pard"]["acceptance_length"]
+    before = EvalReport.load(before_report)
+    for name in before.benchmarks:
+        record[f"acceptance_before/{name}"] = before.acceptance_length("pard", name)
     table = before_after(before, after, run_dir / "acceptance")
     print(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
     return record, table

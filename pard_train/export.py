@@ -357,9 +357,10 @@ def _preflight(config: dict, staging: Path, target) -> str | None:
 def _al_table_from(path: Path) -> str:
     """An acceptance table for the model card: a Markdown file as is, or an evaluation ``report.json`` rendered."""
     if path.suffix == ".json":
+        from pard_train.evaluate.eval_report import EvalReport
         from pard_train.evaluate.report import markdown_table
 
-        return markdown_table(json.loads(path.read_text()))
+        return markdown_table(EvalReport.load(path))
     return path.read_text()
 
 

@@ -9,6 +9,7 @@ import json
 import pytest
 from launch import entry
 
+from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.partial import PARTIAL_NAME, PartialReportWriter
 from pard_train.testing.tiny_pair import ensure_tiny_pair
 
@@ -98,8 +99,9 @@ def test_a_partial_report_that_cannot_be_written_warns_once_and_measuring_goes_o
     (tmp_path / "a-file").write_text("x")
     lines: list[str] = []
     writer = PartialReportWriter(tmp_path / "a-file" / "out", log=lines.append)
-    writer({"partial": True})
-    writer({"partial": True})
+    report = EvalReport(config={}, num_draft_tokens=4, environment={}, partial=True)
+    writer(report)
+    writer(report)
     assert len(lines) == 1 and lines[0].startswith("WARNING: could not write"), lines
 
 

@@ -76,10 +76,10 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
         output_dir=str(tmp_path / "eval"),
     )
     report = evaluate(harness, log=lambda *_: None)
-    assert report["feature_capture"] == "vllm"  # feature_capture=null: the capture the draft was trained on
+    assert report.feature_capture == "vllm"  # feature_capture=null: the capture the draft was trained on
     for mode in ("pard", "pard2"):
-        assert report["overall"][mode]["mismatched_prompts"] == 0
-        assert len(report["overall"][mode]["conditional_acceptance"]) == 4
+        assert report.overall[mode]["mismatched_prompts"] == 0
+        assert len(report.overall[mode]["conditional_acceptance"]) == 4
 
     # Re-exported by the CLI, W and the PARD-2 fields come along.
     from pard_train.export import main as export_main

@@ -16,6 +16,8 @@ from dataclasses import replace
 import torch
 
 from pard_train.evaluate.config import EvalConfig
+from pard_train.evaluate.eval_report import EvalReport
+from pard_train.evaluate.session import EvalSession
 
 SPEEDUP_FORMULA = (
     "expected speed-up(K) = AL(K) * t_target(1) / (t_draft(K - 1 + ceil(AL)) + t_target(K + 1)): tokens per round "
@@ -62,14 +64,16 @@ def expected_speedup(al: float, t_draft: float, t_verify: float, t_decode: float
     return al * t_decode / (t_draft + t_verify)
 
 
-def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], models: dict, log) -> dict:
+def _time_k(
+    config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], session: EvalSession, log
+) -> dict:
     """Forward times of the target and the draft at the shapes each K runs, and the expected speed-up per K."""
-    from pard_train.evaluate.runner import load_model, resolve_device, resolve_dtype
+    from pard_train.evaluate.runner import resolve_device, resolve_dtype
 
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    target = load_model(target_path, config, device, dtype, models)
-    draft = load_model(config.draft, config, device, dtype, models)
+    target = session.model(target_path, config, device, dtype)
+    draft = session.model(config.draft, config, device, dtype)
     context, repeats = config.timing_context, config.timing_repeats
     t_decode = forward_seconds(target, context, 1, repeats)
     rows = {}
@@ -105,11 +109,10 @@ def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
             ensure_tiny_pair(config.target, config.draft, num_draft_tokens=4)
     # Each model is loaded once, target-only decoding (independent of K) runs once per target and thinking setting,
     # and a target leaves memory before the next one loads (a family's largest may need all of it).
-    cells, models, timings = [], {}, {}
+    cells, session, timings = [], EvalSession(), {}
     timed = config.enable_thinking and not config.compare_thinking  # K is chosen with thinking off if both ran
     for target in config.targets or [config.target]:
         for thinking in [False, True] if config.compare_thinking else [config.enable_thinking]:
-            target_runs: dict = {}
             for k in config.ks or [config.num_draft_tokens]:
                 log(f"--- target {target}, K={k or 'from draft'}, thinking {'on' if thinking else 'off'}")
                 single = replace(
@@ -122,16 +125,22 @@ def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
                     compare_thinking=False,
                     build_tiny=False,
                 )
-                report = evaluate(single, log=log, models=models, target_runs=target_runs)
-                cell = {"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report}
+                report = evaluate(single, log=log, session=session)
+                # A cell holds its report's JSON: the sweep's report.json nests it as is.
+                cell = {
+                    "target": target,
+                    "k": report.num_draft_tokens,
+                    "thinking": thinking,
+                    "report": report.to_json(),
+                }
                 cells.append(cell)
                 if on_cell is not None:
                     on_cell(cell)
         if config.ks and len(config.ks) > 1:
             swept = [c for c in cells if c["target"] == target and c["thinking"] == timed]
-            timings[target] = _k_sweep_rows(config, target, swept, models, log)
-        for key in [key for key in models if key[0] == target and target != config.draft]:
-            del models[key]
+            timings[target] = _k_sweep_rows(config, target, swept, session, log)
+        if target != config.draft:
+            session.release(target)
     sweep = {
         "kind": "sweep",
         "config": cells[0]["report"]["config"] | {"targets": config.targets, "ks": config.ks},
@@ -144,14 +153,15 @@ def run_sweep(config: EvalConfig, log=print, on_cell=None) -> dict:
     return sweep
 
 
-def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], models: dict, log) -> dict:
+def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], session: EvalSession, log) -> dict:
     """Per K: AL, measured forward times, expected and measured speed-up; and the recommended K."""
     from pard_train.evaluate.sweep_report import pard_al
 
     measured = [(c["k"], pard_al(c["report"])) for c in swept]
-    rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], models, log)
+    rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], session, log)
     for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
         if str(cell["k"]) in rows:
-            rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")
+            pard = EvalReport.from_json(cell["report"]).summary("pard") or {}
+            rows[str(cell["k"])]["measured_speedup"] = pard.get("speedup")
     best = max(rows, key=lambda key: rows[key]["expected_speedup"]) if rows else None
     return {"per_k": rows, "recommended_k": None if best is None else int(best)}

@@ -22,6 +22,7 @@ import torch
 from _common import markdown_table, metadata, write_json
 
 from pard_train.evaluate.config import EvalConfig
+from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.runner import evaluate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,9 +65,9 @@ def tiny_config(args) -> EvalConfig:
     )
 
 
-def rows_of(report: dict) -> list[dict]:
+def rows_of(report: EvalReport) -> list[dict]:
     rows = []
-    for mode, s in report["overall"].items():
+    for mode, s in report.overall.items():
         rows.append(
             {
                 "mode": mode,
@@ -138,21 +139,21 @@ def main(argv=None) -> Path:
     config = smollm2_config(args) if args.smollm2 else tiny_config(args)
     report = evaluate(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     rows = rows_of(report)
-    env = report["environment"]
+    env = report.environment
     name = f"SmolLM2-135M-Instruct ({args.smollm2})" if args.smollm2 else "tiny random pair"
     print(
-        f"\n{name}, draft {config.draft}, K={report['num_draft_tokens']}, {env['device']} {env['dtype']}, "
+        f"\n{name}, draft {config.draft}, K={report.num_draft_tokens}, {env['device']} {env['dtype']}, "
         f"{len(args.benchmarks)} benchmark(s) x {args.num_prompts} prompt(s), up to {args.max_new_tokens} new tokens\n"
     )
     print(table(rows))
     device = torch.device(env["device"])
-    meta = metadata(device, model=name, K=report["num_draft_tokens"], benchmarks=args.benchmarks)
+    meta = metadata(device, model=name, K=report.num_draft_tokens, benchmarks=args.benchmarks)
     meta.update(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, dtype=env["dtype"])
     if device.type != "cuda":
         meta["torch_threads"] = args.threads
     per_benchmark = {
         bench: {mode: {k: v for k, v in s.items() if k != "prompts"} for mode, s in modes.items()}
-        for bench, modes in report["benchmarks"].items()
+        for bench, modes in report.benchmarks.items()
     }
     return write_json(args.out, {"meta": meta, "results": rows, "per_benchmark": per_benchmark})
 
