@@ -3,16 +3,43 @@ same speculative-decoding harness as ``python -m pard_train.evaluate``, and repo
 
 Enabled by ``acceptance.before_training`` / ``acceptance.after_training`` (the ``demo`` preset turns both on).
 Writes ``<run>/acceptance/{before,after}/`` (the harness's report.json, report.md, plots) and
-``<run>/acceptance/before_after.{md,json,png}`` (formatted by :mod:`pard_train.evaluate.report`). Periodic
-measurement during training is :class:`pard_train.evaluators.MeasuredAcceptance`.
+``<run>/acceptance/before_after.{md,json,png}`` (:func:`before_after`). Periodic measurement during training is
+scheduled by :class:`pard_train.evaluators.MeasuredAcceptance`, with the target and prompts from here: this module is
+the one owner of which target, in which dtype, on which prompts acceptance is measured during training.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from pard_train.atomic import atomic_write_text
 from pard_train.config import Config
 from pard_train.model import DraftSpec
+
+
+def target_path(config: Config) -> str:
+    """The target acceptance is measured against: ``acceptance.target``, else the model being trained (self-draft)."""
+    return config.acceptance.target or config.model.path
+
+
+def harness_target(config: Config, device):
+    """The target for measuring during training, loaded as the harness loads models, in its automatic dtype: bf16 on
+    a GPU (as a server runs it; an fp32 8B target would take 32 GB beside the training state), fp32 on the CPU."""
+    from pard_train.evaluate.config import EvalConfig, Mode
+    from pard_train.evaluate.runner import resolve_dtype
+    from pard_train.evaluate.session import EvalSession
+
+    harness = EvalConfig(target=target_path(config), modes=[Mode.target])  # loads the target alone
+    return EvalSession().model(harness.target, harness, device, resolve_dtype(harness, device))
+
+
+def first_turns(config: Config) -> list:
+    """The first turn of each configured benchmark prompt: what periodic measurement decodes."""
+    from pard_train.evaluate.benchmarks import load_prompts
+
+    settings = config.acceptance
+    return [prompt.turns[0] for name in settings.benchmarks for prompt in load_prompts(name, settings.num_prompts)[1]]
 
 
 def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_dir: Path, label: str = "after"):
@@ -28,7 +55,7 @@ def _harness_config(config: Config, draft: str | Path, spec: DraftSpec, output_d
     # decoder is reported lossy: the check runs in fp32. Without it, bf16 on GPUs, as a server runs the models.
     return EvalConfig(
         dtype=DType.fp32 if checked else DType.auto,
-        target=settings.target or config.model.path,
+        target=target_path(config),
         draft=str(draft),
         modes=modes,
         num_draft_tokens=spec.num_draft_tokens,
@@ -60,7 +87,7 @@ def measure(config: Config, draft: str | Path, spec: DraftSpec, label: str, log=
     from pard_train.evaluate.runner import evaluate
 
     output_dir = Path(config.run.path) / "acceptance" / label
-    log(f"measuring acceptance length ({label}) with target {config.acceptance.target or config.model.path}")
+    log(f"measuring acceptance length ({label}) with target {target_path(config)}")
     report = evaluate(_harness_config(config, draft, spec, output_dir, label), log=log)
     write_report(report, output_dir)
     return report
@@ -71,7 +98,7 @@ def after_training(config: Config, spec: DraftSpec, final_dir: Path) -> tuple[di
     (``<run>/acceptance/before_after.{md,json,png}``). Returns the tracker record and the table for the model card
     (the comparison, or the measurement alone)."""
     from pard_train.evaluate.eval_report import EvalReport
-    from pard_train.evaluate.report import before_after, markdown_table
+    from pard_train.evaluate.report import markdown_table
 
     run_dir = Path(config.run.path)
     after = measure(config, final_dir, spec, "after")
@@ -85,3 +112,72 @@ def after_training(config: Config, spec: DraftSpec, final_dir: Path) -> tuple[di
     table = before_after(before, after, run_dir / "acceptance")
     print(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
     return record, table
+
+
+def before_after(before, after, output_dir: str | Path) -> str:
+    """The untrained draft against the trained one (two :class:`EvalReport`): a Markdown table (AL per benchmark,
+    acceptance per draft position), its JSON and a PNG in ``output_dir``; returns the Markdown."""
+    from pard_train.evaluate.report import pct
+
+    output_dir = Path(output_dir)
+    rows = {}
+    for name in [*after.benchmarks, None]:
+        b, a = before.summary("pard", name), after.summary("pard", name)
+        rows[name or "all"] = {
+            "before": b["acceptance_length"],
+            "after": a["acceptance_length"],
+            "before_by_position": b["conditional_acceptance"],
+            "after_by_position": a["conditional_acceptance"],
+        }
+    k = after.num_draft_tokens
+    lines = [
+        "| benchmark | AL before | AL after | gain |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
+            for name, r in rows.items()
+        ),
+        "",
+        "Conditional acceptance per draft position (all benchmarks): P(position i accepted | positions < i accepted)",
+        "",
+        "| position | " + " | ".join(str(i + 1) for i in range(k)) + " |",
+        "|---|" + "---|" * k,
+        "| before | " + " | ".join(pct(v) for v in rows["all"]["before_by_position"]) + " |",
+        "| after | " + " | ".join(pct(v) for v in rows["all"]["after_by_position"]) + " |",
+    ]
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(output_dir / "before_after.md", markdown)
+    atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
+    _plot_before_after(rows, k, output_dir / "before_after.png")
+    return markdown
+
+
+def _plot_before_after(rows: dict, k: int, path: Path) -> None:
+    import matplotlib
+
+    from pard_train.evaluate.report import save_png
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(rows)
+    width = 0.38
+    for offset, key in ((-width / 2, "before"), (width / 2, "after")):
+        left.bar([i + offset for i in range(len(names))], [rows[n][key] or 0 for n in names], width, label=key)
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("acceptance length (tokens per target forward)")
+    left.set_title("PARD acceptance length")
+    left.legend(loc="lower right")
+    positions = range(1, k + 1)
+    for key in ("before_by_position", "after_by_position"):
+        values = [v if v is not None else float("nan") for v in rows["all"][key]]
+        right.plot(positions, values, marker="o", label=key.split("_")[0])
+    right.set_xticks(list(positions))
+    right.set_ylim(0, 1)
+    right.set_xlabel("draft position")
+    right.set_ylabel("conditional acceptance")
+    right.set_title("Acceptance per draft position (all benchmarks)")
+    right.legend()
+    figure.tight_layout()
+    save_png(figure, path)

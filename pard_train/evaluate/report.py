@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pard_train.atomic import atomic_write_bytes, atomic_write_text
+from pard_train.atomic import atomic_write_bytes
 from pard_train.evaluate.config import Mode
 from pard_train.evaluate.eval_report import EvalReport
 
@@ -96,7 +96,7 @@ def wallclock_markdown(report: EvalReport) -> str:
         rate, speed = entry["tokens_per_s"], entry.get("speedup")
         expected = entry.get("expected")
         lines.append(
-            f"| {mode} | {rate['median']:.1f} | {rate['min']:.1f}–{rate['max']:.1f} | {_pct(rate['spread'])} | "
+            f"| {mode} | {rate['median']:.1f} | {rate['min']:.1f}–{rate['max']:.1f} | {pct(rate['spread'])} | "
             + (f"{speed['median']:.2f}x | {speed['min']:.2f}–{speed['max']:.2f} | " if speed else "– | – | ")
             + (f"{expected['expected_speedup']:.2f}x | {expected['summary']} |" if expected else "– | |")
         )
@@ -232,72 +232,5 @@ def load_report(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-# Acceptance around training: the untrained draft against the trained one (``pard_train.acceptance``).
-
-
-def before_after(before: EvalReport, after: EvalReport, output_dir: str | Path) -> str:
-    """A Markdown table (AL per benchmark, acceptance per draft position) and a PNG; returns the Markdown."""
-    output_dir = Path(output_dir)
-    rows = {}
-    for name in [*after.benchmarks, None]:
-        b, a = before.summary("pard", name), after.summary("pard", name)
-        rows[name or "all"] = {
-            "before": b["acceptance_length"],
-            "after": a["acceptance_length"],
-            "before_by_position": b["conditional_acceptance"],
-            "after_by_position": a["conditional_acceptance"],
-        }
-    k = after.num_draft_tokens
-    lines = [
-        "| benchmark | AL before | AL after | gain |",
-        "|---|---|---|---|",
-        *(
-            f"| {name} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
-            for name, r in rows.items()
-        ),
-        "",
-        "Conditional acceptance per draft position (all benchmarks): P(position i accepted | positions < i accepted)",
-        "",
-        "| position | " + " | ".join(str(i + 1) for i in range(k)) + " |",
-        "|---|" + "---|" * k,
-        "| before | " + " | ".join(_pct(v) for v in rows["all"]["before_by_position"]) + " |",
-        "| after | " + " | ".join(_pct(v) for v in rows["all"]["after_by_position"]) + " |",
-    ]
-    markdown = "\n".join(lines) + "\n"
-    atomic_write_text(output_dir / "before_after.md", markdown)
-    atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
-    _plot_before_after(rows, k, output_dir / "before_after.png")
-    return markdown
-
-
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
-
-
-def _plot_before_after(rows: dict, k: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(rows)
-    width = 0.38
-    for offset, key in ((-width / 2, "before"), (width / 2, "after")):
-        left.bar([i + offset for i in range(len(names))], [rows[n][key] or 0 for n in names], width, label=key)
-    left.set_xticks(range(len(names)), names)
-    left.set_ylabel("acceptance length (tokens per target forward)")
-    left.set_title("PARD acceptance length")
-    left.legend(loc="lower right")
-    positions = range(1, k + 1)
-    for key in ("before_by_position", "after_by_position"):
-        values = [v if v is not None else float("nan") for v in rows["all"][key]]
-        right.plot(positions, values, marker="o", label=key.split("_")[0])
-    right.set_xticks(list(positions))
-    right.set_ylim(0, 1)
-    right.set_xlabel("draft position")
-    right.set_ylabel("conditional acceptance")
-    right.set_title("Acceptance per draft position (all benchmarks)")
-    right.legend()
-    figure.tight_layout()
-    save_png(figure, path)
