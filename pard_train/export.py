@@ -368,7 +368,7 @@ def _with_k_sweep(al_table: str | None, args, trained_k: int) -> str | None:
     """The card's acceptance section plus, with ``--k-sweep``, the sweep's recommended K and its vLLM command."""
     if not args.k_sweep:
         return al_table
-    from pard_train.evaluate.report import load_report
+    from pard_train.evaluate.eval_report import load_report
 
     recommended = recommended_serving(load_report(args.k_sweep), str(Path(args.output).resolve()))
     if recommended is None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pard_train.evaluate.eval_report import EvalReport
-from pard_train.evaluate.report import MODE_ORDER, fmt, load_report
+from pard_train.evaluate.eval_report import EvalReport, load_report
+from pard_train.evaluate.report import MODE_ORDER, fmt
 
 
 def compare_table(reports: dict[str, EvalReport]) -> str:

@@ -74,6 +74,13 @@ class EvalReport:
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:
         """From ``report.json`` or a run directory holding one."""
-        from pard_train.evaluate.report import load_report
-
         return cls.from_json(load_report(path))
+
+
+def load_report(run_dir: str | Path) -> dict:
+    """The JSON of an evaluation or a sweep report (``EvalReport.load`` types an evaluation's)."""
+    path = Path(run_dir)
+    path = path if path.suffix == ".json" else path / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass an evaluation run directory (with report.json)")
+    return json.loads(path.read_text())

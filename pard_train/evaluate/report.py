@@ -5,7 +5,6 @@ half written."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -221,15 +220,6 @@ def _speedup(stats: AcceptanceStats, baseline: AcceptanceStats | None) -> float 
     if baseline is None or not stats.wall_seconds or not baseline.wall_seconds or not baseline.generated_tokens:
         return None
     return (stats.generated_tokens / stats.wall_seconds) / (baseline.generated_tokens / baseline.wall_seconds)
-
-
-def load_report(run_dir: str | Path) -> dict:
-    """The JSON of an evaluation or a sweep report (``EvalReport.load`` types an evaluation's)."""
-    path = Path(run_dir)
-    path = path if path.suffix == ".json" else path / "report.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass an evaluation run directory (with report.json)")
-    return json.loads(path.read_text())
 
 
 def pct(value: float | None) -> str:

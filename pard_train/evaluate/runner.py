@@ -338,7 +338,7 @@ def wallclock_section(
 ) -> dict:
     """Tokens/s per mode over the repeats, speed-up over target-only, and the expected speed-up beside it."""
     from pard_train.evaluate import wallclock
-    from pard_train.evaluate.sweep import forward_seconds
+    from pard_train.evaluate.forward_timing import forward_seconds
 
     section = {
         "repeats": config.repeats,
