@@ -86,6 +86,20 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return ensure_tiny_checkpoint(path, texts=[SELF_INSTRUCT.read_text(encoding="utf-8")])
 
 
+@pytest.fixture(scope="session")
+def uninterrupted_tiny(tiny_checkpoint, tmp_path_factory) -> dict:
+    """Final weights of the tiny preset trained ``RESUME_STEPS`` without a stop, in a subprocess: what the resume and
+    run-integrity tests compare to bit for bit. Trained once per session (it was once per file)."""
+    from launch import RESUME_STEPS, start, tiny_overrides
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("straight")
+    log = root / "log.txt"
+    rc = start(tiny_overrides(tiny_checkpoint, root, *RESUME_STEPS), log=log).wait(timeout=300)
+    assert rc == 0, log.read_text()[-3000:]
+    return load_file(str(root / "tiny" / "final" / "model.safetensors"))
+
+
 @pytest.fixture
 def fresh_compile():
     """Forget what torch.compile saw in earlier tests. transformers compiles flex_attention with automatic dynamic

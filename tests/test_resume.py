@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from launch import REPO, env, records, start, tiny_overrides, wait_for
+from launch import REPO, RESUME_STEPS, env, records, start, tiny_overrides, wait_for
 from safetensors.torch import load_file
 
 from pard_train.checkpoint import COMPLETE, Checkpoints, ResumeError, TrainState, check_resumable
 
-STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+STEPS = RESUME_STEPS
 
 
 def final_weights(run_dir):
@@ -30,11 +30,9 @@ def assert_bitwise_equal(a, b):
     assert different == [], f"parameters that differ from the uninterrupted run: {different}"
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("straight")
-    assert start(tiny_overrides(tiny_checkpoint, root, *STEPS), log=root / "log.txt").wait(timeout=300) == 0
-    return final_weights(root / "tiny")
+@pytest.fixture
+def uninterrupted(uninterrupted_tiny):
+    return uninterrupted_tiny  # trained once per session, shared with test_run_integrity.py
 
 
 @pytest.mark.slow
