@@ -3,8 +3,9 @@ same speculative-decoding harness as ``python -m pard_train.evaluate``, and repo
 
 Enabled by ``acceptance.before_training`` / ``acceptance.after_training`` (the ``demo`` preset turns both on).
 Writes ``<run>/acceptance/{before,after}/`` (the harness's report.json, report.md, plots) and
-``<run>/acceptance/before_after.{md,json,png}`` (formatted by :mod:`pard_train.evaluate.report`). Periodic
-measurement during training is :class:`pard_train.evaluators.MeasuredAcceptance`.
+``<run>/acceptance/before_after.{md,json,png}`` (:func:`before_after`). Periodic measurement during training is
+scheduled by :class:`pard_train.evaluators.MeasuredAcceptance`, with the target and prompts from here: this module is
+the one owner of which target, in which dtype, on which prompts acceptance is measured during training.
 """
 
 from __future__ import annotations
@@ -13,10 +14,29 @@ import json
 import logging
 from pathlib import Path
 
+from pard_train.atomic import atomic_write_text
 from pard_train.config import AcceptanceConfig
 from pard_train.model import DraftSpec
 
 logger = logging.getLogger(__name__)
+
+
+def harness_target(target: str, device):
+    """The target for measuring during training, loaded as the harness loads models, in its automatic dtype: bf16 on
+    a GPU (as a server runs it; an fp32 8B target would take 32 GB beside the training state), fp32 on the CPU."""
+    from pard_train.evaluate.config import EvalConfig, Mode
+    from pard_train.evaluate.runner import resolve_dtype
+    from pard_train.evaluate.session import EvalSession
+
+    harness = EvalConfig(target=target, modes=[Mode.target])  # loads the target alone
+    return EvalSession().model(harness.target, harness, device, resolve_dtype(harness, device))
+
+
+def first_turns(settings: AcceptanceConfig) -> list:
+    """The first turn of each configured benchmark prompt: what periodic measurement decodes."""
+    from pard_train.evaluate.benchmarks import load_prompts
+
+    return [prompt.turns[0] for name in settings.benchmarks for prompt in load_prompts(name, settings.num_prompts)[1]]
 
 
 def _harness_config(
@@ -58,9 +78,7 @@ def check_benchmarks(settings: AcceptanceConfig) -> None:
             load_prompts(benchmark, settings.num_prompts)
 
 
-def measure(
-    settings: AcceptanceConfig, target: str, run_dir: Path, draft: str | Path, spec: DraftSpec, label: str
-) -> dict:
+def measure(settings: AcceptanceConfig, target: str, run_dir: Path, draft: str | Path, spec: DraftSpec, label: str):
     """Run the harness with ``draft`` as the PARD draft against ``target`` (``acceptance.target``, else
     ``model.path``); write its report under ``<run_dir>/acceptance/<label>``."""
     from pard_train.evaluate.report import write_report
@@ -79,19 +97,87 @@ def after_training(
     """Measure the exported draft; with a measurement from before training, write the comparison
     (``<run>/acceptance/before_after.{md,json,png}``). Returns the tracker record and the table for the model card
     (the comparison, or the measurement alone)."""
-    from pard_train.evaluate.report import before_after, markdown_table
+    from pard_train.evaluate.eval_report import EvalReport
+    from pard_train.evaluate.report import markdown_table
 
     run_dir = Path(run_dir)
     after = measure(settings, target, run_dir, final_dir, spec, "after")
-    record = {
-        f"acceptance_after/{name}": entry["pard"]["acceptance_length"] for name, entry in after["benchmarks"].items()
-    }
+    record = {f"acceptance_after/{name}": after.acceptance_length("pard", name) for name in after.benchmarks}
     before_report = run_dir / "acceptance" / "before" / "report.json"
     if not before_report.exists():
         return record, markdown_table(after)
-    before = json.loads(before_report.read_text())
-    for name, entry in before["benchmarks"].items():
-        record[f"acceptance_before/{name}"] = entry["pard"]["acceptance_length"]
+    before = EvalReport.load(before_report)
+    for name in before.benchmarks:
+        record[f"acceptance_before/{name}"] = before.acceptance_length("pard", name)
     table = before_after(before, after, run_dir / "acceptance")
     logger.info(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
     return record, table
+
+
+def before_after(before, after, output_dir: str | Path) -> str:
+    """The untrained draft against the trained one (two :class:`EvalReport`): a Markdown table (AL per benchmark,
+    acceptance per draft position), its JSON and a PNG in ``output_dir``; returns the Markdown."""
+    from pard_train.evaluate.report import pct
+
+    output_dir = Path(output_dir)
+    rows = {}
+    for name in [*after.benchmarks, None]:
+        b, a = before.summary("pard", name), after.summary("pard", name)
+        rows[name or "all"] = {
+            "before": b["acceptance_length"],
+            "after": a["acceptance_length"],
+            "before_by_position": b["conditional_acceptance"],
+            "after_by_position": a["conditional_acceptance"],
+        }
+    k = after.num_draft_tokens
+    lines = [
+        "| benchmark | AL before | AL after | gain |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
+            for name, r in rows.items()
+        ),
+        "",
+        "Conditional acceptance per draft position (all benchmarks): P(position i accepted | positions < i accepted)",
+        "",
+        "| position | " + " | ".join(str(i + 1) for i in range(k)) + " |",
+        "|---|" + "---|" * k,
+        "| before | " + " | ".join(pct(v) for v in rows["all"]["before_by_position"]) + " |",
+        "| after | " + " | ".join(pct(v) for v in rows["all"]["after_by_position"]) + " |",
+    ]
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(output_dir / "before_after.md", markdown)
+    atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
+    _plot_before_after(rows, k, output_dir / "before_after.png")
+    return markdown
+
+
+def _plot_before_after(rows: dict, k: int, path: Path) -> None:
+    import matplotlib
+
+    from pard_train.evaluate.report import save_png
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(rows)
+    width = 0.38
+    for offset, key in ((-width / 2, "before"), (width / 2, "after")):
+        left.bar([i + offset for i in range(len(names))], [rows[n][key] or 0 for n in names], width, label=key)
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("acceptance length (tokens per target forward)")
+    left.set_title("PARD acceptance length")
+    left.legend(loc="lower right")
+    positions = range(1, k + 1)
+    for key in ("before_by_position", "after_by_position"):
+        values = [v if v is not None else float("nan") for v in rows["all"][key]]
+        right.plot(positions, values, marker="o", label=key.split("_")[0])
+    right.set_xticks(list(positions))
+    right.set_ylim(0, 1)
+    right.set_xlabel("draft position")
+    right.set_ylabel("conditional acceptance")
+    right.set_title("Acceptance per draft position (all benchmarks)")
+    right.legend()
+    figure.tight_layout()
+    save_png(figure, path)

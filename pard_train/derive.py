@@ -138,7 +138,8 @@ def parse_keep(text: str) -> int | list[int]:
     return [int(part) for part in parts]
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m pard_train.derive SOURCE OUTPUT KEEP``: derive once, print the output directory."""
     import sys
 
     if len(sys.argv) != 4:
@@ -148,3 +149,7 @@ if __name__ == "__main__":
     except (ConfigError, ValueError) as error:
         print(f"pard_train.derive: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -163,22 +163,15 @@ class MeasuredAcceptance:
     selects_best = True
 
     def __init__(self, settings: AcceptanceConfig, target: str, tokenizer, spec: DraftSpec, method, accelerator):
-        from pard_train.config import AttentionBackend
-        from pard_train.evaluate.benchmarks import load_prompts
-        from pard_train.model import load_causal_lm
+        from pard_train import acceptance  # the owner of the target, its dtype and the prompts
 
         self.settings, self.tokenizer, self.spec, self.accelerator = settings, tokenizer, spec, accelerator
         self.method = method
         self.every = settings.every_steps
         self.target, self.prompts = None, []
         if accelerator.is_main_process:
-            # The target only runs inference: in bf16 on a GPU (as a server runs it; an fp32 8B target would take
-            # 32 GB of rank 0's GPU beside the training state), fp32 on CPU.
-            dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-            model = load_causal_lm(target, AttentionBackend.sdpa, dtype)
-            self.target = model.to(accelerator.device).eval()
-            for name in settings.benchmarks:
-                self.prompts += [prompt.turns[0] for prompt in load_prompts(name, settings.num_prompts)[1]]
+            self.target = acceptance.harness_target(target, accelerator.device)
+            self.prompts = acceptance.first_turns(settings)
 
     def run(self, model) -> dict[str, float]:
         from accelerate.utils import broadcast_object_list

@@ -32,25 +32,13 @@ from pard_train.errors import ExportError, PardTrainError
 from pard_train.logs import setup_logging
 from pard_train.mask_token import validate_mask_token
 from pard_train.model import DraftSpec, embedding_rows
+from pard_train.serving import recommended_serving, speculative_config, vllm_command
 from pard_train.serving_check import ServingCheckError, TargetShape, check_config
 from pard_train.vocab import check_target_vocabulary, pad_vocabulary
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def _speculative_config(path: str, num_draft_tokens: int) -> dict:
-    return {
-        "model": path,
-        "method": "draft_model",
-        "parallel_drafting": True,
-        "num_speculative_tokens": num_draft_tokens,
-    }
-
-
-def vllm_command(path: str, num_draft_tokens: int) -> str:
-    return f"vllm serve TARGET_MODEL --speculative-config '{json.dumps(_speculative_config(path, num_draft_tokens))}'"
 
 
 def _plain(value):
@@ -228,7 +216,7 @@ class ModelCard:
             "```",
             "",
             "or in Python: `LLM(model=TARGET_MODEL, speculative_config="
-            + json.dumps(_speculative_config("PATH_TO_THIS_DIRECTORY", served))
+            + json.dumps(speculative_config("PATH_TO_THIS_DIRECTORY", served))
             + ")`.",
             "",
             *self._method_lines(),
@@ -371,9 +359,10 @@ def _preflight(config: dict, staging: Path, target) -> str | None:
 def _al_table_from(path: Path) -> str:
     """An acceptance table for the model card: a Markdown file as is, or an evaluation ``report.json`` rendered."""
     if path.suffix == ".json":
+        from pard_train.evaluate.eval_report import EvalReport
         from pard_train.evaluate.report import markdown_table
 
-        return markdown_table(json.loads(path.read_text()))
+        return markdown_table(EvalReport.load(path))
     return path.read_text()
 
 
@@ -381,8 +370,7 @@ def _with_k_sweep(al_table: str | None, args, trained_k: int) -> str | None:
     """The card's acceptance section plus, with ``--k-sweep``, the sweep's recommended K and its vLLM command."""
     if not args.k_sweep:
         return al_table
-    from pard_train.evaluate.report import load_report
-    from pard_train.evaluate.sweep import recommended_serving
+    from pard_train.evaluate.eval_report import load_report
 
     recommended = recommended_serving(load_report(args.k_sweep), str(Path(args.output).resolve()))
     if recommended is None:

@@ -52,7 +52,8 @@ def ensure_converted(package: str, directory: str | Path) -> Path:
     return directory
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m pard_train.gguf PACKAGE DIRECTORY``: convert once, print the directory."""
     import sys
 
     if len(sys.argv) != 3:
@@ -61,3 +62,7 @@ if __name__ == "__main__":
         print(ensure_converted(sys.argv[1], sys.argv[2]))
     except PardTrainError as error:
         sys.exit(f"pard_train.gguf: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ from pathlib import Path
 from pard_train import draft_format
 from pard_train.config import FeatureCapture
 from pard_train.errors import PardTrainError
+from pard_train.serving import vllm_command
 
 PARD2_ARCHITECTURES = ("llama", "qwen3")
 """``model_type`` values the PARD-2 branch builds a TD draft for (``vllm/model_executor/models/pard2_base.py`` and
@@ -218,6 +219,4 @@ def check_serving(draft: str | Path, target=None) -> list[str]:
     config = json.loads((directory / draft_format.CONFIG_FILE).read_text())
     lines = check_config(config, directory, TargetShape.of(target))
     served = draft_format.read(directory).served_k
-    from pard_train.export import vllm_command
-
     return [*lines, f"ok: {vllm_command(str(directory.resolve()), served)}"]

@@ -46,7 +46,8 @@ from pard_train.loss import DepthStats
 from pard_train.loss_guard import LossGuard
 from pard_train.lr_schedule import build_scheduler, continue_with_peak_lr
 from pard_train.methods import build_method
-from pard_train.model import load_draft, prepare_model_files
+from pard_train.model import load_draft
+from pard_train.model_files import prepare_model_files
 from pard_train.model_identity import model_fingerprint
 from pard_train.runlock import hold_run_lock
 from pard_train.signals import StopSignals

@@ -1,4 +1,6 @@
-"""Shared fixtures: the Hydra config directory and a tiny offline model checkpoint."""
+"""Shared fixtures (the Hydra config directory, a tiny offline model checkpoint) and the test kinds: every test is
+``unit`` or ``integration`` (by the lists below, so that test files need not move), and ``gpu`` tests skip without a
+device. ``pytest -m unit`` is the quick loop; ``pytest -m integration`` runs whole programs."""
 
 from __future__ import annotations
 
@@ -14,6 +16,53 @@ SELF_INSTRUCT = REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Integration: every test in these files runs a whole program (the trainer end to end, a CLI or script, several
+# processes, a SLURM cluster, a real model). A test marked ``slow`` elsewhere is integration too; the rest are unit
+# tests, which call a module's functions in process. A new file is unit unless it is named here.
+INTEGRATION_FILES = frozenset(
+    {
+        "test_acceptance.py",
+        "test_benchmarks_smoke.py",
+        "test_bf16_cpu.py",
+        "test_demo.py",
+        "test_distributed.py",
+        "test_gpu_check.py",
+        "test_pard2_train.py",
+        "test_recipes_offline.py",
+        "test_recipes_regenerate.py",
+        "test_resume.py",
+        "test_run_identity.py",
+        "test_run_integrity.py",
+        "test_slurm.py",
+        "test_teardown.py",
+        "test_tracking.py",
+        "test_train_tiny.py",
+        "test_user_errors.py",
+    }
+)
+
+
+def kind_of(item: pytest.Item) -> str:
+    """``integration`` or ``unit`` for a collected test (an explicit marker wins)."""
+    for kind in ("integration", "unit"):
+        if item.get_closest_marker(kind) is not None:
+            return kind
+    if item.path.name in INTEGRATION_FILES or item.get_closest_marker("slow") is not None:
+        return "integration"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    for item in items:
+        item.add_marker(kind_of(item))
+    if gpu_tests:
+        import torch  # only when a gpu test was collected: torch's import is seconds on a loaded CPU
+
+        if not torch.cuda.is_available():
+            for item in gpu_tests:
+                item.add_marker(pytest.mark.skip(reason="gpu: needs a CUDA or ROCm device"))
 
 
 def compose(*overrides: str):
@@ -31,10 +80,24 @@ def compose(*overrides: str):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random Llama + BPE tokenizer (trained on the offline instruction set), built once per session."""
-    from pard_train.tiny import ensure_tiny_checkpoint
+    from pard_train.testing.tiny import ensure_tiny_checkpoint
 
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     return ensure_tiny_checkpoint(path, texts=[SELF_INSTRUCT.read_text(encoding="utf-8")])
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_tiny(tiny_checkpoint, tmp_path_factory) -> dict:
+    """Final weights of the tiny preset trained ``RESUME_STEPS`` without a stop, in a subprocess: what the resume and
+    run-integrity tests compare to bit for bit. Trained once per session (it was once per file)."""
+    from launch import RESUME_STEPS, start, tiny_overrides
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("straight")
+    log = root / "log.txt"
+    rc = start(tiny_overrides(tiny_checkpoint, root, *RESUME_STEPS), log=log).wait(timeout=300)
+    assert rc == 0, log.read_text()[-3000:]
+    return load_file(str(root / "tiny" / "final" / "model.safetensors"))
 
 
 @pytest.fixture

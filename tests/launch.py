@@ -33,6 +33,11 @@ def tiny_overrides(tiny_checkpoint: Path, root: Path, *extra: str) -> list[str]:
     ]
 
 
+# The stop-and-resume runs' length and checkpoints (tests/test_resume.py, tests/test_run_integrity.py): both compare to
+# one uninterrupted run of these steps (the session fixture ``uninterrupted_tiny`` in conftest.py).
+RESUME_STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+
+
 def env() -> dict[str, str]:
     # One process per core at most; DeepSpeed's comm op is JIT-built once into the default shared extensions cache.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}

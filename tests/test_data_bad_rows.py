@@ -10,7 +10,7 @@ import pytest
 
 from pard_train.config import DataConfig, DataSource, LossOn, Truncation
 from pard_train.data import DataError, build_data
-from pard_train.data.templates import build_family_tokenizer
+from pard_train.testing.family_tokenizer import build_family_tokenizer
 
 
 def _good(i: int) -> str:

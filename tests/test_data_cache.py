@@ -14,7 +14,7 @@ from conftest import REPO
 from pard_train.config import DataConfig, LossOn
 from pard_train.data import build_data
 from pard_train.data.cache_manifest import MANIFEST, verify, write_manifest
-from pard_train.data.templates import build_family_tokenizer
+from pard_train.testing.family_tokenizer import build_family_tokenizer
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}

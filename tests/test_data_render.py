@@ -8,7 +8,7 @@ import pytest
 from pard_train.config import DataFormat, LossOn
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.render import UNSTABLE, TemplateError, check_template, render
-from pard_train.data.templates import FAMILY_TOKENS, build_family_tokenizer
+from pard_train.testing.family_tokenizer import FAMILY_TOKENS, build_family_tokenizer
 
 FAMILIES = ["llama3", "chatml"]
 SYSTEM = "You are terse."

@@ -10,8 +10,8 @@ import pytest
 from conftest import compose
 
 from pard_train.config import DataConfig, DataFormat, DataSource, to_config
-from pard_train.data import build_data, build_packed_rows
-from pard_train.data.templates import build_family_tokenizer
+from pard_train.data import build_data
+from pard_train.testing.family_tokenizer import build_family_tokenizer
 
 
 def _rows(tag: str, count: int) -> list[dict]:
@@ -76,8 +76,9 @@ def test_validation_files_and_the_split_argument(tmp_path, tokenizer):
         pack=False,
         cache_dir=str(tmp_path / "cache"),
     )
-    assert set(_tags(build_packed_rows(config, tokenizer, split="validation"), tokenizer)) == {"beta"}
-    assert _tags(build_packed_rows(config, tokenizer), tokenizer).count("alpha") == 6
+    data = build_data(config, tokenizer)
+    assert set(_tags(data.validation, tokenizer)) == {"beta"}
+    assert _tags(data.train, tokenizer).count("alpha") == 6
 
 
 def test_a_model_without_template_uses_the_configured_one(tmp_path):

@@ -98,7 +98,8 @@ def test_the_derived_checkpoint_reloads_with_plain_transformers_and_matches_the_
 
 def test_the_trainer_derives_the_draft_once_and_loads_it(tiny_checkpoint, tmp_path):
     from pard_train.attention import AttentionBackend
-    from pard_train.model import load_draft, prepare_model_files
+    from pard_train.model import load_draft
+    from pard_train.model_files import prepare_model_files
 
     derived = tmp_path / "draft"
     config = ModelConfig(path=str(tiny_checkpoint), keep_layers=[1], derived_path=str(derived))

@@ -6,6 +6,7 @@ the full weights."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,17 +25,24 @@ def _train(overrides, log, nproc=2) -> None:
     assert rc == 0, log.read_text()[-3000:]
 
 
+@pytest.fixture(scope="module")
+def one(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The single-process reference, trained once for both stages (it uses no DeepSpeed): same rows per optimizer
+    step, 2 ranks x 1 micro-batch of 2 rows == 1 rank x 2 accumulated micro-batches."""
+    root = tmp_path_factory.mktemp("one")
+    single = [*STEPS, "train.max_steps=6", "train.grad_accum_steps=2"]
+    _train(tiny_overrides(tiny_checkpoint, root, *single), root / "one.txt", nproc=1)
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_processes_match_one_process_resume_and_export(stage, tiny_checkpoint, tmp_path):
-    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+def test_two_processes_match_one_process_resume_and_export(stage, one, tiny_checkpoint, tmp_path):
+    two, resumed = tmp_path / "two", tmp_path / "resumed"
     log = tmp_path / f"{stage}.txt"
     _train(tiny_overrides(tiny_checkpoint, two, *STEPS, "train.max_steps=6", f"deepspeed={stage}"), log)
     if stage == "zero2":
         assert "replicas agree: 2 processes hold identical parameters" in log.read_text()
-    # Same rows per optimizer step: 2 ranks x 1 micro-batch of 2 rows == 1 rank x 2 accumulated micro-batches.
-    single = [*STEPS, "train.max_steps=6", "train.grad_accum_steps=2"]
-    _train(tiny_overrides(tiny_checkpoint, one, *single), tmp_path / "one.txt", nproc=1)
 
     distributed, reference = records(two / "tiny"), records(one / "tiny")
     assert [r["step"] for r in distributed] == [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]

@@ -20,13 +20,13 @@ from transformers import AutoModelForCausalLM
 from pard_train import draft_format
 from pard_train.config import FeatureCapture, to_config
 from pard_train.draft_format import DraftFormat, DraftFormatError, Pard2Fields
-from pard_train.evaluate.tiny_pair import build_pair
 from pard_train.export import export_draft, training_recipe
 from pard_train.export import main as export_main
 from pard_train.mask_token import choose_mask_token
 from pard_train.model import DraftSpec
 from pard_train.serving_check import check_serving
-from pard_train.tiny import build_tiny_model
+from pard_train.testing.tiny import build_tiny_model
+from pard_train.testing.tiny_pair import build_pair
 
 K = 4
 LAYERS = (-1, -2)

@@ -10,8 +10,9 @@ import logging
 import pytest
 from launch import entry
 
+from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.partial import PARTIAL_NAME, PartialReportWriter
-from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+from pard_train.testing.tiny_pair import ensure_tiny_pair
 
 PROG = "pard_train.evaluate"
 
@@ -99,8 +100,9 @@ def test_a_partial_report_that_cannot_be_written_warns_once_and_measuring_goes_o
     (tmp_path / "a-file").write_text("x")
     caplog.set_level(logging.INFO, logger="pard_train")
     writer = PartialReportWriter(tmp_path / "a-file" / "out")
-    writer({"partial": True})
-    writer({"partial": True})
+    report = EvalReport(config={}, num_draft_tokens=4, environment={}, partial=True)
+    writer(report)
+    writer(report)
     lines = caplog.messages
     assert len(lines) == 1 and lines[0].startswith("WARNING: could not write"), lines
 

@@ -8,7 +8,7 @@ import json
 
 from launch import entry, one_error_line
 
-from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+from pard_train.testing.tiny_pair import ensure_tiny_pair
 
 PROG = "pard_train.evaluate"
 

@@ -14,7 +14,7 @@ from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, build_row, collat
 from pard_train.loss import SUPPORTED_ARCHITECTURES, labelled_hidden, labelled_logits
 from pard_train.methods.pard import pard_loss
 from pard_train.model import load_draft
-from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
+from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 VOCAB, K = 160, 4
 SHAPE = dict(
@@ -150,7 +150,7 @@ def _tokenizer(kind: str):
     """``(tokenizer, embedding rows, what the chooser should pick)`` for each tokenizer kind buildable offline."""
     from transformers import PreTrainedTokenizerFast
 
-    from pard_train.tiny import train_byte_level_bpe
+    from pard_train.testing.tiny import train_byte_level_bpe
 
     if kind == "llama3_reserved":  # byte-level BPE with reserved special tokens, no spare rows
         tokenizer = build_tiny_tokenizer()

@@ -20,7 +20,7 @@ from pard_train.evaluate.speculative import speculative_generate
 from pard_train.layout import IGNORE_INDEX, build_row, collate_rows, dense_attention_mask
 from pard_train.methods.pard2 import anchor_features
 from pard_train.methods.teacher import Teacher
-from pard_train.tiny import build_tiny_model
+from pard_train.testing.tiny import build_tiny_model
 
 K, VOCAB, MASK = 4, 128, 127
 LAYERS = [-1, -2, -4]

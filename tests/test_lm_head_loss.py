@@ -18,7 +18,7 @@ from launch import REPO
 
 from pard_train.lm_head_loss import chunked_head_loss, project_logits
 from pard_train.methods.pard2 import _kd
-from pard_train.tiny import build_tiny_model
+from pard_train.testing.tiny import build_tiny_model
 
 VOCAB, WIDTH, TOKENS = 96, 64, 53
 
@@ -167,7 +167,7 @@ _PEAK = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from pard_train.lm_head_loss import chunked_head_loss
-    from pard_train.tiny import build_tiny_model
+    from pard_train.testing.tiny import build_tiny_model
 
     torch.set_num_threads(1)
     tokens, vocab, width, chunk = (int(a) for a in sys.argv[1:5])

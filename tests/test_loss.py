@@ -11,7 +11,7 @@ from pard_train.attention import AttentionBackend
 from pard_train.layout import DropTokenSchedule, build_row, collate_rows
 from pard_train.loss import labelled_logits
 from pard_train.methods.pard import pard_loss
-from pard_train.tiny import build_tiny_model
+from pard_train.testing.tiny import build_tiny_model
 
 K = 4
 

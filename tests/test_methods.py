@@ -13,7 +13,7 @@ from pard_train.attention import AttentionBackend
 from pard_train.methods import Method
 from pard_train.methods.pard import PardMethod
 from pard_train.methods.pard2 import Pard2Method
-from pard_train.tiny import build_tiny_model
+from pard_train.testing.tiny import build_tiny_model
 
 
 def _protocol_members() -> set[str]:

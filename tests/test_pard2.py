@@ -32,7 +32,7 @@ from pard_train.methods.pard2 import (
     pard2_loss,
 )
 from pard_train.methods.teacher import Teacher
-from pard_train.tiny import build_tiny_model
+from pard_train.testing.tiny import build_tiny_model
 
 K, VOCAB, MASK = 4, 128, 127
 SDPA = AttentionBackend.sdpa

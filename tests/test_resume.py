@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from launch import REPO, env, records, start, tiny_overrides, wait_for
+from launch import REPO, RESUME_STEPS, env, records, start, tiny_overrides, wait_for
 from safetensors.torch import load_file
 
 from pard_train.checkpoint import Checkpoints
@@ -23,7 +23,7 @@ from pard_train.errors import ResumeError
 from pard_train.methods.pard2 import recorded_defaults, resume_settings
 from pard_train.train_state import STATE_FILE, TrainState, check_resumable, read_state, run_settings
 
-STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+STEPS = RESUME_STEPS
 
 
 def final_weights(run_dir):
@@ -36,11 +36,9 @@ def assert_bitwise_equal(a, b):
     assert different == [], f"parameters that differ from the uninterrupted run: {different}"
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("straight")
-    assert start(tiny_overrides(tiny_checkpoint, root, *STEPS), log=root / "log.txt").wait(timeout=300) == 0
-    return final_weights(root / "tiny")
+@pytest.fixture
+def uninterrupted(uninterrupted_tiny):
+    return uninterrupted_tiny  # trained once per session, shared with test_run_integrity.py
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, env, free_port, tiny_overrides
+from launch import REPO, RESUME_STEPS, env, free_port, tiny_overrides
 from safetensors.torch import load_file
 
 from pard_train.checkpoint_store import COMPLETE, MANIFEST, CheckpointStore
@@ -26,7 +26,7 @@ from pard_train.errors import CheckpointSaveError, ResumeError, RunLockedError
 from pard_train.runlock import LOCK_FILE, Owner, RunLock
 from pard_train.train_state import TrainState
 
-STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+STEPS = RESUME_STEPS
 HOLD = "import sys, time; from pard_train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"  # noqa: E501
 FULL_DISK = textwrap.dedent(
     """
@@ -80,12 +80,9 @@ def assert_matches_manifest(checkpoint: Path) -> None:
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), name
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("straight")
-    result = launch("-m", "pard_train", *tiny_overrides(tiny_checkpoint, root, *STEPS))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return final_weights(root / "tiny")
+@pytest.fixture
+def uninterrupted(uninterrupted_tiny):
+    return uninterrupted_tiny  # trained once per session, shared with test_resume.py
 
 
 @pytest.mark.slow

@@ -145,8 +145,7 @@ def test_batch_to_moves_every_field_and_keeps_values():
         assert torch.equal(getattr(copied, name), getattr(batch, name)), name
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm device")
+@pytest.mark.gpu  # tests/conftest.py skips it without a device
 def test_pinned_batch_copies_to_the_gpu_asynchronously_with_its_values():
     step = _a_step(_rows(8))
     pinned = step.pin_memory()  # what the DataLoader's pinning thread does on GPUs

@@ -1,6 +1,6 @@
 """Speculative decoding is lossless in every mode, counts acceptance exactly, and PARD mode is what training trains.
 
-Tiny random models (pard_train.evaluate.tiny_pair): the target and the draft share one tokenizer but not weights.
+Tiny random models (pard_train.testing.tiny_pair): the target and the draft share one tokenizer but not weights.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from pard_train.attention import AttentionBackend
 from pard_train.evaluate.metrics import AcceptanceStats
 from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
-from pard_train.evaluate.tiny_pair import build_pair
 from pard_train.layout import IGNORE_INDEX, build_row, collate_rows
 from pard_train.loss import labelled_logits
+from pard_train.testing.tiny_pair import build_pair
 
 K = 4
 

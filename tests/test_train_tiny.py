@@ -31,7 +31,12 @@ def test_tiny_preset_trains_and_saves(tmp_path, tiny_checkpoint):
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["loss"] < records[0]["loss"] - 0.3, [r["loss"] for r in records]
-    assert records[0]["labelled_tokens"] > 0 and records[0]["acc/depth_3"] >= 0.0
+    assert records[0]["labelled_tokens"] > 0
+    for record in records:  # K=4 accuracies, each a fraction, and the estimated AL is built from them
+        accuracy = [record[f"acc/depth_{depth}"] for depth in range(4)]
+        assert all(0.0 <= value <= 1.0 for value in accuracy) and "acc/depth_4" not in record, record
+        assert record["estimated_al"] == pytest.approx(1 + sum(torch.tensor(accuracy).cumprod(0).tolist()), rel=1e-6)
+    assert records[-1]["acc/depth_0"] > records[0]["acc/depth_0"], [r["acc/depth_0"] for r in records]
 
     after = load_file(str(final / "model.safetensors"))
     assert after.keys() == before.keys()

@@ -13,7 +13,7 @@ from pard_train.evaluate.runner import measure_acceptance
 from pard_train.export import export_draft
 from pard_train.mask_token import choose_mask_token
 from pard_train.model import DraftSpec
-from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
+from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer, padded_rows
 from pard_train.vocab import VocabularyError
 
 K, EXTRA = 4, 64
@@ -24,7 +24,7 @@ def family(tmp_path_factory):
     """A target with EXTRA more embedding rows than the draft (Qwen2.5-7B vs 0.5B); the draft is the target's own
     weights cut to its rows, so it drafts well and acceptance is worth comparing."""
     tokenizer = build_tiny_tokenizer()
-    rows = -(-len(tokenizer) // 64) * 64 + 64
+    rows = padded_rows(tokenizer)
     target = build_tiny_model(rows + EXTRA, seed=1).eval()
     draft = build_tiny_model(rows, seed=0).eval()
     mask_id = choose_mask_token(tokenizer, rows)
@@ -77,7 +77,7 @@ def test_padded_draft_drafts_the_same_tokens_with_the_same_acceptance(family, tm
 
 def test_tied_embeddings_stay_tied_when_padded(family, tmp_path):
     _, _, tokenizer, mask_id, target_dir = family
-    rows = -(-len(tokenizer) // 64) * 64 + 64
+    rows = padded_rows(tokenizer)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     untied = build_tiny_model(rows, seed=3)

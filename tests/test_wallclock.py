@@ -11,7 +11,7 @@ from pard_train.evaluate import wallclock
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.report import markdown_report
 from pard_train.evaluate.runner import evaluate
-from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+from pard_train.testing.tiny_pair import ensure_tiny_pair
 
 
 def test_speed_up_is_taken_per_repeat_against_the_target_of_the_same_repeat():
@@ -56,20 +56,20 @@ def test_the_harness_reports_repeats_spread_and_expected_speed_up(tmp_path, capl
     caplog.set_level(logging.INFO, logger="pard_train")
     report = evaluate(config)
     lines = caplog.messages
-    section = report["wallclock"]
+    section = report.wallclock
     assert section["repeats"] == 3 and section["conditions"]["threads"] == 1
     for mode in ("target", "pard"):
         rates = section["modes"][mode]["tokens_per_s"]
         assert len(rates["values"]) == 3 and rates["min"] <= rates["median"] <= rates["max"]
-        assert report["overall"][mode]["tokens_per_s"] == rates["median"]
+        assert report.overall[mode]["tokens_per_s"] == rates["median"]
     pard = section["modes"]["pard"]
-    assert len(pard["speedup"]["values"]) == 3 and report["overall"]["pard"]["speedup"] == pard["speedup"]["median"]
+    assert len(pard["speedup"]["values"]) == 3 and report.overall["pard"]["speedup"] == pard["speedup"]["median"]
     expected = pard["expected"]
-    assert expected["acceptance_length"] == report["overall"]["pard"]["acceptance_length"]
+    assert expected["acceptance_length"] == report.overall["pard"]["acceptance_length"]
     assert expected["expected_speedup"] > 0 and set(expected["factors"]) == {"decode", "draft", "verify", "overhead"}
     assert all(value > 0 for value in expected["seen_in_run"].values() if value is not None)
     # Acceptance is that of one pass (greedy decoding repeats itself), not three passes summed.
-    assert report["overall"]["pard"]["generations"] == 2
+    assert report.overall["pard"]["generations"] == 2
     assert any(line.startswith("pard: expected") for line in lines)
     markdown = markdown_report(report)
     assert "## Wall-clock (3 repeat(s), modes interleaved; float32, 1 threads" in markdown

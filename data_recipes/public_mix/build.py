@@ -19,11 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
-
-from pard_train.atomic import atomic_write_text  # noqa: E402
-from pard_train.config import DataFormat  # noqa: E402
-from pard_train.data.formats import BadRow, to_messages  # noqa: E402
+from pard_train.atomic import atomic_write_text
+from pard_train.config import DataFormat
+from pard_train.data.formats import BadRow, to_messages
 
 
 @dataclass(frozen=True)

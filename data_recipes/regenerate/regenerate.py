@@ -24,11 +24,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
-
-from pard_train.config import DataFormat, DataSource  # noqa: E402
-from pard_train.data.formats import BadRow, to_messages  # noqa: E402
-from pard_train.data.sources import MALFORMED, DataError, read_raw, resolve  # noqa: E402
+from pard_train.config import DataFormat, DataSource
+from pard_train.data.formats import BadRow, to_messages
+from pard_train.data.sources import MALFORMED, DataError, read_raw, resolve
 
 
 def parse_args(argv=None) -> argparse.Namespace:

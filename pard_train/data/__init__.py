@@ -1,7 +1,7 @@
 """Training data: sources and formats, chat templates and loss masks, caching, packing, the PARD collator."""
 
 from pard_train.data.collator import PardCollator
-from pard_train.data.dataset import TrainingData, build_data, build_packed_rows
+from pard_train.data.dataset import TrainingData, build_data
 from pard_train.data.packing import PackedRow, length_grouped_order
 from pard_train.data.sources import DataError
 
@@ -11,6 +11,5 @@ __all__ = [
     "PardCollator",
     "TrainingData",
     "build_data",
-    "build_packed_rows",
     "length_grouped_order",
 ]

@@ -81,7 +81,7 @@ def _run(args) -> dict:
 def _tokenizer(args):
     if args.tiny:
         from pard_train.data.dataset import expand_files
-        from pard_train.tiny import build_tiny_tokenizer
+        from pard_train.testing.tiny import build_tiny_tokenizer
 
         files = expand_files(args.files)
         return build_tiny_tokenizer(p.read_text(encoding="utf-8", errors="replace") for p in files)

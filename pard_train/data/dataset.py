@@ -1,7 +1,6 @@
 """From ``DataConfig`` to packed training and validation rows: sources, tokenising (cached), mixing, packing, stats.
 
 ``build_data`` is the entry point: it returns the packed rows of both splits and the statistics the trainer logs.
-``build_packed_rows`` returns one split's rows (the trainer's original entry point).
 """
 
 from __future__ import annotations
@@ -132,14 +131,6 @@ def build_data(config: DataConfig, tokenizer, accelerator=None, is_main: bool | 
 def expand_files(patterns: list[str]) -> list[Path]:
     """Local files named by ``data.train_files`` (globs expanded); the trainer reads them for the tiny tokenizer."""
     return [path for pattern in patterns for path in resolve(DataSource(path=pattern), "data.train_files").files]
-
-
-def build_packed_rows(config: DataConfig, tokenizer, split: str = "train", accelerator=None) -> list[PackedRow]:
-    """Packed rows of one split (``train`` or ``validation``; the latter is empty when none is configured)."""
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-    data = build_data(config, tokenizer, accelerator)
-    return data.train if split == "train" else data.validation
 
 
 def _stats(config, reports, train, validation, train_rows, validation_rows, seconds) -> dict:

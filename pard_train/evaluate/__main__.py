@@ -60,13 +60,14 @@ def main(cfg: DictConfig) -> None:
 
 
 @contextmanager
-def _report_kept(report: dict):
+def _report_kept(report):
     """A report that cannot be written (the disk filled up, the directory went away while measuring) is printed as
     JSON on stdout, so the measurement survives, and the failure is one line."""
     try:
         yield
     except OSError as error:
-        print(json.dumps(report, indent=1, default=str))
+        data = report if isinstance(report, dict) else report.to_json()  # a sweep's is a dict
+        print(json.dumps(data, indent=1, default=str))
         where = f" ({error.filename})" if error.filename else ""
         raise PardTrainError(
             f"could not write the report: {error.strerror or error}{where}; the measurement is printed above as JSON"

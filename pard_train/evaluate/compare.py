@@ -9,15 +9,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pard_train.evaluate.report import MODE_ORDER, fmt, load_report
+from pard_train.evaluate.eval_report import EvalReport, load_report
+from pard_train.evaluate.report import MODE_ORDER, fmt
 
 
-def compare_table(reports: dict[str, dict]) -> str:
+def compare_table(reports: dict[str, EvalReport]) -> str:
     """Rows: benchmark x mode; for each run, a column ``AL (speed-up)``. Missing cells show a dash."""
     runs = list(reports)
     rows: list[tuple[str, str]] = []
     for report in reports.values():
-        for name, entry in [*report["benchmarks"].items(), ("**all**", report["overall"])]:
+        for name, entry in report.sections("**all**"):
             for mode in entry:
                 if (name, mode) not in rows:
                     rows.append((name, mode))
@@ -30,8 +31,7 @@ def compare_table(reports: dict[str, dict]) -> str:
     for name, mode in rows:
         cells = []
         for report in reports.values():
-            entry = report["overall"] if name == "**all**" else report["benchmarks"].get(name, {})
-            summary = entry.get(mode)
+            summary = report.summary(mode, None if name == "**all**" else name)
             cells.append(
                 "–" if summary is None else f"{fmt(summary['acceptance_length'])} ({fmt(summary.get('speedup'))}x)"
             )
@@ -39,16 +39,19 @@ def compare_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def expand_sweeps(reports: dict[str, dict]) -> dict[str, dict]:
-    """A sweep report becomes one column per cell (target, K, thinking), named ``run[cell]``."""
+def expand_sweeps(reports: dict[str, dict]) -> dict[str, EvalReport]:
+    """Typed evaluation reports from JSON; a sweep report becomes one column per cell (target, K, thinking), named
+    ``run[cell]``."""
     from pard_train.evaluate.sweep_report import cell_label
 
     out = {}
     for name, report in reports.items():
         if report.get("kind") == "sweep":
-            out.update({f"{name}[{cell_label(cell)}]": cell["report"] for cell in report["cells"]})
+            out.update(
+                {f"{name}[{cell_label(cell)}]": EvalReport.from_json(cell["report"]) for cell in report["cells"]}
+            )
         else:
-            out[name] = report
+            out[name] = EvalReport.from_json(report)
     return out
 
 

@@ -1,7 +1,7 @@
 """The report as it grows: after each (benchmark, mode) finishes, ``report.partial.json`` in ``output_dir`` holds
 every number measured so far, so a crash or Ctrl-C late in a long evaluation loses only the measurement in flight.
 
-The file has the shape :func:`pard_train.evaluate.report.build_report` gives, over the finished parts only, plus
+The file is an :class:`pard_train.evaluate.eval_report.EvalReport` over the finished parts only, with
 ``"partial": true`` and ``"done"`` (the finished ``{"benchmark", "mode"}`` pairs, in order). It has no ``wallclock``
 section (that needs every repeat), so its tokens/s are the first repeat's. The final report.json replaces it: the
 file is removed once report.json is written.
@@ -9,13 +9,13 @@ file is removed once report.json is written.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from pard_train.atomic import atomic_write_bytes
+from pard_train.evaluate.eval_report import EvalReport
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ class PartialReportWriter:
         self.failed = False
         self.written = False
 
-    def __call__(self, report: dict) -> None:
+    def __call__(self, report: EvalReport) -> None:
         if self.failed:
             return
         try:
-            atomic_write_bytes(self.path, (json.dumps(report, indent=2) + "\n").encode())
+            atomic_write_bytes(self.path, report.dumps().encode())
             self.written = True
         except OSError as error:
             self.failed = True

@@ -66,7 +66,7 @@ def check_tokenizers(config: EvalConfig) -> None:
 def check_before_measuring(config: EvalConfig) -> None:
     check_output_dir(config.output_dir)
     if config.build_tiny:  # the tiny pair is built by the run itself: build it now so its tokenizers can be read
-        from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+        from pard_train.testing.tiny_pair import ensure_tiny_pair
 
         if config.target and config.draft:
             ensure_tiny_pair(config.target, config.draft, num_draft_tokens=config.num_draft_tokens or 4)

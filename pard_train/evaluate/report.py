@@ -5,14 +5,14 @@ half written."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pard_train.atomic import atomic_write_bytes, atomic_write_text
+from pard_train.atomic import atomic_write_bytes
 from pard_train.evaluate.config import Mode
+from pard_train.evaluate.eval_report import EvalReport
 
 if TYPE_CHECKING:  # the runner imports this module; these are annotations only
     from pard_train.evaluate.config import EvalConfig
@@ -30,14 +30,13 @@ def _modes(entry: dict) -> list[str]:
     return sorted(entry, key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
 
 
-def markdown_table(report: dict) -> str:
+def markdown_table(report: EvalReport) -> str:
     """One row per benchmark and mode: AL, tokens/s, speed-up over target mode, conditional acceptance by position."""
     lines = [
         "| benchmark | mode | AL | tokens/s | speed-up | acceptance by position (conditional) | tokens | lossless |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    sections = [*report["benchmarks"].items(), ("**all**", report["overall"])]
-    for name, entry in sections:
+    for name, entry in report.sections("**all**"):
         for mode in _modes(entry):
             summary = entry[mode]
             positions = " ".join(fmt(p) for p in summary["conditional_acceptance"]) or "–"
@@ -50,14 +49,14 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_report(report: dict) -> str:
-    config, env = report["config"], report["environment"]
+def markdown_report(report: EvalReport) -> str:
+    config, env = report.config, report.environment
     header = [
         "# Speculative decoding evaluation",
         "",
         f"- target: `{config['target']}`; PARD draft: `{config['draft']}`; "
         f"AR draft: `{config['ar_draft'] or config['draft']}`",
-        f"- K = {report['num_draft_tokens']}; max new tokens {config['max_new_tokens']}; prompts per benchmark: "
+        f"- K = {report.num_draft_tokens}; max new tokens {config['max_new_tokens']}; prompts per benchmark: "
         f"{config['num_prompts'] or 'all'}; greedy verification",
         f"- {env.get('gpu', env['device'])}, {env['dtype']}, torch {env['torch']}, transformers {env['transformers']}",
         "",
@@ -67,7 +66,7 @@ def markdown_report(report: dict) -> str:
         "",
         "",
     ]
-    if env["dtype"] != "float32" and report["overall"].get("pard", {}).get("mismatched_prompts"):
+    if env["dtype"] != "float32" and (report.summary("pard") or {}).get("mismatched_prompts"):
         # A K+1-token verification forward and a one-token forward round differently in half precision, so near-ties
         # flip: not a bug in the decoder, and only fp32 can tell the two apart.
         header[-1:-1] = [
@@ -77,9 +76,9 @@ def markdown_report(report: dict) -> str:
     return "\n".join(header) + markdown_table(report) + wallclock_markdown(report)
 
 
-def wallclock_markdown(report: dict) -> str:
+def wallclock_markdown(report: EvalReport) -> str:
     """The wall-clock table: tokens/s per mode over the repeats, speed-up, and the expected speed-up beside it."""
-    section = report.get("wallclock")
+    section = report.wallclock
     if not section:
         return ""
     c = section["conditions"]
@@ -96,22 +95,22 @@ def wallclock_markdown(report: dict) -> str:
         rate, speed = entry["tokens_per_s"], entry.get("speedup")
         expected = entry.get("expected")
         lines.append(
-            f"| {mode} | {rate['median']:.1f} | {rate['min']:.1f}–{rate['max']:.1f} | {_pct(rate['spread'])} | "
+            f"| {mode} | {rate['median']:.1f} | {rate['min']:.1f}–{rate['max']:.1f} | {pct(rate['spread'])} | "
             + (f"{speed['median']:.2f}x | {speed['min']:.2f}–{speed['max']:.2f} | " if speed else "– | – | ")
             + (f"{expected['expected_speedup']:.2f}x | {expected['summary']} |" if expected else "– | |")
         )
     return "\n".join(lines) + "\n"
 
 
-def plot_acceptance_length(report: dict, path: Path) -> None:
+def plot_acceptance_length(report: EvalReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [*report["benchmarks"], "all"]
-    entries = [*report["benchmarks"].values(), report["overall"]]
-    modes = _modes(report["overall"])
+    names = [name for name, _ in report.sections()]
+    entries = [entry for _, entry in report.sections()]
+    modes = _modes(report.overall)
     width = 0.8 / max(len(modes), 1)
     figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
     for i, mode in enumerate(modes):
@@ -121,28 +120,28 @@ def plot_acceptance_length(report: dict, path: Path) -> None:
         axis.bar_label(bars, fmt="%.2f", fontsize=7)
     axis.set_xticks(range(len(names)), names)
     axis.set_ylabel("acceptance length (tokens / target forward)")
-    axis.set_title(f"Acceptance length, K={report['num_draft_tokens']}")
+    axis.set_title(f"Acceptance length, K={report.num_draft_tokens}")
     axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     save_png(figure, path)
 
 
-def plot_acceptance_by_position(report: dict, path: Path) -> None:
+def plot_acceptance_by_position(report: EvalReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [m for m in _modes(report["overall"]) if report["overall"][m]["conditional_acceptance"]] or ["target"]
+    modes = [m for m in _modes(report.overall) if report.overall[m]["conditional_acceptance"]] or ["target"]
     figure, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes), 3.4), squeeze=False)
     for axis, mode in zip(axes[0], modes, strict=True):
-        for name, entry in [*report["benchmarks"].items(), ("all", report["overall"])]:
+        for name, entry in report.sections():
             rates = entry.get(mode, {}).get("conditional_acceptance", [])
             points = [(i + 1, r) for i, r in enumerate(rates) if r is not None]
             if points:
                 axis.plot(*zip(*points, strict=True), marker="o", label=name, linewidth=2 if name == "all" else 1)
-        axis.set_xticks(range(1, report["num_draft_tokens"] + 1))
-        axis.set_xlim(0.5, report["num_draft_tokens"] + 0.5)
+        axis.set_xticks(range(1, report.num_draft_tokens + 1))
+        axis.set_xlim(0.5, report.num_draft_tokens + 0.5)
         axis.set_title(f"{mode} draft")
         axis.set_xlabel("draft position")
         axis.set_ylabel("P(accepted | previous accepted)")
@@ -163,11 +162,11 @@ def save_png(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_report(report: dict, output_dir: str | Path) -> Path:
+def write_report(report: EvalReport, output_dir: str | Path) -> Path:
     """Write report.json, report.md and the two plots into ``output_dir``; returns the directory."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(output_dir / "report.json", report.dumps().encode())
     atomic_write_bytes(output_dir / "report.md", markdown_report(report).encode())
     plot_acceptance_length(report, output_dir / "acceptance_length.png")
     plot_acceptance_by_position(report, output_dir / "acceptance_by_position.png")
@@ -184,15 +183,11 @@ def _jsonable(value):
     return value
 
 
-def build_report(config: EvalConfig, results: dict[str, dict[Mode, ModeResult]], k: int, environment: dict) -> dict:
-    """All numbers and the config, JSON-ready: per benchmark and mode, per prompt, overall, speed-ups, losslessness."""
-    report = {
-        "config": _jsonable(asdict(config)),
-        "num_draft_tokens": k,
-        "environment": environment,
-        "benchmarks": {},
-        "overall": {},
-    }
+def build_report(
+    config: EvalConfig, results: dict[str, dict[Mode, ModeResult]], k: int, environment: dict
+) -> EvalReport:
+    """All numbers and the config: per benchmark and mode, per prompt, overall, speed-ups, losslessness."""
+    report = EvalReport(config=_jsonable(asdict(config)), num_draft_tokens=k, environment=environment)
     from pard_train.evaluate.metrics import AcceptanceStats
 
     totals: dict[Mode, AcceptanceStats] = {}
@@ -209,14 +204,14 @@ def build_report(config: EvalConfig, results: dict[str, dict[Mode, ModeResult]],
             )
             summary["prompts"] = result.prompts
             entry[mode.value] = summary
-        report["benchmarks"][name] = entry
+        report.benchmarks[name] = entry
     for mode, stats in totals.items():
         summary = stats.summary()
         summary["speedup"] = _speedup(stats, totals.get(Mode.target))
         # Over the benchmarks the mode ran on (all of them, except in a partial report).
-        counts = [e[mode.value]["mismatched_prompts"] for e in report["benchmarks"].values() if mode.value in e]
+        counts = [e[mode.value]["mismatched_prompts"] for e in report.benchmarks.values() if mode.value in e]
         summary["mismatched_prompts"] = None if None in counts else sum(counts)
-        report["overall"][mode.value] = summary
+        report.overall[mode.value] = summary
     return report
 
 
@@ -227,86 +222,5 @@ def _speedup(stats: AcceptanceStats, baseline: AcceptanceStats | None) -> float 
     return (stats.generated_tokens / stats.wall_seconds) / (baseline.generated_tokens / baseline.wall_seconds)
 
 
-def load_report(run_dir: str | Path) -> dict:
-    path = Path(run_dir)
-    path = path if path.suffix == ".json" else path / "report.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass an evaluation run directory (with report.json)")
-    return json.loads(path.read_text())
-
-
-# Acceptance around training: the untrained draft against the trained one (``pard_train.acceptance``).
-
-
-def _al(entry: dict) -> float | None:
-    return entry.get("pard", {}).get("acceptance_length")
-
-
-def before_after(before: dict, after: dict, output_dir: str | Path) -> str:
-    """A Markdown table (AL per benchmark, acceptance per draft position) and a PNG; returns the Markdown."""
-    output_dir = Path(output_dir)
-    benchmarks = [*after["benchmarks"], "all"]
-    rows = {}
-    for name in benchmarks:
-        b = before["overall"] if name == "all" else before["benchmarks"][name]
-        a = after["overall"] if name == "all" else after["benchmarks"][name]
-        rows[name] = {
-            "before": _al(b),
-            "after": _al(a),
-            "before_by_position": b["pard"]["conditional_acceptance"],
-            "after_by_position": a["pard"]["conditional_acceptance"],
-        }
-    k = after["num_draft_tokens"]
-    lines = [
-        "| benchmark | AL before | AL after | gain |",
-        "|---|---|---|---|",
-        *(
-            f"| {name} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
-            for name, r in rows.items()
-        ),
-        "",
-        "Conditional acceptance per draft position (all benchmarks): P(position i accepted | positions < i accepted)",
-        "",
-        "| position | " + " | ".join(str(i + 1) for i in range(k)) + " |",
-        "|---|" + "---|" * k,
-        "| before | " + " | ".join(_pct(v) for v in rows["all"]["before_by_position"]) + " |",
-        "| after | " + " | ".join(_pct(v) for v in rows["all"]["after_by_position"]) + " |",
-    ]
-    markdown = "\n".join(lines) + "\n"
-    atomic_write_text(output_dir / "before_after.md", markdown)
-    atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
-    _plot_before_after(rows, k, output_dir / "before_after.png")
-    return markdown
-
-
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
-
-
-def _plot_before_after(rows: dict, k: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(rows)
-    width = 0.38
-    for offset, key in ((-width / 2, "before"), (width / 2, "after")):
-        left.bar([i + offset for i in range(len(names))], [rows[n][key] or 0 for n in names], width, label=key)
-    left.set_xticks(range(len(names)), names)
-    left.set_ylabel("acceptance length (tokens per target forward)")
-    left.set_title("PARD acceptance length")
-    left.legend(loc="lower right")
-    positions = range(1, k + 1)
-    for key in ("before_by_position", "after_by_position"):
-        values = [v if v is not None else float("nan") for v in rows["all"][key]]
-        right.plot(positions, values, marker="o", label=key.split("_")[0])
-    right.set_xticks(list(positions))
-    right.set_ylim(0, 1)
-    right.set_xlabel("draft position")
-    right.set_ylabel("conditional acceptance")
-    right.set_title("Acceptance per draft position (all benchmarks)")
-    right.legend()
-    figure.tight_layout()
-    save_png(figure, path)

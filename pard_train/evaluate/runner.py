@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pard_train.attention import AttentionBackend
 from pard_train.config import ConfigError
 from pard_train.evaluate.benchmarks import Prompt, load_prompts, render
 from pard_train.evaluate.config import DType, EvalConfig, Mode
+from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.metrics import AcceptanceStats
 from pard_train.evaluate.report import build_report
+from pard_train.evaluate.session import EvalSession
 from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
 
 logger = logging.getLogger(__name__)
@@ -132,21 +133,6 @@ def resolve_dtype(config: EvalConfig, device: torch.device) -> torch.dtype:
     return {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}[config.dtype]
 
 
-def load_model(path: str, config: EvalConfig, device, dtype, models: dict | None = None):
-    """The model at ``path`` in eval mode on ``device``; with ``models``, loaded once per (path, device, dtype) and
-    reused (a sweep evaluates the same target and draft in many cells)."""
-    from pard_train.model import load_causal_lm
-
-    key = (path, str(device), dtype)
-    if models is not None and key in models:
-        return models[key]
-    model = load_causal_lm(path, AttentionBackend.sdpa, dtype, trust_remote_code=config.trust_remote_code)
-    model = model.to(device).eval()
-    if models is not None:
-        models[key] = model
-    return model
-
-
 def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
     """K and the mask id: the config's, else what the draft's config.json records (else K=8)."""
     from pard_train.draft_format import DraftFormat, from_config
@@ -158,13 +144,13 @@ def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
 
 
 def build_drafters(
-    config: EvalConfig, target, tokenizer, device, dtype, models: dict | None = None
+    config: EvalConfig, target, tokenizer, device, dtype, session: EvalSession
 ) -> tuple[dict[Mode, Drafter | None], int]:
     """The drafter of each mode (None for ``target``) and K, after checking vocabularies and the mask token."""
     from pard_train.mask_token import validate_mask_token
 
     drafters: dict[Mode, Drafter | None] = {}
-    draft = load_model(config.draft, config, device, dtype, models) if config.draft else None
+    draft = session.model(config.draft, config, device, dtype) if config.draft else None
     k, mask_id = _draft_settings(config, draft)
     rows = target.get_input_embeddings().weight.shape[0]
     for mode in config.modes:
@@ -172,7 +158,7 @@ def build_drafters(
             drafters[mode] = None
             continue
         ar_draft = config.ar_draft
-        model = draft if mode != Mode.ar or not ar_draft else load_model(ar_draft, config, device, dtype, models)
+        model = draft if mode != Mode.ar or not ar_draft else session.model(ar_draft, config, device, dtype)
         path = config.draft if model is draft else config.ar_draft
         if model.get_input_embeddings().weight.shape[0] != rows:
             raise ConfigError(
@@ -209,23 +195,21 @@ def _environment(device: torch.device) -> dict:
 
 def evaluate(
     config: EvalConfig,
-    models: dict | None = None,
-    target_runs: dict | None = None,
+    session: EvalSession | None = None,
     on_progress=None,
-) -> dict:
+) -> EvalReport:
     """Measure every benchmark in every mode; returns the report (written by :mod:`pard_train.evaluate.report`).
 
     ``on_progress``, if given, is called with the partial report (see :mod:`pard_train.evaluate.partial`) each time
     a (benchmark, mode) finishes its first repeat, so what was measured survives a crash of a later part.
 
-    A sweep calls this once per cell and passes the same ``models`` (loaded models, see :func:`load_model`) and, per
-    target and thinking setting, the same ``target_runs``: target-mode results by benchmark, filled by the first call
-    and reused by the next ones, since target-only decoding does not depend on K.
+    A sweep calls this once per cell with the same ``session`` (:class:`EvalSession`): its models are loaded once,
+    and target mode runs once per target and decoding settings, since target-only decoding does not depend on K.
     """
     from pard_train.model import load_tokenizer
 
     if config.build_tiny:
-        from pard_train.evaluate.tiny_pair import ensure_tiny_pair
+        from pard_train.testing.tiny_pair import ensure_tiny_pair
 
         ensure_tiny_pair(config.target, config.draft, num_draft_tokens=config.num_draft_tokens or 4)
     if config.threads is not None:
@@ -233,8 +217,9 @@ def evaluate(
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
     tokenizer = load_tokenizer(config.target, config.trust_remote_code)
-    target = load_model(config.target, config, device, dtype, models)
-    drafters, k = build_drafters(config, target, tokenizer, device, dtype, models)
+    session = session if session is not None else EvalSession()
+    target = session.model(config.target, config, device, dtype)
+    drafters, k = build_drafters(config, target, tokenizer, device, dtype, session)
     trained_k = trained_num_draft_tokens(drafters.get(Mode.pard))
     if trained_k is not None and k > trained_k:
         logger.warning(
@@ -254,6 +239,7 @@ def evaluate(
 
         return generate
 
+    target_runs = session.target_runs(config)
     reused = Mode.target in drafters and bool(target_runs)
     if config.warmup:  # one short untimed generation per mode: lazy initialisation does not count in tokens/s
         hello = [{"role": "user", "content": "Hello"}]
@@ -301,21 +287,21 @@ def evaluate(
     if reused:
         stats = [results[name][Mode.target].stats for name, _ in benchmarks]
         totals["target"] = [(sum(s.generated_tokens for s in stats), sum(s.wall_seconds for s in stats))]
-    if target_runs is not None and not target_runs and Mode.target in drafters:
+    if not target_runs and Mode.target in drafters:
         target_runs.update({name: modes[Mode.target] for name, modes in results.items()})
     report = build_report(config, results, k, environment)
-    report["trained_num_draft_tokens"] = trained_k
-    report["wallclock"] = wallclock_section(config, report, totals, target, drafters, k)
-    for mode, entry in report["wallclock"]["modes"].items():  # over all repeats, not the first alone
-        report["overall"][mode]["tokens_per_s"] = entry["tokens_per_s"]["median"]
+    report.trained_num_draft_tokens = trained_k
+    report.wallclock = wallclock_section(config, report, totals, target, drafters, k)
+    for mode, entry in report.wallclock["modes"].items():  # over all repeats, not the first alone
+        report.overall[mode]["tokens_per_s"] = entry["tokens_per_s"]["median"]
         if "speedup" in entry:
-            report["overall"][mode]["speedup"] = entry["speedup"]["median"]
+            report.overall[mode]["speedup"] = entry["speedup"]["median"]
     if Mode.pard2 in drafters:  # the capture used, resolved from the draft when the setting is null
-        report["feature_capture"] = drafters[Mode.pard2].feature_capture.value
+        report.feature_capture = drafters[Mode.pard2].feature_capture.value
     return report
 
 
-def partial_report(config: EvalConfig, results: dict, done: list, k: int, environment: dict, trained_k) -> dict:
+def partial_report(config: EvalConfig, results: dict, done: list, k: int, environment: dict, trained_k) -> EvalReport:
     """:func:`build_report` over the finished (benchmark, mode) pairs only (the one in flight holds half a run)."""
     finished: dict[str, dict[Mode, ModeResult]] = {}
     for name, mode in done:
@@ -323,9 +309,9 @@ def partial_report(config: EvalConfig, results: dict, done: list, k: int, enviro
     # Modes in the config's order, as the final report lists them, whatever order they finished in.
     finished = {name: {m: modes[m] for m in results[name] if m in modes} for name, modes in finished.items()}
     report = build_report(config, finished, k, environment)
-    report["trained_num_draft_tokens"] = trained_k
-    report["partial"] = True
-    report["done"] = [{"benchmark": name, "mode": mode.value} for name, mode in done]
+    report.trained_num_draft_tokens = trained_k
+    report.partial = True
+    report.done = [{"benchmark": name, "mode": mode.value} for name, mode in done]
     return report
 
 
@@ -349,15 +335,15 @@ def _run_benchmark(result: ModeResult, prompts, conversation: Conversation, gene
     return result
 
 
-def wallclock_section(config: EvalConfig, report: dict, totals: dict, target, drafters: dict, k: int) -> dict:
+def wallclock_section(config: EvalConfig, report: EvalReport, totals: dict, target, drafters: dict, k: int) -> dict:
     """Tokens/s per mode over the repeats, speed-up over target-only, and the expected speed-up beside it."""
     from pard_train.evaluate import wallclock
-    from pard_train.evaluate.sweep import forward_seconds
+    from pard_train.evaluate.forward_timing import forward_seconds
 
     section = {
         "repeats": config.repeats,
         "conditions": {
-            "dtype": report["environment"]["dtype"],
+            "dtype": report.environment["dtype"],
             "threads": torch.get_num_threads(),
             "kv_cache": True,
             "warmup_excluded": config.warmup,
@@ -365,7 +351,7 @@ def wallclock_section(config: EvalConfig, report: dict, totals: dict, target, dr
         },
         "modes": wallclock.per_repeat_speed(totals),
     }
-    overall = report["overall"]
+    overall = report.overall
     drafting = [mode for mode in drafters if mode != Mode.target and drafters[mode] is not None]
     if not (config.expected_speedup and Mode.target in drafters and drafting):
         return section

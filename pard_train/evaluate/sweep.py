@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import replace
 
-import torch
-
 from pard_train.evaluate.config import EvalConfig
+from pard_train.evaluate.eval_report import EvalReport
+from pard_train.evaluate.forward_timing import forward_seconds
+from pard_train.evaluate.session import EvalSession
 
 logger = logging.getLogger(__name__)
 
@@ -30,49 +30,19 @@ SPEEDUP_FORMULA = (
 )
 
 
-def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float:
-    """Wall time of one cached forward of ``new_tokens`` tokens (all their logits kept) after ``context``: the fastest
-    of ``repeats``, since other load on a shared machine only ever adds time (a median still carries it)."""
-    from pard_train.evaluate.speculative import crop_cache, synchronize
-
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().weight.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, vocab, (1, context), generator=generator).to(device)
-    step = torch.randint(0, vocab, (1, new_tokens), generator=generator).to(device)
-    positions = torch.arange(context, context + new_tokens, device=device)[None]
-    times = []
-    with torch.no_grad():
-        cache = model(input_ids=prefix, use_cache=True).past_key_values
-        for _ in range(repeats + 1):  # the first forward warms up and is not counted
-            synchronize(device)
-            begin = time.perf_counter()
-            model(
-                input_ids=step,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=new_tokens,
-            )
-            synchronize(device)
-            times.append(time.perf_counter() - begin)
-            crop_cache(cache, context)
-    return min(times[1:])
-
-
 def expected_speedup(al: float, t_draft: float, t_verify: float, t_decode: float) -> float:
     """Tokens per second with drafting over tokens per second without (see :data:`SPEEDUP_FORMULA`)."""
     return al * t_decode / (t_draft + t_verify)
 
 
-def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], models: dict) -> dict:
+def _time_k(config: EvalConfig, target_path: str, ks_and_al: list[tuple[int, float]], session: EvalSession) -> dict:
     """Forward times of the target and the draft at the shapes each K runs, and the expected speed-up per K."""
-    from pard_train.evaluate.runner import load_model, resolve_device, resolve_dtype
+    from pard_train.evaluate.runner import resolve_device, resolve_dtype
 
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    target = load_model(target_path, config, device, dtype, models)
-    draft = load_model(config.draft, config, device, dtype, models)
+    target = session.model(target_path, config, device, dtype)
+    draft = session.model(config.draft, config, device, dtype)
     context, repeats = config.timing_context, config.timing_repeats
     t_decode = forward_seconds(target, context, 1, repeats)
     rows = {}
@@ -100,7 +70,7 @@ def run_sweep(config: EvalConfig, on_cell=None) -> dict:
     from pard_train.evaluate.runner import evaluate
 
     if config.build_tiny:
-        from pard_train.evaluate.tiny_pair import ensure_tiny_family, ensure_tiny_pair
+        from pard_train.testing.tiny_pair import ensure_tiny_family, ensure_tiny_pair
 
         if config.targets:
             ensure_tiny_family(config.targets, config.draft, num_draft_tokens=4)
@@ -108,11 +78,10 @@ def run_sweep(config: EvalConfig, on_cell=None) -> dict:
             ensure_tiny_pair(config.target, config.draft, num_draft_tokens=4)
     # Each model is loaded once, target-only decoding (independent of K) runs once per target and thinking setting,
     # and a target leaves memory before the next one loads (a family's largest may need all of it).
-    cells, models, timings = [], {}, {}
+    cells, session, timings = [], EvalSession(), {}
     timed = config.enable_thinking and not config.compare_thinking  # K is chosen with thinking off if both ran
     for target in config.targets or [config.target]:
         for thinking in [False, True] if config.compare_thinking else [config.enable_thinking]:
-            target_runs: dict = {}
             for k in config.ks or [config.num_draft_tokens]:
                 logger.info(f"--- target {target}, K={k or 'from draft'}, thinking {'on' if thinking else 'off'}")
                 single = replace(
@@ -125,16 +94,22 @@ def run_sweep(config: EvalConfig, on_cell=None) -> dict:
                     compare_thinking=False,
                     build_tiny=False,
                 )
-                report = evaluate(single, models=models, target_runs=target_runs)
-                cell = {"target": target, "k": report["num_draft_tokens"], "thinking": thinking, "report": report}
+                report = evaluate(single, session=session)
+                # A cell holds its report's JSON: the sweep's report.json nests it as is.
+                cell = {
+                    "target": target,
+                    "k": report.num_draft_tokens,
+                    "thinking": thinking,
+                    "report": report.to_json(),
+                }
                 cells.append(cell)
                 if on_cell is not None:
                     on_cell(cell)
         if config.ks and len(config.ks) > 1:
             swept = [c for c in cells if c["target"] == target and c["thinking"] == timed]
-            timings[target] = _k_sweep_rows(config, target, swept, models)
-        for key in [key for key in models if key[0] == target and target != config.draft]:
-            del models[key]
+            timings[target] = _k_sweep_rows(config, target, swept, session)
+        if target != config.draft:
+            session.release(target)
     sweep = {
         "kind": "sweep",
         "config": cells[0]["report"]["config"] | {"targets": config.targets, "ks": config.ks},
@@ -147,31 +122,15 @@ def run_sweep(config: EvalConfig, on_cell=None) -> dict:
     return sweep
 
 
-def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], models: dict) -> dict:
+def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], session: EvalSession) -> dict:
     """Per K: AL, measured forward times, expected and measured speed-up; and the recommended K."""
     from pard_train.evaluate.sweep_report import pard_al
 
     measured = [(c["k"], pard_al(c["report"])) for c in swept]
-    rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], models)
+    rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], session)
     for cell in swept:  # the wall-clock speed-up of the runs themselves, when target mode ran, beside it
         if str(cell["k"]) in rows:
-            rows[str(cell["k"])]["measured_speedup"] = cell["report"]["overall"].get("pard", {}).get("speedup")
+            pard = EvalReport.from_json(cell["report"]).summary("pard") or {}
+            rows[str(cell["k"])]["measured_speedup"] = pard.get("speedup")
     best = max(rows, key=lambda key: rows[key]["expected_speedup"]) if rows else None
     return {"per_k": rows, "recommended_k": None if best is None else int(best)}
-
-
-def recommended_serving(report: dict, draft_path: str = "PATH_TO_DRAFT", target: str | None = None):
-    """``(K, vLLM command)`` recommended by a K-sweep report (for the model card); None if it holds no K sweep.
-
-    With several targets, ``target`` picks one (default: the first swept).
-    """
-    from pard_train.export import vllm_command
-
-    sweep = report.get("k_sweep")
-    if not sweep or not sweep["targets"]:
-        return None
-    entry = sweep["targets"][target] if target else next(iter(sweep["targets"].values()))
-    k = entry["recommended_k"]
-    if k is None:
-        return None
-    return k, vllm_command(draft_path, k).replace("TARGET_MODEL", target or next(iter(sweep["targets"])))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from pard_train.atomic import atomic_write_bytes
+from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.report import fmt, save_png, write_report
 
 
@@ -20,13 +21,12 @@ def cell_label(cell: dict) -> str:
 
 
 def _benchmarks(sweep: dict) -> list[str]:
-    return list(sweep["cells"][0]["report"]["benchmarks"])
+    return list(EvalReport.from_json(sweep["cells"][0]["report"]).benchmarks)
 
 
 def pard_al(report: dict, benchmark: str | None = None) -> float | None:
-    """PARD mode's AL in one evaluation report, on one benchmark or (None) over all."""
-    entry = report["overall"] if benchmark is None else report["benchmarks"].get(benchmark, {})
-    return entry.get("pard", {}).get("acceptance_length")
+    """PARD mode's AL in one cell's evaluation report (its JSON), on one benchmark or (None) over all."""
+    return EvalReport.from_json(report).acceptance_length("pard", benchmark)
 
 
 def al_matrix(sweep: dict) -> tuple[list[str], list[str], list[list[float | None]]]:
@@ -58,7 +58,7 @@ def markdown_sweep(sweep: dict) -> str:
     width = max(c["k"] for c in sweep["cells"])
     lines += ["| | " + " | ".join(str(i + 1) for i in range(width)) + " |", "|---|" + "---|" * width]
     for cell in sweep["cells"]:
-        rates = cell["report"]["overall"].get("pard", {}).get("conditional_acceptance", [])
+        rates = (EvalReport.from_json(cell["report"]).summary("pard") or {}).get("conditional_acceptance", [])
         lines.append(
             f"| {cell_label(cell)} | " + " | ".join(fmt(r) for r in [*rates, *[None] * (width - len(rates))]) + " |"
         )
@@ -137,7 +137,7 @@ def plot_k_sweep(sweep: dict, path: Path) -> None:
 def write_cell(cell: dict, output_dir: str | Path) -> Path:
     """One cell's report into ``output_dir/cells/LABEL``: a sweep writes each as it finishes, and again at the end."""
     label = cell_label(cell).replace(" ", "_").replace("=", "")
-    return write_report(cell["report"], Path(output_dir) / "cells" / label)
+    return write_report(EvalReport.from_json(cell["report"]), Path(output_dir) / "cells" / label)
 
 
 def write_sweep_report(sweep: dict, output_dir: str | Path) -> Path:

@@ -3,9 +3,10 @@
 What a draft derived from the target (``model.keep_layers``) costs on this machine, to choose its layer count: the
 target's one-token decode forward and (K+1)-token verification forward, and each derived draft's forward of the
 K+1 tokens it feeds at the served K (the K-1 masks plus the two tokens a round typically accepts), all after a cached
-prefix, timed by the K sweep's own :func:`pard_train.evaluate.sweep.forward_seconds` (fastest of the repeats after a
-warm-up). The drafts are derived in memory and timed interleaved with the target, so other load hits every column
-alike. The rule the demo uses: the draft forward at the served K should cost at most about 1/3 of the verification.
+prefix, timed by the K sweep's own :func:`pard_train.evaluate.forward_timing.forward_seconds` (fastest of the
+repeats after a warm-up). The drafts are derived in memory and timed interleaved with the target, so other load hits
+every column alike. The rule the demo uses: the draft forward at the served K should cost at most about 1/3 of the
+verification.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from _common import markdown_table, metadata, write_json
 
 from pard_train.attention import AttentionBackend
 from pard_train.derive import derive_model
-from pard_train.evaluate.sweep import forward_seconds
+from pard_train.evaluate.forward_timing import forward_seconds
 from pard_train.model import load_causal_lm
 
 

@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import sys
 from pathlib import Path
 
 import torch
+from _common import metadata, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import metadata, write_json  # noqa: E402
-
-from pard_train.derive import derive_model, evenly_spaced  # noqa: E402
+from pard_train.derive import derive_model, evenly_spaced
 
 
 def rules(keep: int, total: int) -> dict[str, list[int]]:

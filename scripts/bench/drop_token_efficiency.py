@@ -1,7 +1,7 @@
 """python scripts/bench/drop_token_efficiency.py [--smoke] [--out bench_results/drop_token_efficiency.json]
 
 Wall-clock to reach a held-out accuracy with conditional drop-token (r=0.7, r_min=0.2) versus the full PARD layout,
-on the tiny setup: the pard_train.tiny Llama and BPE tokenizer, trained on data_recipes/self_instruct through
+on the tiny setup: the pard_train.testing.tiny Llama and BPE tokenizer, trained on data_recipes/self_instruct through
 pard_train.data (packing, loss masks, a held-out split) and pard_train.methods.pard, K=8.
 
 Both variants start from the same weights and see the same rows in the same order with the same learning rate; they
@@ -35,7 +35,7 @@ from pard_train.logs import setup_logging
 from pard_train.loss import DepthStats
 from pard_train.mask_token import choose_mask_token
 from pard_train.methods.pard import pard_loss
-from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
+from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer, padded_rows
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl"
@@ -59,7 +59,7 @@ class Run:
 
 def setup(args):
     tokenizer = build_tiny_tokenizer([DATA.read_text(encoding="utf-8")])
-    rows = -(-len(tokenizer) // 64) * 64 + 64  # spare rows above the vocabulary, as ensure_tiny_checkpoint builds
+    rows = padded_rows(tokenizer)
     mask_id = choose_mask_token(tokenizer, rows)
     config = DataConfig(
         train_files=[str(DATA)],

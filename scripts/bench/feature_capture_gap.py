@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from _common import write_json
+from pard2_vs_pard import REPO, reporting_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
-from pard2_vs_pard import REPO, reporting_split  # noqa: E402
-
-from pard_train.evaluate.feature_capture import FeatureCapture, final_norm_input, target_features  # noqa: E402
+from pard_train.evaluate.feature_capture import FeatureCapture, final_norm_input, target_features
 
 
 def main() -> None:

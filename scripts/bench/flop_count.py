@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 from _common import markdown_table, metadata, write_json
-from train_throughput import DROP, SHAPES, collate, make_rows
+from train_throughput import DROP, collate, make_rows
 
 from pard_train.flops import ModelFlops
 from pard_train.layout import PAD_DOCUMENT
+from pard_train.testing.shapes import SHAPES
 
 
 def main(argv=None) -> Path:

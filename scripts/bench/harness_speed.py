@@ -5,7 +5,7 @@ greedy decoding), ``ar`` (an AR draft, K forwards per round) and ``pard`` (one f
 masks per round). Reports target and draft seconds per forward, tokens/s, acceptance length and the speed-up over
 ``target``, and checks that every mode produced the target's greedy tokens.
 
-By default a tiny random target and draft (pard_train.evaluate.tiny_pair, built offline into --cache): random
+By default a tiny random target and draft (pard_train.testing.tiny_pair, built offline into --cache): random
 weights, so the acceptance length means nothing, only the timings do. With ``--smollm2 DIR`` (a SmolLM2-135M-Instruct
 safetensors directory, e.g. the one ``make demo`` converts) the target is that model and the draft is ``--draft DIR``
 (a trained PARD draft), else the target itself: then the ``ar`` mode accepts every draft and the ``pard`` mode shows
@@ -21,6 +21,7 @@ import torch
 from _common import markdown_table, metadata, write_json
 
 from pard_train.evaluate.config import EvalConfig
+from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.runner import evaluate
 from pard_train.logs import setup_logging
 
@@ -64,9 +65,9 @@ def tiny_config(args) -> EvalConfig:
     )
 
 
-def rows_of(report: dict) -> list[dict]:
+def rows_of(report: EvalReport) -> list[dict]:
     rows = []
-    for mode, s in report["overall"].items():
+    for mode, s in report.overall.items():
         rows.append(
             {
                 "mode": mode,
@@ -139,21 +140,21 @@ def main(argv=None) -> Path:
     config = smollm2_config(args) if args.smollm2 else tiny_config(args)
     report = evaluate(config)
     rows = rows_of(report)
-    env = report["environment"]
+    env = report.environment
     name = f"SmolLM2-135M-Instruct ({args.smollm2})" if args.smollm2 else "tiny random pair"
     print(
-        f"\n{name}, draft {config.draft}, K={report['num_draft_tokens']}, {env['device']} {env['dtype']}, "
+        f"\n{name}, draft {config.draft}, K={report.num_draft_tokens}, {env['device']} {env['dtype']}, "
         f"{len(args.benchmarks)} benchmark(s) x {args.num_prompts} prompt(s), up to {args.max_new_tokens} new tokens\n"
     )
     print(table(rows))
     device = torch.device(env["device"])
-    meta = metadata(device, model=name, K=report["num_draft_tokens"], benchmarks=args.benchmarks)
+    meta = metadata(device, model=name, K=report.num_draft_tokens, benchmarks=args.benchmarks)
     meta.update(num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, dtype=env["dtype"])
     if device.type != "cuda":
         meta["torch_threads"] = args.threads
     per_benchmark = {
         bench: {mode: {k: v for k, v in s.items() if k != "prompts"} for mode, s in modes.items()}
-        for bench, modes in report["benchmarks"].items()
+        for bench, modes in report.benchmarks.items()
     }
     return write_json(args.out, {"meta": meta, "results": rows, "per_benchmark": per_benchmark})
 

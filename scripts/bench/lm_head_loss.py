@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import markdown_table, metadata, write_json
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, metadata, write_json  # noqa: E402
-
-from pard_train.attention import AttentionBackend  # noqa: E402
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows  # noqa: E402
-from pard_train.lm_head_loss import CHUNK_TOKENS, chunked_head_loss, project_logits  # noqa: E402
-from pard_train.loss import labelled_hidden  # noqa: E402
-from pard_train.methods.pard import pard_loss  # noqa: E402
+from pard_train.attention import AttentionBackend
+from pard_train.layout import DropTokenSchedule, build_row, collate_rows
+from pard_train.lm_head_loss import CHUNK_TOKENS, chunked_head_loss, project_logits
+from pard_train.loss import labelled_hidden
+from pard_train.methods.pard import pard_loss
 
 SDPA = AttentionBackend.sdpa
 

@@ -27,9 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
-from pard2_vs_pard import REPO, reporting_split, run  # noqa: E402
+from _common import write_json
+from pard2_vs_pard import REPO, reporting_split, run
 
 
 def train(root: Path, target: Path, data: str, name: str, args, w_init: str, capture: str) -> Path:

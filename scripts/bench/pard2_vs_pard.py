@@ -25,11 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from _common import write_json
+from omegaconf import OmegaConf
 
-from pard_train.config import ModelConfig  # noqa: E402
+from pard_train.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "pard_train" / "evaluate" / "benchmarks"

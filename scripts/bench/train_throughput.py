@@ -32,7 +32,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -48,56 +48,18 @@ from _common import (
 )
 
 from pard_train.attention import AttentionBackend
+from pard_train.data import PackedRow, PardCollator
 from pard_train.flops import ModelFlops, peak_flops
-from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, PardBatch, build_row, collate_rows
+from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, PardBatch
 from pard_train.methods.pard import pard_loss
+from pard_train.testing.shapes import SHAPES, build_model
 
 SCRIPT = Path(__file__).resolve()
 DROP = DropTokenSchedule(0.7, 0.2)
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """A random Llama's shape (the weights do not matter for throughput)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
-SHAPES = {
-    "smoke": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024),
-    "cpu-small": ModelShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=32000),
-    # The LM head's share of the weights as in Llama-3.2-1B (about a quarter of the layers'), for comparison.
-    "cpu-small-v4k": ModelShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=4096),
-    "llama-3.2-1b": ModelShape(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256),
-}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Child: one variant, measured in this process.
-
-
-def build_model(shape: ModelShape, attn_implementation: str, device: torch.device, dtype: torch.dtype, length: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=max(4096, length),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    with device:  # initialise in place: a 1B model built on the CPU and copied over would take minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    return model.train()
 
 
 def make_rows(step: int, batch: int, length: int, vocab: int) -> list[torch.Tensor]:
@@ -106,12 +68,12 @@ def make_rows(step: int, batch: int, length: int, vocab: int) -> list[torch.Tens
     return [torch.randint(0, vocab - 1, (length,), generator=generator) for _ in range(batch)]
 
 
-def collate(rows, mask_id: int, num_depths: int, drop, step: int, multiple: int = 1) -> PardBatch:
-    built = [
-        build_row(ids, mask_id, num_depths, drop_tokens=drop, generator=torch.Generator().manual_seed(step * 100 + i))
-        for i, ids in enumerate(rows)
-    ]
-    return collate_rows(built, pad_token_id=0, pad_to_multiple_of=multiple)
+def collate(rows: list[torch.Tensor], mask_id: int, num_depths: int, drop, step: int, multiple: int = 1) -> PardBatch:
+    """The trainer's collator on these rows (one document per row, every token supervised), seeded by the step."""
+    collator = PardCollator(
+        mask_id, num_depths, pad_token_id=0, drop_tokens=drop, seed=step, pad_to_multiple_of=multiple
+    )
+    return collator([(i, PackedRow(ids.tolist(), [0] * len(ids), [True] * len(ids))) for i, ids in enumerate(rows)])
 
 
 def dense_loss(model, batch: PardBatch, mask: torch.Tensor, normalizer: float) -> torch.Tensor:

@@ -35,7 +35,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "scripts" / "bench"
-sys.path.insert(0, str(BENCH))
 
 # Seconds kept back from the section's time-out to report what a cut child left.
 MARGIN_S = 8.0
@@ -163,7 +162,7 @@ def _llama_1b_shaped(path: Path, smoke: bool) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pard_train.atomic import atomic_directory
-    from pard_train.tiny import build_tiny_tokenizer
+    from pard_train.testing.tiny import build_tiny_tokenizer
 
     shape = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8)
     shape.update(num_hidden_layers=4, vocab_size=128256, rope_theta=500000.0)
@@ -293,12 +292,12 @@ def long_k16_l4096(smoke: bool, out: Path) -> dict:
 def flex_vs_sdpa(smoke: bool, out: Path) -> dict:
     """d. pard_loss and its gradients with FlexAttention against SDPA, same weights, same padded batch, fp32."""
     import torch
-    from train_throughput import SHAPES, build_model
 
     from pard_train.attention import BLOCK
     from pard_train.config import AttentionBackend
     from pard_train.layout import DropTokenSchedule, build_row, collate_rows
     from pard_train.methods.pard import pard_loss
+    from pard_train.testing.shapes import SHAPES, build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backward = device.type == "cuda"  # FlexAttention has no backward pass on CPU

@@ -11,13 +11,13 @@ from pard_train.atomic import atomic_directory
 from pard_train.draft_format import CONFIG_FILE
 from pard_train.mask_token import choose_mask_token
 from pard_train.model import mark_as_pard
-from pard_train.tiny import build_tiny_model, build_tiny_tokenizer
+from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer, padded_rows
 
 
 def build_pair(draft_seed: int = 0, target_seed: int = 1, num_draft_tokens: int = 4):
     """In memory: ``(target, draft, tokenizer, mask_token_id)``, eval mode, float32; the draft marked as PARD."""
     tokenizer = build_tiny_tokenizer()
-    rows = -(-len(tokenizer) // 64) * 64 + 64  # spare rows above the vocabulary, as ensure_tiny_checkpoint builds
+    rows = padded_rows(tokenizer)
     target = build_tiny_model(rows, seed=target_seed).eval()
     draft = build_tiny_model(rows, seed=draft_seed).eval()
     mask_token_id = choose_mask_token(tokenizer, rows)
@@ -49,7 +49,7 @@ def ensure_tiny_family(target_dirs: list[str | Path], draft_dir: str | Path, num
     if all((path / CONFIG_FILE).exists() for path in (*target_dirs, draft_dir)):
         return
     tokenizer = build_tiny_tokenizer()
-    rows = -(-len(tokenizer) // 64) * 64 + 64
+    rows = padded_rows(tokenizer)
     mask_token_id = choose_mask_token(tokenizer, rows)
     for index, path in enumerate([*target_dirs, draft_dir]):
         is_draft = index == len(target_dirs)

@@ -61,6 +61,12 @@ def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512):
     return wrapped
 
 
+def padded_rows(tokenizer) -> int:
+    """Embedding rows for ``tokenizer``: rounded up to 64, plus 64 spare rows above the vocabulary (as Qwen pads), so
+    automatic mask-id selection has unused rows to choose from. Every tiny model and pair is built with this."""
+    return -(-len(tokenizer) // 64) * 64 + 64
+
+
 def build_tiny_model(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **overrides):
     """A randomly initialised LlamaForCausalLM with ``vocab_size`` rows (pad above the tokenizer for spare rows)."""
     import torch
@@ -86,8 +92,7 @@ def ensure_tiny_checkpoint(path: str | Path, texts: Iterable[str] = (), seed: in
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     tokenizer = build_tiny_tokenizer(texts)
-    padded_rows = -(-len(tokenizer) // 64) * 64 + 64  # spare rows above the vocabulary, like Qwen's padding
-    model = build_tiny_model(padded_rows, seed=seed)
+    model = build_tiny_model(padded_rows(tokenizer), seed=seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     # Written beside the target and renamed into place, so an interrupted build is never mistaken for a checkpoint.
     with atomic_directory(path) as staging:
