@@ -24,6 +24,7 @@ from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.lm_head_loss import chunked_head_loss, gather_head_with
 from pard_train.loss import DepthStats, labelled_hidden, project_logits
 from pard_train.methods.teacher import TeacherSignals
+from pard_train.methods.teacher_cache import top_k_kd
 
 
 def own_positions(batch: PardBatch) -> Tensor:
@@ -140,6 +141,10 @@ def pard2_loss(
     rows = selected.nonzero(as_tuple=True)[0]
     # Without distillation the teacher's states are not read (tau is None below): the student's stand in.
     teacher_hidden = signals.hidden[rows, own_positions(batch)[selected]] if signals.hidden is not None else hidden
+    cached = signals.top_ids is not None  # the teacher cache: sparse top-k instead of the target's logits
+    if cached:
+        top_ids = signals.top_ids[rows, own_positions(batch)[selected]]
+        top_log_p = signals.top_log_p[rows, own_positions(batch)[selected]]
 
     tau = settings.kd_temperature if settings.kd_weight > 0 else None
 
@@ -150,6 +155,8 @@ def pard2_loss(
         ce = F.cross_entropy(logits, labels[part], reduction="none")
         if tau is None:
             kd = torch.zeros_like(ce)
+        elif cached:
+            kd = top_k_kd(logits, top_ids[part], top_log_p[part], tau)
         else:
             with torch.no_grad():
                 teacher_logits = project_logits(inputs.teacher, teacher_hidden[part])
@@ -221,6 +228,26 @@ class Pard2Objective(torch.nn.Module):
         return pard2_loss(self.draft, self.projection, inputs, self.backend, self.num_depths, self.settings, normalizer)
 
 
+def _open_teacher_cache(config, draft, data):
+    """The finished teacher cache of these rows and settings (else one line saying what to build)."""
+    from pathlib import Path
+
+    from pard_train.data.documents import default_cache_dir
+    from pard_train.errors import ConfigError
+    from pard_train.methods.teacher_cache import TeacherCache
+    from pard_train.model import embedding_rows
+
+    root = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+    rows = {"train": data.train, "validation": data.validation}
+    cache = TeacherCache.open(root, rows, config.method.target, config.method)
+    if cache.vocabulary != embedding_rows(draft):
+        raise ConfigError(
+            f"method.teacher=cache: the cache's target has {cache.vocabulary} vocabulary rows, the draft "
+            f"{embedding_rows(draft)}; PARD-2 distils over one shared vocabulary"
+        )
+    return cache
+
+
 class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
     vocabulary, and builds W."""
@@ -232,8 +259,12 @@ class Pard2Method:
 
         settings = self.settings = config.method
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-        self.target_engine = None
-        if _zero3_config(accelerator) is not None:
+        self.target_engine = self.cache = None
+        if settings.teacher == "cache":
+            self.cache = _open_teacher_cache(config, draft, data)
+        if self.cache is not None and not settings.features:
+            target = None  # the cache holds every signal the step needs: no target at all
+        elif _zero3_config(accelerator) is not None:
             # transformers partitions while loading (ZeRO-3 is registered); an inference engine gathers each layer's
             # weights for its forward, so no rank ever holds the whole target.
             self.target_engine = _sharded_for_inference(
@@ -242,7 +273,7 @@ class Pard2Method:
             target = self.target_engine.module
         else:
             target = load_causal_lm(settings.target, backend, dtype=dtype).to(accelerator.device)
-        if embedding_rows(target) != embedding_rows(draft):
+        if target is not None and embedding_rows(target) != embedding_rows(draft):
             raise ConfigError(
                 f"method.target: {settings.target} has {embedding_rows(target)} embedding rows, the draft "
                 f"{embedding_rows(draft)}; PARD-2 distils over one shared vocabulary: pick a target of its family"
@@ -253,7 +284,7 @@ class Pard2Method:
             bad = [layer for layer in layers if not -depth <= layer < depth]
             if bad:
                 raise ConfigError(f"method.feature_layers: {bad} outside the target's {depth} hidden states")
-        self.teacher = Teacher(target, backend, layers, settings.feature_capture)
+        self.teacher = Teacher(target, backend, layers, settings.feature_capture) if target is not None else None
         projection = None
         if layers is not None:
             draft_width = draft.config.get_text_config().hidden_size
@@ -284,7 +315,7 @@ class Pard2Method:
             log_g = self.confidences.log_confidence(split, row_ids, length, batch.depth.device)
             weights = cat_weights(batch, log_g)
             return Pard2Inputs(batch, TeacherSignals(log_g, None, None), weights, None, None), float(weights.sum())
-        signals = self.teacher(batch)
+        signals = self._cached_signals(batch, row_ids, split) if self.cache is not None else self.teacher(batch)
         labelled = (batch.labels != IGNORE_INDEX).float()
         weights = cat_weights(batch, signals.log_confidence) if self.settings.cat else labelled
         keep = None
@@ -292,8 +323,16 @@ class Pard2Method:
             # Seeded by (seed, step, process, micro-batch): the same draws after a resume.
             seed = hash((self.seed, step, self.process_index, micro_index)) & 0x7FFF_FFFF_FFFF_FFFF
             keep = document_keep(batch, self.settings.feature_drop, torch.Generator().manual_seed(seed))
-        inputs = Pard2Inputs(batch, signals, weights, keep, self.teacher.model)
+        inputs = Pard2Inputs(batch, signals, weights, keep, self.teacher.model if self.teacher else None)
         return inputs, inputs.weight_sum
+
+    def _cached_signals(self, batch: PardBatch, row_ids, split: str) -> TeacherSignals:
+        """Confidences and top-k from the cache; with features the target runs for them alone (its own confidences
+        and final states are not used)."""
+        length = int(((batch.depth == 0) & (batch.document >= 0)).sum(1).max())
+        log_g, top_ids, top_log_p = self.cache.signals(split, row_ids, length, batch.depth.device)
+        features = self.teacher(batch).features if self.settings.features else None
+        return TeacherSignals(log_g, None, features, top_ids, top_log_p)
 
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:
         return Pard2Stats.zeros(num_depths, device)
