@@ -38,8 +38,8 @@ def build_for_config(config, log=print, after_shard=None) -> tuple[Path, bool]:
     rank, world = worker_from_environment()
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if rank == 0 or world == 1:
-        prepare_model_files(config.model, config.data.train_files)
+    # Every worker (no process group to wait on): the files are written atomically, so a race only repeats work.
+    prepare_model_files(config.model, config.data.train_files)
     tokenizer = load_tokenizer(config.model.draft_path, config.model.trust_remote_code)
     data = build_data(config.data, tokenizer, is_main=rank == 0, log=log if rank == 0 else lambda *_: None)
     root = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
