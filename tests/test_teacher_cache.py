@@ -260,3 +260,47 @@ def test_training_from_a_stale_cache_is_one_line_and_exit_2(tiny_checkpoint, tmp
     assert trained.returncode == 0, trained.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "pard2_tiny" / "metrics.jsonl").read_text().splitlines()]
     assert records and records[0]["kd"] > 0
+
+
+@pytest.mark.slow
+def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny_checkpoint, tmp_path):
+    """The trainer end to end, dual mode (features still come from the target): with k >= the vocabulary and float32
+    storage, every step's loss, KD term and CAT weight equal the online teacher's."""
+    from conftest import compose
+
+    from pard_train.config import to_config
+    from pard_train.teacher_cache import build_for_config
+    from pard_train.train import train
+
+    settings = [
+        "+config=pard2_tiny",
+        f"model.path={tiny_checkpoint}",
+        f"data.cache_dir={tmp_path}/cache",
+        "data.max_samples=48",
+        "data.max_length=96",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        "train.max_steps=3",
+        "train.schedule=constant",
+        "train.warmup_steps=0",
+        "checkpoint.every_steps=0",
+        "method.feature_drop=0",
+        "method.top_k=100000",
+        "method.top_k_dtype=float32",
+    ]
+
+    def records(name, *extra):
+        config = to_config(compose(*settings, f"run.output_root={tmp_path / name}", *extra))
+        final = train(config)
+        return [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+
+    directory, complete = build_for_config(to_config(compose(*settings, f"run.output_root={tmp_path}")))
+    assert complete and json.loads((directory / MANIFEST).read_text())["top_k"] > 500  # the whole vocabulary
+    online, cached = records("online"), records("cached", "method.teacher=cache")
+    assert [r["step"] for r in online] == [r["step"] for r in cached] == [1, 2, 3]
+    for a, b in zip(online, cached, strict=True):
+        assert a["kd"] > 0
+        for key in ("loss", "loss_weighted", "kd", "cat_weight/depth_2"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    with pytest.raises(ConfigError, match="stale"):  # the cached run really read the cache: another k has none
+        records("k4", "method.teacher=cache", "method.top_k=4")
