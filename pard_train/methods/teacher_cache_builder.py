@@ -72,7 +72,10 @@ def row_signals(model, backend, rows: list[PackedRow], top_k: int, temperature: 
         labelled[i, : len(row.input_ids)] = labelled_positions(row).to(device)
     batch_rows, positions = has_next.nonzero(as_tuple=True)
     log_g = torch.zeros(real.input_ids.shape, dtype=torch.float32, device=device)
-    top_ids, top_log_p, top_rows = [], [], []
+    k = min(top_k, model.get_output_embeddings().weight.shape[0])
+    # Empty first parts: rows without a single labelled position (one-token documents) still concatenate.
+    top_ids, top_log_p = [torch.zeros(0, k, dtype=torch.long, device=device)], [torch.zeros(0, k, device=device)]
+    top_rows = [torch.zeros(0, dtype=torch.long, device=device)]
     for begin in range(0, batch_rows.numel(), CHUNK_TOKENS):
         r, p = batch_rows[begin : begin + CHUNK_TOKENS], positions[begin : begin + CHUNK_TOKENS]
         logits = project_logits(model, hidden[r, p]).float()
@@ -80,7 +83,7 @@ def row_signals(model, backend, rows: list[PackedRow], top_k: int, temperature: 
         log_g[r, p + 1] = chosen - torch.logsumexp(logits, dim=-1)  # as the online teacher computes it
         keep = labelled[r, p]
         log_p = F.log_softmax(logits[keep] / temperature, dim=-1)  # as the online KD term computes it
-        values, ids = log_p.topk(min(top_k, log_p.shape[-1]), dim=-1)
+        values, ids = log_p.topk(k, dim=-1)
         top_ids.append(ids)
         top_log_p.append(values)
         top_rows.append(r[keep])
