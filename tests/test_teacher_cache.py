@@ -304,3 +304,13 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     with pytest.raises(ConfigError, match="stale"):  # the cached run really read the cache: another k has none
         records("k4", "method.teacher=cache", "method.top_k=4")
+
+
+def test_the_cache_settings_are_checked_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="method.teacher: cache needs method=pard2"):
+        MethodConfig(name=MethodName.pard, teacher="cache")
+    with pytest.raises(ConfigError, match="drop confidence_cache"):
+        _settings(kd_weight=0, features=False, confidence_cache=True)
+    for bad in ({"top_k": 0}, {"top_k_dtype": "bfloat16"}, {"cache_shard_rows": 0}):
+        with pytest.raises(ConfigError, match=f"method.{next(iter(bad))}"):
+            _settings(**bad)
