@@ -314,3 +314,39 @@ def test_the_cache_settings_are_checked_when_the_config_is_built():
     for bad in ({"top_k": 0}, {"top_k_dtype": "bfloat16"}, {"cache_shard_rows": 0}):
         with pytest.raises(ConfigError, match=f"method.{next(iter(bad))}"):
             _settings(**bad)
+
+
+def _bucket_kl_by_autograd(student_logits, ids, log_q, tau):
+    """The bucket KL written plainly (log_softmax, a scatter, a logsumexp), for the hand-written backward."""
+    s = F.log_softmax(student_logits / tau, -1)
+    q = log_q.exp()
+    kl = (q * (log_q - s.gather(-1, ids))).sum(-1)
+    if ids.shape[-1] < student_logits.shape[-1]:
+        rest = (1 - q.sum(-1)).clamp(min=0)
+        kl = kl + torch.xlogy(rest, rest) - rest * torch.logsumexp(s.scatter(-1, ids, float("-inf")), -1)
+    return kl * tau**2
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_the_hand_written_gradients_equal_autograd(k):
+    from pard_train.methods.teacher_cache import _BucketKL, cross_entropy_and_top_k_kd
+
+    generator = torch.Generator().manual_seed(k)
+    z = (torch.randn(6, 20, generator=generator, dtype=torch.double) * 3).requires_grad_()
+    values, ids = F.log_softmax(torch.randn(6, 20, generator=generator, dtype=torch.double) * 2, -1).topk(k, -1)
+    labels = torch.randint(0, 20, (6,), generator=generator)
+    assert torch.autograd.gradcheck(lambda x: _BucketKL.apply(x, ids, values, None)[0], (z,))
+    assert torch.autograd.gradcheck(lambda x: _BucketKL.apply(x, ids, values, labels), (z,))
+
+    g_ce, g_kd = torch.randn(6, generator=generator), torch.randn(6, generator=generator)
+    logits = z.detach().float().requires_grad_()
+    ce, kd = cross_entropy_and_top_k_kd(logits, labels, ids, values)
+    (fused,) = torch.autograd.grad((g_ce * ce + g_kd * kd).sum(), logits)
+    ce_ref = F.cross_entropy(logits, labels, reduction="none")
+    kd_ref = _bucket_kl_by_autograd(logits, ids, values.float(), 1.0)
+    (plain,) = torch.autograd.grad((g_ce * ce_ref + g_kd * kd_ref).sum(), logits)
+    torch.testing.assert_close(ce, ce_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kd, kd_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    tempered = top_k_kd(logits, ids, values.float(), 1.7)
+    torch.testing.assert_close(tempered, _bucket_kl_by_autograd(logits, ids, values.float(), 1.7), atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.lm_head_loss import chunked_head_loss, gather_head_with
 from pard_train.loss import DepthStats, labelled_hidden, project_logits
 from pard_train.methods.teacher import TeacherSignals
-from pard_train.methods.teacher_cache import top_k_kd
+from pard_train.methods.teacher_cache import cross_entropy_and_top_k_kd, top_k_kd
 
 
 def own_positions(batch: PardBatch) -> Tensor:
@@ -152,12 +152,14 @@ def pard2_loss(
         """Per token w * (alpha_CE CE + alpha_KD KD), and CE, KD and the top-1 hit for the statistics. Without
         distillation (tau None) no teacher logits are computed."""
         logits = logits.float()
-        ce = F.cross_entropy(logits, labels[part], reduction="none")
-        if tau is None:
-            kd = torch.zeros_like(ce)
-        elif cached:
-            kd = top_k_kd(logits, top_ids[part], top_log_p[part], tau)
+        if cached and tau == 1.0:  # one shared softmax for both terms: the step costs what a PARD step does
+            ce, kd = cross_entropy_and_top_k_kd(logits, labels[part], top_ids[part], top_log_p[part])
         else:
+            ce = F.cross_entropy(logits, labels[part], reduction="none")
+            kd = torch.zeros_like(ce) if tau is None else None
+        if kd is None and cached:
+            kd = top_k_kd(logits, top_ids[part], top_log_p[part], tau)
+        elif kd is None:
             with torch.no_grad():
                 teacher_logits = project_logits(inputs.teacher, teacher_hidden[part])
             kd = _kd(logits, teacher_logits, tau)
