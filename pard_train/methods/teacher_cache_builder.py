@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pard_train.atomic import atomic_write_bytes, atomic_write_text
@@ -80,10 +79,17 @@ def row_signals(model, backend, rows: list[PackedRow], top_k: int, temperature: 
         r, p = batch_rows[begin : begin + CHUNK_TOKENS], positions[begin : begin + CHUNK_TOKENS]
         logits = project_logits(model, hidden[r, p]).float()
         chosen = logits.gather(-1, real.input_ids[r, p + 1, None]).squeeze(-1)
-        log_g[r, p + 1] = chosen - torch.logsumexp(logits, dim=-1)  # as the online teacher computes it
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+        log_g[r, p + 1] = chosen - log_normalizer  # as the online teacher computes it
         keep = labelled[r, p]
-        log_p = F.log_softmax(logits[keep] / temperature, dim=-1)  # as the online KD term computes it
-        values, ids = log_p.topk(k, dim=-1)
+        # log_softmax(logits / tau) at the top-k without a second [n, V] pass: its order is the logits' order.
+        values, ids = logits[keep].topk(k, dim=-1)
+        if temperature != 1.0:
+            log_normalizer = torch.logsumexp(logits[keep] / temperature, dim=-1)
+            values = values / temperature
+        else:
+            log_normalizer = log_normalizer[keep]
+        values = values - log_normalizer[:, None]
         top_ids.append(ids)
         top_log_p.append(values)
         top_rows.append(r[keep])
