@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--ks", default="8,32,128")
     parser.add_argument("--timing-repeats", type=int, default=3)
-    parser.add_argument("--timing-micro-batches", type=int, default=2)
+    parser.add_argument("--timing-micro-batches", type=int, default=1, help="micro-batches per timed step")
     parser.add_argument("--skip", default="", help="comma list of phases to skip: train, timing, build")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "teacher_cache_kd.json")
     args = parser.parse_args()
@@ -286,9 +286,11 @@ def main() -> None:
             [sys.executable, "-m", "pard_train.teacher_cache", *base, f"method.top_k={k}"],
             args.root / f"build-k{k}.log",
         )
-    result = {"settings": vars(args) | {"source": str(args.source), "root": str(args.root), "out": str(args.out)}}
+    # Phases skipped now keep what an earlier run of this script measured (--skip train, then --skip timing,build).
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["settings"] = {key: str(value) for key, value in vars(args).items()}
     result["cache"] = {
-        k: {
+        str(k): {
             "bytes_per_labelled_token": manifest_for(args.root, k)["bytes_per_labelled_token"],
             "payload_bytes_per_labelled_token": manifest_for(args.root, k)["payload_bytes_per_labelled_token"],
             "labelled_tokens": manifest_for(args.root, k)["labelled_tokens"],
@@ -312,17 +314,20 @@ def main() -> None:
             name: {b: entry["pard"]["acceptance_length"] for b, entry in report["benchmarks"].items()}
             for name, report in reports.items()
         }
+        write_json(args.out, result)
     if "timing" not in skip:
         result["seconds_per_step"] = step_times(base, ks, args.timing_repeats, args.timing_micro_batches)
+        write_json(args.out, result)
     if "build" not in skip:
         result["build"] = build_speed(base, args.timing_repeats)
+        write_json(args.out, result)
 
     rows = []
     steps = result.get("seconds_per_step", {})
     pard_step = steps.get("PARD")
     for name in variants(ks):
         k = None if name == "online" else int(name.split("=")[1])
-        cache = result["cache"].get(k, {})
+        cache = result["cache"].get(str(k), {})
         step = steps.get(f"PARD-2 {name}")
         rows.append(
             [
