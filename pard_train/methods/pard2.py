@@ -252,7 +252,8 @@ def _open_teacher_cache(config, draft, data):
 
 class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
-    vocabulary, and builds W."""
+    vocabulary, and builds W. With ``method.teacher=cache`` it opens the teacher cache instead, and loads the target
+    only when features need it."""
 
     def __init__(self, config, draft, backend: AttentionBackend, spec, accelerator, data=None):
         from pard_train.errors import ConfigError

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pard_train.data.dataset import rows_fingerprint
 from pard_train.data.packing import PackedRow
 from pard_train.errors import ConfigError
 
@@ -62,6 +61,8 @@ def target_fingerprint(target: str) -> str:
 
 def cache_key(rows: dict[str, list[PackedRow]], target: str, top_k: int, temperature: float, dtype: str) -> dict:
     """What the cache's content depends on, part by part (so a refusal can name the part that changed)."""
+    from pard_train.data.dataset import rows_fingerprint  # here: the loss imports this module, not the data stack
+
     return {
         "format": FORMAT,
         **{f"rows.{split}": rows_fingerprint(split_rows) for split, split_rows in rows.items()},
