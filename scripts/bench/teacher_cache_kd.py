@@ -195,7 +195,7 @@ def step_times(base: list[str], ks: list[int], repeats: int, micro_batches: int)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def build_speed(base: list[str], repeats: int) -> dict:
+def build_speed(base: list[str], repeats: int, limit: int | None = None) -> dict:
     """Seconds to build the k=32 cache of all rows (into a fresh directory) against the plain target forwards
     (``model(...)``, full logits) over the same batches, interleaved; the overhead is build / forward - 1."""
     from pard_train.attention import attention_mask_for, resolve_backend
@@ -210,7 +210,7 @@ def build_speed(base: list[str], repeats: int) -> dict:
     backend = resolve_backend(config.model.attention, device)
     target = load_causal_lm(config.method.target, backend).eval()
     data = build_data(config.data, load_tokenizer(config.model.draft_path), log=lambda *_: None)
-    rows = {"train": data.train, "validation": data.validation}
+    rows = {"train": data.train[:limit], "validation": data.validation[:limit]}
     tokens = sum(len(r.input_ids) for split in rows.values() for r in split)
 
     def forward_only() -> float:
@@ -272,6 +272,7 @@ def main() -> None:
     parser.add_argument("--ks", default="8,32,128")
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--timing-micro-batches", type=int, default=1, help="micro-batches per timed step")
+    parser.add_argument("--build-rows", type=int, default=None, help="rows per split the build speed uses (all)")
     parser.add_argument("--skip", default="", help="comma list of phases to skip: train, timing, build")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "teacher_cache_kd.json")
     args = parser.parse_args()
@@ -319,7 +320,7 @@ def main() -> None:
         result["seconds_per_step"] = step_times(base, ks, args.timing_repeats, args.timing_micro_batches)
         write_json(args.out, result)
     if "build" not in skip:
-        result["build"] = build_speed(base, args.timing_repeats)
+        result["build"] = build_speed(base, args.timing_repeats, args.build_rows)
         write_json(args.out, result)
 
     rows = []
