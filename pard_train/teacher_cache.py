@@ -56,6 +56,9 @@ def build_for_config(config, log=print, after_shard=None) -> tuple[Path, bool]:
 
 @hydra.main(config_path="../configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # as the trainer: its loading bars would stand between the progress lines
     with user_errors("pard_train.teacher_cache"):
         build_for_config(to_config(cfg), log=lambda line: print(line, flush=True))
 
