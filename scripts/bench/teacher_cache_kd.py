@@ -273,7 +273,9 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--timing-micro-batches", type=int, default=1, help="micro-batches per timed step")
     parser.add_argument("--build-rows", type=int, default=None, help="rows per split the build speed uses (all)")
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: train, timing, build")
+    parser.add_argument(
+        "--skip", default="", help="comma list of phases to skip: train, eval (the harness AL), timing, build"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "teacher_cache_kd.json")
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
@@ -309,12 +311,18 @@ def main() -> None:
                     [sys.executable, "-m", "pard_train", *base, *extra, f"run.name={run_name}"],
                     args.root / f"{run_name}.log",
                 )
-            reports[name] = evaluate(model, final, args.root / f"eval_{run_name}", args)
-        result["al"] = {name: report["overall"]["pard"]["acceptance_length"] for name, report in reports.items()}
-        result["al_per_benchmark"] = {
-            name: {b: entry["pard"]["acceptance_length"] for b, entry in report["benchmarks"].items()}
-            for name, report in reports.items()
-        }
+            # The trainer's estimate from the per-depth top-1 accuracy of the last window (same batches for all).
+            last = json.loads((args.root / run_name / "metrics.jsonl").read_text().splitlines()[-1])
+            result.setdefault("estimated_al", {})[name] = last["estimated_al"]
+            result.setdefault("final_loss_ce", {})[name] = last["loss"]
+            if "eval" not in skip:
+                reports[name] = evaluate(model, final, args.root / f"eval_{run_name}", args)
+        if reports:
+            result["al"] = {name: report["overall"]["pard"]["acceptance_length"] for name, report in reports.items()}
+            result["al_per_benchmark"] = {
+                name: {b: entry["pard"]["acceptance_length"] for b, entry in report["benchmarks"].items()}
+                for name, report in reports.items()
+            }
         write_json(args.out, result)
     if "timing" not in skip:
         result["seconds_per_step"] = step_times(base, ks, args.timing_repeats, args.timing_micro_batches)
@@ -333,7 +341,8 @@ def main() -> None:
         rows.append(
             [
                 f"PARD-2 {name}",
-                f"{result['al'][name]:.3f}" if "al" in result else "–",
+                f"{result['al'][name]:.3f}" if name in result.get("al", {}) else "–",
+                f"{result['estimated_al'][name]:.3f}" if name in result.get("estimated_al", {}) else "–",
                 f"{step:.2f} s ({step / pard_step:.2f}× PARD)" if step and pard_step else "–",
                 f"{cache['payload_bytes_per_labelled_token']:.0f} ({cache['bytes_per_labelled_token']:.0f} on disk)"
                 if cache
@@ -342,12 +351,13 @@ def main() -> None:
             ]
         )
     if pard_step:
-        rows.append(["PARD (reference step)", "–", f"{pard_step:.2f} s", "–", "–"])
+        rows.append(["PARD (reference step)", "–", "–", f"{pard_step:.2f} s", "–", "–"])
     print(
         markdown_table(
             [
                 "teacher",
                 "AL (reporting split)",
+                "estimated AL (trainer, last window)",
                 "step time",
                 "cache bytes / labelled token",
                 "teacher mass outside top-k",
