@@ -126,6 +126,14 @@ class MethodName(str, Enum):
     pard2 = "pard2"
 
 
+class TeacherSource(str, Enum):
+    """Where PARD-2's distillation and confidences come from: the target run in every step (``online``), or the
+    teacher cache built once by ``python -m pard_train.teacher_cache`` (``cache``; README "Teacher cache")."""
+
+    online = "online"
+    cache = "cache"
+
+
 class FeatureCapture(str, Enum):
     """Which target hidden states a target-dependent PARD-2 draft reads (pard_train/evaluate/feature_capture.py
     computes both; training and the harness share it)."""
@@ -173,7 +181,20 @@ class MethodConfig:
     """CAT without the target in the training step: its confidences g(u) are computed once before training and
     cached beside the data cache (one float per token); needs kd_weight=0 and features=false."""
 
+    teacher: TeacherSource = TeacherSource.online
+    """``cache``: KD over the target's top-``top_k`` log-probabilities and the confidences g(u), read from the teacher
+    cache (``python -m pard_train.teacher_cache``): the step never loads the target, unless ``features`` needs it."""
+    top_k: int = 32
+    """Teacher cache: log-probabilities kept per labelled token (the rest of the mass is one bucket)."""
+    top_k_dtype: str = "float16"
+    """Teacher cache: storage of the top-k log-probabilities, ``float16`` (2 bytes) or ``float32`` (exact)."""
+    cache_shard_rows: int = 256
+    """Teacher cache: packed rows per shard, the most a preempted build loses."""
+
     def __post_init__(self):
+        require(self.top_k >= 1, "method.top_k", f"must be >= 1, got {self.top_k}")
+        require(self.top_k_dtype in ("float16", "float32"), "method.top_k_dtype", "float16 or float32")
+        require(self.cache_shard_rows >= 1, "method.cache_shard_rows", "must be >= 1")
         require(self.ce_weight >= 0 and self.kd_weight >= 0, "method.ce_weight/kd_weight", "must be >= 0")
         require(self.ce_weight + self.kd_weight > 0, "method.ce_weight", "ce_weight + kd_weight must be > 0")
         require(self.kd_temperature > 0, "method.kd_temperature", f"must be > 0, got {self.kd_temperature}")
@@ -187,6 +208,9 @@ class MethodConfig:
         if self.confidence_cache:
             offline = self.cat and self.kd_weight == 0 and not self.features
             require(offline, "method.confidence_cache", "needs cat=true, kd_weight=0 and features=false")
+        if self.teacher == TeacherSource.cache:
+            require(self.name == MethodName.pard2, "method.teacher", "cache needs method=pard2")
+            require(not self.confidence_cache, "method.teacher", "cache already holds g(u): drop confidence_cache")
 
 
 class DataFormat(str, Enum):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pard_train.checkpoint import Checkpoints
 from pard_train.checkpoint_store import COMPLETE, CheckpointStore
-from pard_train.config import Config, MethodConfig, MethodName
+from pard_train.config import Config, MethodConfig, MethodName, TeacherSource
 from pard_train.errors import ResumeError
 from pard_train.methods.pard2 import recorded_defaults, resume_settings
 from pard_train.train_state import STATE_FILE, TrainState, check_resumable, read_state, run_settings
@@ -145,6 +145,12 @@ def test_each_method_declares_its_own_resume_settings(tmp_path):
     declared = resume_settings(settings)
     assert declared["method.kd_weight"] == 0.5 and declared["method.feature_capture"] == "vllm"
     assert "method.feature_capture" not in resume_settings(replace(settings, features=False))
+    assert declared["method.teacher"] == "online" and "method.top_k" not in declared
+    cached = resume_settings(replace(settings, teacher=TeacherSource.cache, top_k=8))
+    assert cached["method.teacher"] == "cache" and cached["method.top_k"] == 8
+    online_run = TrainState(3, declared, 8, 1)  # an online-teacher checkpoint does not resume from the cache
+    with pytest.raises(ResumeError, match=r"method.teacher: checkpoint 'online', now 'cache'"):
+        check_resumable(online_run, TrainState(0, cached, 8, 1), tmp_path, False)
     config = Config(method=settings)
     run = run_settings(config, SimpleNamespace(mask_token_id=7), declared, model="abc")
     assert run["method.name"] == "pard2" and run["model (files)"] == "abc" and run["pard.num_draft_tokens"] >= 1

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pard_train.config import AttentionBackend, FeatureCapture, MethodConfig
+from pard_train.config import AttentionBackend, FeatureCapture, MethodConfig, TeacherSource
 from pard_train.distributed import gather_all
 from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project_logits
 from pard_train.loss import DepthStats, labelled_hidden
 from pard_train.methods.pard import split_objective_state
 from pard_train.methods.teacher import TeacherSignals
+from pard_train.methods.teacher_cache import cross_entropy_and_top_k_kd, top_k_kd
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ def pard2_loss(
     rows = selected.nonzero(as_tuple=True)[0]
     # Without distillation the teacher's states are not read (tau is None below): the student's stand in.
     teacher_hidden = signals.hidden[rows, own_positions(batch)[selected]] if signals.hidden is not None else hidden
+    cached = signals.top_ids is not None  # the teacher cache: sparse top-k instead of the target's logits
+    if cached:
+        top_ids = signals.top_ids[rows, own_positions(batch)[selected]]
+        top_log_p = signals.top_log_p[rows, own_positions(batch)[selected]]
 
     tau = settings.kd_temperature if settings.kd_weight > 0 else None
 
@@ -151,10 +156,14 @@ def pard2_loss(
         """Per token w * (alpha_CE CE + alpha_KD KD), and CE, KD and the top-1 hit for the statistics. Without
         distillation (tau None) no teacher logits are computed."""
         logits = logits.float()
-        ce = F.cross_entropy(logits, labels[part], reduction="none")
-        if tau is None:
-            kd = torch.zeros_like(ce)
+        if cached and tau == 1.0:  # one shared softmax for both terms: the step costs what a PARD step does
+            ce, kd = cross_entropy_and_top_k_kd(logits, labels[part], top_ids[part], top_log_p[part])
         else:
+            ce = F.cross_entropy(logits, labels[part], reduction="none")
+            kd = torch.zeros_like(ce) if tau is None else None
+        if kd is None and cached:
+            kd = top_k_kd(logits, top_ids[part], top_log_p[part], tau)
+        elif kd is None:
             with torch.no_grad():
                 teacher_logits = project_logits(inputs.teacher, teacher_hidden[part])
             kd = _kd(logits, teacher_logits, tau)
@@ -179,14 +188,23 @@ def resume_settings(settings: MethodConfig) -> dict:
     recorded["method.feature_layers"] = list(settings.feature_layers)
     if settings.features:  # without features no target state is read: the capture changes nothing
         recorded["method.feature_capture"] = FeatureCapture(settings.feature_capture).value
+    # The cache's top-k KD is not the online teacher's full-vocabulary KD: switching mid-run changes the objective.
+    recorded["method.teacher"] = TeacherSource(settings.teacher).value
+    if settings.teacher == TeacherSource.cache:
+        recorded["method.top_k"] = settings.top_k
+        recorded["method.top_k_dtype"] = settings.top_k_dtype
     return recorded
 
 
 def recorded_defaults(recorded: dict) -> dict:
-    """PARD-2 checkpoints from before ``method.feature_capture`` trained with features on HF hidden_states."""
-    if recorded.get("method.name") == "pard2" and recorded.get("method.features"):
-        return {"method.feature_capture": FeatureCapture.training.value}
-    return {}
+    """What older PARD-2 checkpoints trained with: the online teacher (before the cache) and, with features, HF
+    hidden_states (before ``method.feature_capture``)."""
+    defaults = {}
+    if recorded.get("method.name") == "pard2":  # from before the teacher cache: the online teacher
+        defaults["method.teacher"] = TeacherSource.online.value
+        if recorded.get("method.features"):
+            defaults["method.feature_capture"] = FeatureCapture.training.value
+    return defaults
 
 
 def _zero3_config(accelerator) -> dict | None:
@@ -245,9 +263,31 @@ class Pard2Objective(torch.nn.Module):
         return pard2_loss(self.draft, self.projection, inputs, self.backend, self.num_depths, self.settings, normalizer)
 
 
+def _open_teacher_cache(settings: MethodConfig, cache_dir: str | None, draft, data):
+    """The finished teacher cache of these rows and settings under ``cache_dir`` (``data.cache_dir``), else one line
+    saying what to build."""
+    from pathlib import Path
+
+    from pard_train.data.documents import default_cache_dir
+    from pard_train.errors import ConfigError
+    from pard_train.methods.teacher_cache import TeacherCache
+    from pard_train.model import embedding_rows
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    rows = {"train": data.train, "validation": data.validation}
+    cache = TeacherCache.open(root, rows, settings.target, settings)
+    if cache.vocabulary != embedding_rows(draft):
+        raise ConfigError(
+            f"method.teacher=cache: the cache's target has {cache.vocabulary} vocabulary rows, the draft "
+            f"{embedding_rows(draft)}; PARD-2 distils over one shared vocabulary"
+        )
+    return cache
+
+
 class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
-    vocabulary, and builds W."""
+    vocabulary, and builds W. With ``method.teacher=cache`` it opens the teacher cache instead, and loads the target
+    only when features need it."""
 
     def __init__(
         self,
@@ -267,8 +307,12 @@ class Pard2Method:
 
         self.settings = settings
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-        self.target_engine = None
-        if _zero3_config(accelerator) is not None:
+        self.target_engine = self.cache = None
+        if settings.teacher == "cache":
+            self.cache = _open_teacher_cache(settings, cache_dir, draft, data)
+        if self.cache is not None and not settings.features:
+            target = None  # the cache holds every signal the step needs: no target at all
+        elif _zero3_config(accelerator) is not None:
             # transformers partitions while loading (ZeRO-3 is registered); an inference engine gathers each layer's
             # weights for its forward, so no rank ever holds the whole target.
             self.target_engine = _sharded_for_inference(
@@ -277,7 +321,7 @@ class Pard2Method:
             target = self.target_engine.module
         else:
             target = load_causal_lm(settings.target, backend, dtype=dtype).to(accelerator.device)
-        if embedding_rows(target) != embedding_rows(draft):
+        if target is not None and embedding_rows(target) != embedding_rows(draft):
             raise ConfigError(
                 f"method.target: {settings.target} has {embedding_rows(target)} embedding rows, the draft "
                 f"{embedding_rows(draft)}; PARD-2 distils over one shared vocabulary: pick a target of its family"
@@ -288,7 +332,7 @@ class Pard2Method:
             bad = [layer for layer in layers if not -depth <= layer < depth]
             if bad:
                 raise ConfigError(f"method.feature_layers: {bad} outside the target's {depth} hidden states")
-        self.teacher = Teacher(target, backend, layers, settings.feature_capture)
+        self.teacher = Teacher(target, backend, layers, settings.feature_capture) if target is not None else None
         projection = None
         if layers is not None:
             draft_width = draft.config.get_text_config().hidden_size
@@ -319,7 +363,7 @@ class Pard2Method:
             log_g = self.confidences.log_confidence(split, row_ids, length, batch.depth.device)
             weights = cat_weights(batch, log_g)
             return Pard2Inputs(batch, TeacherSignals(log_g, None, None), weights, None, None), float(weights.sum())
-        signals = self.teacher(batch)
+        signals = self._cached_signals(batch, row_ids, split) if self.cache is not None else self.teacher(batch)
         labelled = (batch.labels != IGNORE_INDEX).float()
         weights = cat_weights(batch, signals.log_confidence) if self.settings.cat else labelled
         keep = None
@@ -327,8 +371,16 @@ class Pard2Method:
             # Seeded by (seed, step, process, micro-batch): the same draws after a resume.
             seed = hash((self.seed, step, self.process_index, micro_index)) & 0x7FFF_FFFF_FFFF_FFFF
             keep = document_keep(batch, self.settings.feature_drop, torch.Generator().manual_seed(seed))
-        inputs = Pard2Inputs(batch, signals, weights, keep, self.teacher.model)
+        inputs = Pard2Inputs(batch, signals, weights, keep, self.teacher.model if self.teacher else None)
         return inputs, inputs.weight_sum
+
+    def _cached_signals(self, batch: PardBatch, row_ids, split: str) -> TeacherSignals:
+        """Confidences and top-k from the cache; with features the target runs for them alone (its own confidences
+        and final states are not used)."""
+        length = int(((batch.depth == 0) & (batch.document >= 0)).sum(1).max())
+        log_g, top_ids, top_log_p = self.cache.signals(split, row_ids, length, batch.depth.device)
+        features = self.teacher(batch).features if self.settings.features else None
+        return TeacherSignals(log_g, None, features, top_ids, top_log_p)
 
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:
         return Pard2Stats.zeros(num_depths, device)

@@ -31,6 +31,11 @@ class TeacherSignals:
     features: Tensor | None
     """``[B, L, n * H_t]`` hidden states at the feature layers (as ``method.feature_capture`` says), concatenated;
     f(a) is ``features[a - 1]``."""
+    top_ids: Tensor | None = None
+    """``[B, L, k]`` long, teacher cache only: the target's top-k token ids at every labelled real position (what
+    ``hidden`` would give, kept sparse; :mod:`pard_train.methods.teacher_cache`)."""
+    top_log_p: Tensor | None = None
+    """``[B, L, k]`` float32: their log-probabilities at the KD temperature."""
 
 
 def real_tokens(batch: PardBatch, multiple: int = 1) -> PardBatch:

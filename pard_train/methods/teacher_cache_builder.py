@@ -1,0 +1,214 @@
+"""Build the teacher cache (:mod:`pard_train.methods.teacher_cache`): one target forward per packed row, once.
+
+The rows are cut into shards of ``method.cache_shard_rows``; worker ``rank`` of ``world`` computes shards ``rank,
+rank + world, ...`` that are not on disk yet, each written atomically, so any number of workers (the ranks of one
+``torchrun`` launch, the tasks of a SLURM array, or jobs started one after another) share the work and a killed one
+loses at most the shard it was computing. Whoever finds every shard present writes the manifest (atomically; the
+same content whoever writes it), which is what makes the cache usable.
+
+Per batch of rows: the decoder over the real tokens, then the LM head in chunks over the positions that have a next
+token in their document: ``log_softmax`` gives ``log g`` of that next token and, at labelled positions, the top-k at
+the KD temperature. No ``[tokens, vocabulary]`` tensor beyond one chunk exists.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pard_train import lm_head_loss
+from pard_train.atomic import atomic_write_bytes, atomic_write_text
+from pard_train.attention import attention_mask_for
+from pard_train.data.packing import PackedRow
+from pard_train.layout import build_row, collate_rows
+from pard_train.lm_head_loss import project_logits
+from pard_train.methods.teacher import real_tokens
+from pard_train.methods.teacher_cache import (
+    MANIFEST,
+    Shard,
+    cache_directory,
+    cache_key,
+    labelled_positions,
+    plan_shards,
+)
+
+TOKENS_PER_FORWARD = 4096
+"""Real tokens per target forward (rows are batched up to this many, padded to the longest)."""
+
+logger = logging.getLogger(__name__)
+
+
+def worker_from_environment(environ=os.environ) -> tuple[int, int]:
+    """``(rank, world)``: torchrun's RANK/WORLD_SIZE, else a SLURM array's task index among its tasks, else (0, 1)."""
+    if "WORLD_SIZE" in environ:
+        return int(environ.get("RANK", 0)), int(environ["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_COUNT" in environ:
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+@torch.no_grad()
+def row_signals(model, backend, rows: list[PackedRow], top_k: int, temperature: float, device):
+    """Per row: ``log g`` ``[L]`` float32 and the top-k ids and log-probabilities ``[labelled, k]``."""
+    layout = [build_row(torch.tensor(r.input_ids), 0, 1, document=torch.tensor(r.document)) for r in rows]
+    real = real_tokens(collate_rows(layout, pad_token_id=0).to(device))
+    hidden = model.get_decoder()(
+        input_ids=real.input_ids,
+        position_ids=real.position_ids,
+        attention_mask=attention_mask_for(real, backend),
+        use_cache=False,
+    ).last_hidden_state
+    # Positions p with a next token in their document: the logits at p give log g(p + 1); labelled ones the top-k.
+    has_next = torch.zeros_like(real.input_ids, dtype=torch.bool)
+    has_next[:, :-1] = (real.document[:, 1:] == real.document[:, :-1]) & (real.document[:, :-1] >= 0)
+    labelled = torch.zeros_like(has_next)
+    for i, row in enumerate(rows):
+        labelled[i, : len(row.input_ids)] = labelled_positions(row).to(device)
+    batch_rows, positions = has_next.nonzero(as_tuple=True)
+    log_g = torch.zeros(real.input_ids.shape, dtype=torch.float32, device=device)
+    k = min(top_k, model.get_output_embeddings().weight.shape[0])
+    # Empty first parts: rows without a single labelled position (one-token documents) still concatenate.
+    top_ids, top_log_p = [torch.zeros(0, k, dtype=torch.long, device=device)], [torch.zeros(0, k, device=device)]
+    top_rows = [torch.zeros(0, dtype=torch.long, device=device)]
+    chunk = lm_head_loss.CHUNK_TOKENS  # read per call, as the loss and the online teacher read it
+    for begin in range(0, batch_rows.numel(), chunk):
+        r, p = batch_rows[begin : begin + chunk], positions[begin : begin + chunk]
+        logits = project_logits(model, hidden[r, p]).float()
+        chosen = logits.gather(-1, real.input_ids[r, p + 1, None]).squeeze(-1)
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+        log_g[r, p + 1] = chosen - log_normalizer  # as the online teacher computes it
+        keep = labelled[r, p]
+        # log_softmax(logits / tau) at the top-k without a second [n, V] pass: its order is the logits' order.
+        values, ids = logits[keep].topk(k, dim=-1)
+        if temperature != 1.0:
+            log_normalizer = torch.logsumexp(logits[keep] / temperature, dim=-1)
+            values = values / temperature
+        else:
+            log_normalizer = log_normalizer[keep]
+        values = values - log_normalizer[:, None]
+        top_ids.append(ids)
+        top_log_p.append(values)
+        top_rows.append(r[keep])
+    top_ids, top_log_p, top_rows = (torch.cat(parts) for parts in (top_ids, top_log_p, top_rows))
+    out = []
+    for i, row in enumerate(rows):
+        mine = top_rows == i  # the chunks kept row-major order, so a row's labelled positions stay in order
+        out.append((log_g[i, : len(row.input_ids)].cpu(), top_ids[mine].cpu(), top_log_p[mine].cpu()))
+    return out
+
+
+def shard_tensors(signals: list[tuple[Tensor, Tensor, Tensor]], vocabulary: int, dtype: str) -> dict[str, Tensor]:
+    """One shard's rows concatenated, with offsets: ids as uint16 when the vocabulary fits, else int32."""
+    id_dtype = torch.uint16 if vocabulary <= 2**16 else torch.int32
+    lengths = torch.tensor([0] + [log_g.numel() for log_g, _, _ in signals])
+    counts = torch.tensor([0] + [ids.shape[0] for _, ids, _ in signals])
+    return {
+        "log_g": torch.cat([log_g for log_g, _, _ in signals]),
+        "top_ids": torch.cat([ids for _, ids, _ in signals]).to(torch.int32).to(id_dtype),
+        "top_log_p": torch.cat([log_p for _, _, log_p in signals]).to(getattr(torch, dtype)),
+        "real_offsets": lengths.cumsum(0),
+        "label_offsets": counts.cumsum(0),
+    }
+
+
+def _batches(rows: list[PackedRow]) -> list[list[PackedRow]]:
+    batches, current, longest = [], [], 0
+    for row in rows:
+        longest_if_added = max(longest, len(row.input_ids))
+        if current and longest_if_added * (len(current) + 1) > TOKENS_PER_FORWARD:
+            batches.append(current)
+            current, longest_if_added = [], len(row.input_ids)
+        current.append(row)
+        longest = longest_if_added
+    return batches + ([current] if current else [])
+
+
+def build(
+    rows: dict[str, list[PackedRow]],
+    target: str,
+    settings,
+    root: Path,
+    load_target: Callable[[], tuple[object, object, torch.device]],
+    rank: int = 0,
+    world: int = 1,
+    after_shard: Callable[[Shard], None] | None = None,
+) -> tuple[Path, bool]:
+    """Compute this worker's missing shards; write the manifest if every shard is then present. ``load_target``
+    returns ``(model, attention backend, device)`` and is called only if there is work. Returns the cache directory
+    and whether it is complete. ``after_shard`` is called after each written shard (progress; tests kill there)."""
+    key = cache_key(rows, target, settings.top_k, settings.kd_temperature, settings.top_k_dtype)
+    directory = cache_directory(root, key)
+    if (directory / MANIFEST).exists():
+        logger.info(f"teacher cache {directory} is complete: nothing to do")
+        return directory, True
+    shards = plan_shards(rows, settings.cache_shard_rows)
+    mine = [shard for shard in shards[rank::world] if not (directory / shard.name).exists()]
+    logger.info(f"teacher cache {directory}: worker {rank} of {world}, {len(mine)} of its shards to compute")
+    if mine:
+        model, backend, device = load_target()
+        vocabulary = model.get_output_embeddings().weight.shape[0]
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / "vocabulary.json", json.dumps({"vocabulary": int(vocabulary)}))
+        for number, shard in enumerate(mine, 1):
+            start = time.perf_counter()
+            part = rows[shard.split][shard.begin : shard.end]
+            signals = []
+            for batch in _batches(part):
+                signals += row_signals(model, backend, batch, settings.top_k, settings.kd_temperature, device)
+            buffer = io.BytesIO()
+            torch.save(shard_tensors(signals, vocabulary, settings.top_k_dtype), buffer)
+            atomic_write_bytes(directory / shard.name, buffer.getvalue())
+            tokens = sum(len(row.input_ids) for row in part)
+            took = time.perf_counter() - start
+            logger.info(f"shard {shard.name} ({number}/{len(mine)}): {tokens} tokens in {took:.1f} s")
+            if after_shard is not None:
+                after_shard(shard)
+    return directory, write_manifest_if_complete(directory, key, shards)
+
+
+def write_manifest_if_complete(directory: Path, key: dict, shards: list[Shard]) -> bool:
+    missing = [shard.name for shard in shards if not (directory / shard.name).exists()]
+    if missing:
+        logger.info(
+            f"{len(missing)} shards of other workers still missing (first: {missing[0]}); the last worker to finish "
+            "writes the manifest"
+        )
+        return False
+    vocabulary = json.loads((directory / "vocabulary.json").read_text())["vocabulary"]
+    entries, labelled, real, total, payload = [], 0, 0, 0, 0
+    for shard in shards:
+        path = directory / shard.name
+        data = torch.load(path, mmap=True, weights_only=True)
+        count = int(data["label_offsets"][-1])
+        labelled, real, total = labelled + count, real + int(data["real_offsets"][-1]), total + path.stat().st_size
+        payload += sum(tensor.numel() * tensor.element_size() for tensor in data.values())
+        entries.append(
+            {"name": shard.name, "split": shard.split, "begin": shard.begin, "end": shard.end}
+            | {"bytes": path.stat().st_size, "labelled_tokens": count}
+        )
+    manifest = {
+        "key": key,
+        "top_k": min(key["top_k"], vocabulary),
+        "vocabulary": vocabulary,
+        "labelled_tokens": labelled,
+        "real_tokens": real,
+        "bytes": total,
+        # Files (with torch.save's per-tensor headers) and the tensors alone, per labelled token.
+        "bytes_per_labelled_token": total / max(labelled, 1),
+        "payload_bytes_per_labelled_token": payload / max(labelled, 1),
+        "shards": entries,
+    }
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    logger.info(
+        f"teacher cache {directory} complete: {labelled} labelled tokens, {total / max(labelled, 1):.1f} bytes each"
+    )
+    return True
