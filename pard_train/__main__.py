@@ -5,17 +5,17 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pard_train.cli import run_hydra, user_errors
-from pard_train.config import register_configs, to_config
-from pard_train.logs import setup_logging
-from pard_train.sweep_dirs import job_run_name
+from pard_train.base.config import register_configs, to_config
+from pard_train.run.cli import run_hydra, user_errors
+from pard_train.run.logs import setup_logging
+from pard_train.run.sweep_dirs import job_run_name
 
 register_configs()
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from pard_train.train import train
+    from pard_train.training.train import train
 
     setup_logging()
     with user_errors("pard_train"):

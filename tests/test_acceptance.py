@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import compose
 
-from pard_train.config import ConfigError, to_config
-from pard_train.train import train
+from pard_train.base.config import ConfigError, to_config
+from pard_train.training.train import train
 
 
 @pytest.mark.slow

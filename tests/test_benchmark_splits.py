@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pard_train.errors import BenchmarkError
+from pard_train.base.errors import BenchmarkError
 from pard_train.evaluate.benchmarks import BUILTIN, load_prompts
 
 

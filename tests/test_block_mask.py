@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pard_train.attention import BLOCK, block_structure, flex_block_mask
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows, dense_attention_mask
+from pard_train.core.attention import BLOCK, block_structure, flex_block_mask
+from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows, dense_attention_mask
 
 
 def _elementwise(block_mask, size: int, length: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ MEMORY_PROBE = textwrap.dedent(
     import resource, sys, torch
     sys.path.insert(0, {tests!r})
     from test_block_mask import _batch
-    from pard_train.attention import flex_block_mask
+    from pard_train.core.attention import flex_block_mask
     batch = _batch([8900], [3], 4, False, 0, pad_multiple=128)  # 8900 real tokens x 4 depths: T > 32,768
     assert batch.depth.shape[1] >= 32_768, batch.depth.shape
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import CONFIG_DIR, REPO, compose
 
-from pard_train.config import AttentionBackend, Config, ConfigError, LossOn, Precision, to_config
+from pard_train.base.config import AttentionBackend, Config, ConfigError, LossOn, Precision, to_config
 
 PRESETS = sorted(path.stem for path in (CONFIG_DIR / "config").glob("*.yaml"))
 REFERENCE = {  # preset: (model, mask id, lr, max length) from the PARD reference recipe
@@ -214,6 +214,6 @@ def test_no_hydra_syntax_outside_the_config_layer():
     import pard_train.data.documents as documents
 
     assert "${" not in inspect.getsource(documents)
-    from pard_train.config import DataConfig
+    from pard_train.base.config import DataConfig
 
     assert DataConfig().cache_dir is None  # outside Hydra: the user cache, no interpolation string to detect

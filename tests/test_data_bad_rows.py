@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from pard_train.config import DataConfig, DataSource, LossOn, Truncation
+from pard_train.base.config import DataConfig, DataSource, LossOn, Truncation
 from pard_train.data import DataError, build_data
 from pard_train.testing.family_tokenizer import build_family_tokenizer
 

@@ -11,7 +11,7 @@ import os
 import pytest
 from conftest import REPO
 
-from pard_train.config import DataConfig, LossOn
+from pard_train.base.config import DataConfig, LossOn
 from pard_train.data import build_data
 from pard_train.data.cache_manifest import MANIFEST, verify, write_manifest
 from pard_train.testing.family_tokenizer import build_family_tokenizer

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pard_train.core.layout import IGNORE_INDEX, PAD_DOCUMENT, dense_attention_mask
 from pard_train.data import PardCollator, length_grouped_order
 from pard_train.data.packing import pack, packing_efficiency, padding_efficiency
-from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, dense_attention_mask
 
 
 def _documents(lengths: list[int], seed: int = 0):

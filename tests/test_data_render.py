@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pard_train.config import DataFormat, LossOn
+from pard_train.base.config import DataFormat, LossOn
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.render import UNSTABLE, TemplateError, check_template, render
 from pard_train.testing.family_tokenizer import FAMILY_TOKENS, build_family_tokenizer

@@ -9,7 +9,7 @@ import datasets
 import pytest
 from conftest import compose
 
-from pard_train.config import DataConfig, DataFormat, DataSource, to_config
+from pard_train.base.config import DataConfig, DataFormat, DataSource, to_config
 from pard_train.data import build_data
 from pard_train.testing.family_tokenizer import build_family_tokenizer
 

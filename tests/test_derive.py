@@ -11,10 +11,10 @@ import torch
 from conftest import compose
 from test_families import _model
 
-from pard_train.config import ModelConfig, to_config
-from pard_train.derive import RECORD, derive_model, ensure_derived, evenly_spaced, resolve_kept_layers
-from pard_train.errors import ConfigError
-from pard_train.loss import SUPPORTED_ARCHITECTURES
+from pard_train.base.config import ModelConfig, to_config
+from pard_train.base.errors import ConfigError
+from pard_train.core.loss import SUPPORTED_ARCHITECTURES
+from pard_train.modelio.derive import RECORD, derive_model, ensure_derived, evenly_spaced, resolve_kept_layers
 
 
 def test_a_count_keeps_evenly_spaced_layers_with_the_first_and_the_last():
@@ -75,7 +75,7 @@ def test_derived_logits_equal_a_forward_through_the_kept_layers_of_the_original(
 def test_the_derived_checkpoint_reloads_with_plain_transformers_and_matches_the_vocabulary(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pard_train.vocab import check_target_vocabulary
+    from pard_train.modelio.vocab import check_target_vocabulary
 
     output = ensure_derived(str(tiny_checkpoint), tmp_path / "derived", 1)
     reloaded = AutoModelForCausalLM.from_pretrained(output)
@@ -97,9 +97,9 @@ def test_the_derived_checkpoint_reloads_with_plain_transformers_and_matches_the_
 
 
 def test_the_trainer_derives_the_draft_once_and_loads_it(tiny_checkpoint, tmp_path):
-    from pard_train.attention import AttentionBackend
-    from pard_train.model import load_draft
-    from pard_train.model_files import prepare_model_files
+    from pard_train.core.attention import AttentionBackend
+    from pard_train.modelio.model import load_draft
+    from pard_train.modelio.model_files import prepare_model_files
 
     derived = tmp_path / "draft"
     config = ModelConfig(path=str(tiny_checkpoint), keep_layers=[1], derived_path=str(derived))
@@ -118,7 +118,7 @@ def test_a_bad_keep_layers_fails_at_start_naming_the_key(value):
 
 
 def test_a_derived_drafts_export_is_checked_against_the_model_it_was_cut_from(tiny_checkpoint, tmp_path):
-    from pard_train.train import train
+    from pard_train.training.train import train
 
     overrides = [f"model.path={tiny_checkpoint}", f"run.output_root={tmp_path}", "train.max_steps=2"]
     derived = train(to_config(compose("+config=tiny", *overrides, "model.keep_layers=[1]")))

@@ -13,8 +13,8 @@ import torch
 from launch import records, run, tiny_overrides
 from safetensors.torch import load_file
 
-from pard_train.config import DeepSpeedConfig
-from pard_train.distributed import deepspeed_config
+from pard_train.base.config import DeepSpeedConfig
+from pard_train.run.distributed import deepspeed_config
 
 # A constant LR, so that a run stopped early and continued follows the same trajectory as an uninterrupted one.
 STEPS = ["checkpoint.every_steps=0", "train.max_grad_norm=0.5", "train.schedule=constant", "train.warmup_steps=0"]
@@ -77,7 +77,7 @@ def test_two_processes_match_one_process_resume_and_export(stage, one, tiny_chec
 def test_deepspeed_json_follows_the_typed_config(tiny_checkpoint, tmp_path):
     from conftest import compose
 
-    from pard_train.config import to_config
+    from pard_train.base.config import to_config
 
     config = to_config(
         compose("+config=tiny", "deepspeed=zero3", "deepspeed.offload_optimizer=true", "train.grad_accum_steps=3")

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, build_row
+from pard_train.core.layout import IGNORE_INDEX, DropTokenSchedule, build_row
 
 MASK_ID = 127
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from pard_train.config import ConfigError
+from pard_train.base.config import ConfigError
 from pard_train.evaluate.benchmarks import BUILTIN, BenchmarkError, load_prompts, render
 from pard_train.evaluate.runner import measure_acceptance
 from pard_train.testing.tiny_pair import build_pair, ensure_tiny_pair

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pard_train.export import ExportError, export_draft
-from pard_train.mask_token import MaskTokenError
-from pard_train.model import DraftSpec
+from pard_train.core.mask_token import MaskTokenError
+from pard_train.modelio.model import DraftSpec
+from pard_train.modelio.vocab import VocabularyError
+from pard_train.publish.export import ExportError, export_draft
 from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer
 from pard_train.testing.tiny_pair import build_pair, ensure_tiny_pair
-from pard_train.vocab import VocabularyError
 
 K = 4
 

@@ -8,12 +8,12 @@ import warnings
 import pytest
 import torch
 
-from pard_train.attention import AttentionBackend, attention_mask_for
-from pard_train.config import ModelConfig
-from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, build_row, collate_rows
-from pard_train.loss import SUPPORTED_ARCHITECTURES, labelled_hidden, labelled_logits
+from pard_train.base.config import ModelConfig
+from pard_train.core.attention import AttentionBackend, attention_mask_for
+from pard_train.core.layout import IGNORE_INDEX, DropTokenSchedule, build_row, collate_rows
+from pard_train.core.loss import SUPPORTED_ARCHITECTURES, labelled_hidden, labelled_logits
 from pard_train.methods.pard import pard_loss
-from pard_train.model import load_draft
+from pard_train.modelio.model import load_draft
 from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 VOCAB, K = 160, 4
@@ -50,7 +50,7 @@ def _backend(architecture: str) -> AttentionBackend:
 def _model(architecture: str):
     import transformers
 
-    from pard_train.attention import transformers_attn_implementation
+    from pard_train.core.attention import transformers_attn_implementation
 
     torch.manual_seed(0)
     implementation = transformers_attn_implementation(_backend(architecture))
@@ -183,7 +183,7 @@ def _tokenizer(kind: str):
     "kind", ["llama3_reserved", "qwen2_spare_rows", "qwen3_think_tokens", "gemma_unused", "phi3_spare_rows"]
 )
 def test_mask_token_chooser_finds_a_valid_row_for_every_tokenizer_kind(kind):
-    from pard_train.mask_token import _template_ids, choose_mask_token, validate_mask_token
+    from pard_train.core.mask_token import _template_ids, choose_mask_token, validate_mask_token
 
     tokenizer, rows, expected = _tokenizer(kind)
     chosen = choose_mask_token(tokenizer, rows)
@@ -204,8 +204,8 @@ def test_mask_token_chooser_finds_a_valid_row_for_every_tokenizer_kind(kind):
 def test_gemma3_presets_use_an_unused_token_the_chooser_accepts(preset, model):
     from conftest import compose
 
-    from pard_train.config import to_config
-    from pard_train.mask_token import validate_mask_token
+    from pard_train.base.config import to_config
+    from pard_train.core.mask_token import validate_mask_token
 
     config = to_config(compose(f"+config={preset}"))
     assert (config.model.path, config.model.mask_token_id) == (model, 6)

@@ -11,15 +11,15 @@ import json
 import pytest
 import torch
 
-from pard_train import draft_format
-from pard_train.config import AttentionBackend
-from pard_train.draft_format import DraftFormat, Pard2Fields
+from pard_train.base.config import AttentionBackend
+from pard_train.core.layout import IGNORE_INDEX, build_row, collate_rows, dense_attention_mask
 from pard_train.evaluate.feature_capture import FeatureCapture, final_norm_input, target_features
 from pard_train.evaluate.pard2_drafter import Pard2Drafter, load_pard2_drafter
 from pard_train.evaluate.speculative import speculative_generate
-from pard_train.layout import IGNORE_INDEX, build_row, collate_rows, dense_attention_mask
 from pard_train.methods.pard2 import anchor_features
 from pard_train.methods.teacher import Teacher
+from pard_train.modelio import draft_format
+from pard_train.modelio.draft_format import DraftFormat, Pard2Fields
 from pard_train.testing.tiny import build_tiny_model
 
 K, VOCAB, MASK = 4, 128, 127

@@ -8,9 +8,9 @@ import torch
 import transformers.integrations.flex_attention as hf_flex
 from test_train_equals_inference import MASK_ID, PAD_ID, packed_input, tiny_model
 
-from pard_train.attention import BLOCK, AttentionBackend, flex_compute_dtype
-from pard_train.layout import build_row, collate_rows
-from pard_train.loss import labelled_logits
+from pard_train.core.attention import BLOCK, AttentionBackend, flex_compute_dtype
+from pard_train.core.layout import build_row, collate_rows
+from pard_train.core.loss import labelled_logits
 
 pytestmark = pytest.mark.usefixtures("fresh_compile")  # see conftest: flex compiles afresh
 

@@ -1,4 +1,5 @@
-"""The one FLOP count (pard_train/flops.py): by hand on a tiny model, the attended pairs against the dense mask, and
+"""The one FLOP count (pard_train/core/flops.py): by hand on a tiny model, the attended pairs against the dense mask,
+and
 ZeRO-3 stubs read at their full size."""
 
 from __future__ import annotations
@@ -7,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pard_train.flops import ModelFlops, attended_pairs, peak_flops
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows, dense_attention_mask
+from pard_train.core.flops import ModelFlops, attended_pairs, peak_flops
+from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows, dense_attention_mask
 
 
 def _tiny_llama(tie: bool = False) -> LlamaForCausalLM:
@@ -82,8 +83,8 @@ def test_datasheet_peaks():
 def test_trainer_mfu_is_the_flop_count_over_time_and_peak():
     from types import SimpleNamespace
 
-    from pard_train.loss import DepthStats
-    from pard_train.tracking import MetricsWindow
+    from pard_train.core.loss import DepthStats
+    from pard_train.run.tracking import MetricsWindow
 
     model = _tiny_llama()
     accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, reduce=lambda tensor, reduction: tensor)

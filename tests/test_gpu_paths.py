@@ -13,9 +13,10 @@ import pytest
 import torch
 from launch import REPO, env, tiny_overrides
 
-from pard_train import distributed
-from pard_train.config import Precision
-from pard_train.distributed import (
+from pard_train.base.config import Precision
+from pard_train.base.errors import PardTrainError
+from pard_train.run import distributed
+from pard_train.run.distributed import (
     PROCESS_GROUP_TIMEOUT,
     NoVisibleGpuError,
     allocated_gpus,
@@ -23,9 +24,8 @@ from pard_train.distributed import (
     deepspeed_config,
     mixed_precision_for,
 )
-from pard_train.errors import PardTrainError
-from pard_train.signals import StopSignals
-from pard_train.tracking import peak_flops
+from pard_train.run.signals import StopSignals
+from pard_train.run.tracking import peak_flops
 
 NODE_SH = REPO / "scripts" / "slurm" / "node.sh"
 
@@ -111,7 +111,7 @@ def test_trainer_refuses_allocated_gpus_it_cannot_see(tiny_checkpoint, tmp_path)
 def test_process_group_timeout_is_passed(monkeypatch, tiny_checkpoint):
     from conftest import compose
 
-    from pard_train.config import to_config
+    from pard_train.base.config import to_config
 
     seen = {}
     monkeypatch.setattr(distributed, "Accelerator", lambda **kwargs: seen.update(kwargs))
@@ -129,7 +129,7 @@ def test_process_group_timeout_is_passed(monkeypatch, tiny_checkpoint):
 def test_deepspeed_json_fp32_gradients_and_torch_adamw():
     from conftest import compose
 
-    from pard_train.config import to_config
+    from pard_train.base.config import to_config
 
     config = to_config(compose("+config=tiny", "deepspeed=zero2", "deepspeed.offload_optimizer=true"))
     ds = deepspeed_config(config.deepspeed, config.train, "bf16")
@@ -142,8 +142,8 @@ def test_deepspeed_json_fp32_gradients_and_torch_adamw():
 ENGINE_SCRIPT = r"""
 import os, sys, torch, deepspeed
 from conftest import compose
-from pard_train.config import to_config
-from pard_train.distributed import deepspeed_config
+from pard_train.base.config import to_config
+from pard_train.run.distributed import deepspeed_config
 stage, offload = int(sys.argv[1]), sys.argv[2] == "offload"
 overrides = ["+config=tiny", f"deepspeed=zero{stage}", "train.grad_accum_steps=2", "train.micro_batch_size=2"]
 if offload:
@@ -339,7 +339,7 @@ def test_submitit_requeue_exits_after_the_save(monkeypatch):
 def test_measured_acceptance_decodes_with_sdpa(tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
-    from pard_train.evaluators import decoding_attention
+    from pard_train.training.evaluators import decoding_attention
 
     draft = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation="flex_attention")
     with decoding_attention(draft):
@@ -350,9 +350,9 @@ def test_measured_acceptance_decodes_with_sdpa(tiny_checkpoint):
 def test_measured_acceptance_target_in_bf16_on_gpu(monkeypatch):
     from conftest import compose
 
-    import pard_train.evaluators as evaluators
-    import pard_train.model as model_module
-    from pard_train.config import to_config
+    import pard_train.modelio.model as model_module
+    import pard_train.training.evaluators as evaluators
+    from pard_train.base.config import to_config
 
     loaded = []
 
@@ -378,10 +378,10 @@ def test_measured_acceptance_target_in_bf16_on_gpu(monkeypatch):
 def test_lossless_check_runs_in_fp32(tmp_path):
     from conftest import compose
 
-    from pard_train.acceptance import _harness_config
-    from pard_train.config import to_config
+    from pard_train.base.config import to_config
     from pard_train.evaluate.config import DType
-    from pard_train.model import DraftSpec
+    from pard_train.modelio.model import DraftSpec
+    from pard_train.training.acceptance import _harness_config
 
     spec = DraftSpec.__new__(DraftSpec)
     object.__setattr__(spec, "num_draft_tokens", 4)

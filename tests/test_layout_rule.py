@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pard_train.layout import (
+from pard_train.core.layout import (
     IGNORE_INDEX,
     PAD_DOCUMENT,
     DropTokenSchedule,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from launch import REPO
 
-from pard_train.lm_head_loss import chunked_head_loss, project_logits
+from pard_train.core.lm_head_loss import chunked_head_loss, project_logits
 from pard_train.methods.pard2 import _kd
 from pard_train.testing.tiny import build_tiny_model
 
@@ -166,7 +166,7 @@ _PEAK = textwrap.dedent(
     import json, resource, sys
     import torch
     import torch.nn.functional as F
-    from pard_train.lm_head_loss import chunked_head_loss
+    from pard_train.core.lm_head_loss import chunked_head_loss
     from pard_train.testing.tiny import build_tiny_model
 
     torch.set_num_threads(1)

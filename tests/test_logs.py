@@ -8,10 +8,10 @@ from dataclasses import fields
 
 import pytest
 
-from pard_train.config import DataConfig
+from pard_train.base.config import DataConfig
 from pard_train.data.__main__ import build_parser, data_config
 from pard_train.data.__main__ import main as data_main
-from pard_train.logs import MainProcessOnly, setup_logging
+from pard_train.run.logs import MainProcessOnly, setup_logging
 
 
 def _record(name: str, **extra) -> logging.LogRecord:
@@ -23,13 +23,13 @@ def _record(name: str, **extra) -> logging.LogRecord:
 def test_only_rank_zero_speaks_for_the_package(monkeypatch):
     keep = MainProcessOnly().filter
     monkeypatch.setenv("RANK", "1")
-    assert not keep(_record("pard_train.checkpoint")) and not keep(_record("pard_train"))
-    assert keep(_record("pard_train.checkpoint", all_ranks=True))
+    assert not keep(_record("pard_train.run.checkpoint")) and not keep(_record("pard_train"))
+    assert keep(_record("pard_train.run.checkpoint", all_ranks=True))
     assert keep(_record("accelerate.state"))  # other libraries decide for themselves
     monkeypatch.setenv("RANK", "0")
-    assert keep(_record("pard_train.checkpoint"))
+    assert keep(_record("pard_train.run.checkpoint"))
     monkeypatch.delenv("RANK")
-    assert keep(_record("pard_train.checkpoint"))  # a process started alone is rank 0
+    assert keep(_record("pard_train.run.checkpoint"))  # a process started alone is rank 0
 
 
 def test_setup_is_idempotent_and_writes_bare_lines_to_stdout(capsys, monkeypatch):

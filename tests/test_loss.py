@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pard_train.lm_head_loss as lm_head_loss
-from pard_train.attention import AttentionBackend
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows
-from pard_train.loss import labelled_logits
+import pard_train.core.lm_head_loss as lm_head_loss
+from pard_train.core.attention import AttentionBackend
+from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows
+from pard_train.core.loss import labelled_logits
 from pard_train.methods.pard import pard_loss
 from pard_train.testing.tiny import build_tiny_model
 

@@ -11,7 +11,7 @@ import torch
 from launch import entry, tiny_overrides
 
 import pard_train.methods.pard as pard_method
-from pard_train.loss_guard import LossGuard
+from pard_train.training.loss_guard import LossGuard
 
 
 class OneProcess:

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pard_train.config import LrSchedule, TrainConfig
-from pard_train.lr_schedule import build_scheduler, continue_with_peak_lr
+from pard_train.base.config import LrSchedule, TrainConfig
+from pard_train.run.lr_schedule import build_scheduler, continue_with_peak_lr
 
 TOTAL = 20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pard_train.mask_token import MaskTokenError, choose_mask_token, validate_mask_token
+from pard_train.core.mask_token import MaskTokenError, choose_mask_token, validate_mask_token
 from pard_train.testing.tiny import build_tiny_tokenizer
 
 

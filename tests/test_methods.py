@@ -8,12 +8,12 @@ import inspect
 
 import torch
 
-from pard_train import evaluators, train
-from pard_train.attention import AttentionBackend
+from pard_train.core.attention import AttentionBackend
 from pard_train.methods import Method
 from pard_train.methods.pard import PardMethod
 from pard_train.methods.pard2 import Pard2Method
 from pard_train.testing.tiny import build_tiny_model
+from pard_train.training import evaluators, train
 
 
 def _protocol_members() -> set[str]:

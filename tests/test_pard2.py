@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pard_train.lm_head_loss as lm_head_loss
-from pard_train.config import AttentionBackend, MethodConfig, MethodName
-from pard_train.layout import (
+import pard_train.core.lm_head_loss as lm_head_loss
+from pard_train.base.config import AttentionBackend, MethodConfig, MethodName
+from pard_train.core.layout import (
     IGNORE_INDEX,
     PAD_DOCUMENT,
     DropTokenSchedule,

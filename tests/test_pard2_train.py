@@ -13,12 +13,12 @@ from conftest import compose
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pard_train.config import to_config
-from pard_train.errors import ResumeError
+from pard_train.base.config import to_config
+from pard_train.base.errors import ResumeError
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.runner import evaluate
-from pard_train.serving_check import check_serving
-from pard_train.train import train
+from pard_train.publish.serving_check import check_serving
+from pard_train.training.train import train
 
 SETTINGS = ["data.max_samples=96", "data.max_length=128", "train.micro_batch_size=2", "train.log_every=1"]
 CONSTANT = ["train.schedule=constant", "train.warmup_steps=0", "checkpoint.every_steps=0"]
@@ -82,7 +82,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
         assert len(report.overall[mode]["conditional_acceptance"]) == 4
 
     # Re-exported by the CLI, W and the PARD-2 fields come along.
-    from pard_train.export import main as export_main
+    from pard_train.publish.export import main as export_main
 
     assert export_main(["--checkpoint", str(final), "--output", str(tmp_path / "exported")]) == 0
     again = json.loads((tmp_path / "exported" / "config.json").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pard_train.config import DataConfig
+from pard_train.base.config import DataConfig
 from pard_train.data import build_data
 
 RECIPE = Path(__file__).resolve().parents[1] / "data_recipes" / "regenerate" / "regenerate.py"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from launch import REPO
 
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows
+from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows
 
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 from _common import dense_additive_mask, reference_collator_mask  # noqa: E402

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import compose
 
-from pard_train.config import to_config
-from pard_train.draft_format import DraftFormat, Pard2Fields
-from pard_train.lr_schedule import build_scheduler
+from pard_train.base.config import to_config
+from pard_train.modelio.draft_format import DraftFormat, Pard2Fields
+from pard_train.run.lr_schedule import build_scheduler
 
 TRAINING_ARGUMENTS = "transformers TrainingArguments default (pard/train.py, pard/pard2_train.py build an SFTConfig)"
 QWEN, LLAMA, DSRQ = (

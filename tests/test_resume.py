@@ -16,12 +16,12 @@ import torch
 from launch import REPO, RESUME_STEPS, env, records, start, tiny_overrides, wait_for
 from safetensors.torch import load_file
 
-from pard_train.checkpoint import Checkpoints
-from pard_train.checkpoint_store import COMPLETE, CheckpointStore
-from pard_train.config import Config, MethodConfig, MethodName, TeacherSource
-from pard_train.errors import ResumeError
+from pard_train.base.config import Config, MethodConfig, MethodName, TeacherSource
+from pard_train.base.errors import ResumeError
 from pard_train.methods.pard2 import recorded_defaults, resume_settings
-from pard_train.train_state import STATE_FILE, TrainState, check_resumable, read_state, run_settings
+from pard_train.run.checkpoint import Checkpoints
+from pard_train.run.checkpoint_store import COMPLETE, CheckpointStore
+from pard_train.run.train_state import STATE_FILE, TrainState, check_resumable, read_state, run_settings
 
 STEPS = RESUME_STEPS
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from launch import REPO, entry, one_error_line, records
 
-from pard_train.run_record import key_class
+from pard_train.run.run_record import key_class
 
 DATA = str(REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl")
 
@@ -141,9 +141,9 @@ def test_a_launch_that_trained_nothing_does_not_claim_the_directory(tmp_path):
     not be refused as "another configuration". Once a step is logged, it is."""
     from conftest import compose
 
-    from pard_train.config import to_config
-    from pard_train.errors import ResumeError
-    from pard_train.run_record import claim
+    from pard_train.base.config import to_config
+    from pard_train.base.errors import ResumeError
+    from pard_train.run.run_record import claim
 
     first = to_config(compose("+config=tiny", "model.mask_token_id=7"))
     fixed = to_config(compose("+config=tiny", "model.mask_token_id=9"))
@@ -156,7 +156,7 @@ def test_a_launch_that_trained_nothing_does_not_claim_the_directory(tmp_path):
 
 
 def test_model_identity_is_the_files_not_the_path(tmp_path):
-    from pard_train.model_identity import model_files_digest, model_fingerprint
+    from pard_train.modelio.model_identity import model_files_digest, model_fingerprint
 
     model = tmp_path / "model"
     model.mkdir()
@@ -183,7 +183,7 @@ def test_model_identity_is_the_files_not_the_path(tmp_path):
 
 
 def test_sweep_job_directory_names():
-    from pard_train.sweep_dirs import job_dir_name, swept_keys
+    from pard_train.run.sweep_dirs import job_dir_name, swept_keys
 
     argv = ["+config=tiny", "model.path=/m/x", "pard.num_draft_tokens=2,3", "train.lr=range(1,3)", "-m"]
     assert swept_keys(argv) == {"pard.num_draft_tokens", "train.lr"}

@@ -21,13 +21,13 @@ import torch
 from launch import REPO, RESUME_STEPS, env, free_port, tiny_overrides
 from safetensors.torch import load_file
 
-from pard_train.checkpoint_store import COMPLETE, MANIFEST, CheckpointStore
-from pard_train.errors import CheckpointSaveError, ResumeError, RunLockedError
-from pard_train.runlock import LOCK_FILE, Owner, RunLock
-from pard_train.train_state import TrainState
+from pard_train.base.errors import CheckpointSaveError, ResumeError, RunLockedError
+from pard_train.run.checkpoint_store import COMPLETE, MANIFEST, CheckpointStore
+from pard_train.run.runlock import LOCK_FILE, Owner, RunLock
+from pard_train.run.train_state import TrainState
 
 STEPS = RESUME_STEPS
-HOLD = "import sys, time; from pard_train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"  # noqa: E501
+HOLD = "import sys, time; from pard_train.run.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"  # noqa: E501
 FULL_DISK = textwrap.dedent(
     """
     import errno, os, runpy
@@ -205,10 +205,10 @@ def test_lock_without_hard_links(tmp_path, monkeypatch):
     def no_links(*args):
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr("pard_train.runlock.os.link", no_links)
+    monkeypatch.setattr("pard_train.run.runlock.os.link", no_links)
     with RunLock(tmp_path):
         # Same host, this live process, another token: only a live other process could look like this.
-        monkeypatch.setattr("pard_train.runlock.Owner.gone_because", lambda self, me: None)
+        monkeypatch.setattr("pard_train.run.runlock.Owner.gone_because", lambda self, me: None)
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             RunLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_FILE).exists()
@@ -248,7 +248,7 @@ def test_save_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mo
         def read_only(*args):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-        monkeypatch.setattr("pard_train.checkpoint_store.os.replace", read_only)
+        monkeypatch.setattr("pard_train.run.checkpoint_store.os.replace", read_only)
     else:
         acc.fail = fail
     with pytest.raises(CheckpointSaveError) as raised:
@@ -288,8 +288,8 @@ CHOOSE_ON_TWO_RANKS = textwrap.dedent(
     import sys
     from pathlib import Path
     from accelerate import Accelerator
-    from pard_train.checkpoint_store import CheckpointStore
-    from pard_train.logs import setup_logging
+    from pard_train.run.checkpoint_store import CheckpointStore
+    from pard_train.run.logs import setup_logging
 
     setup_logging()
     acc = Accelerator(cpu=True)

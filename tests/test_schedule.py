@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from pard_train.config import ConfigError
+from pard_train.base.config import ConfigError
+from pard_train.core.layout import DropTokenSchedule
 from pard_train.data import PardCollator
 from pard_train.data.packing import PackedRow, padding_efficiency
 from pard_train.data.schedule import DataSchedule, StepBatches, step_loader
-from pard_train.layout import DropTokenSchedule
 
 
 def _rows(count: int, seed: int = 0) -> list[PackedRow]:

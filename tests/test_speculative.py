@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pard_train.attention import AttentionBackend
+from pard_train.core.attention import AttentionBackend
+from pard_train.core.layout import IGNORE_INDEX, build_row, collate_rows
+from pard_train.core.loss import labelled_logits
 from pard_train.evaluate.metrics import AcceptanceStats
 from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
-from pard_train.layout import IGNORE_INDEX, build_row, collate_rows
-from pard_train.loss import labelled_logits
 from pard_train.testing.tiny_pair import build_pair
 
 K = 4

@@ -14,7 +14,7 @@ from pard_train.evaluate.compare import main as compare_main
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.sweep import expected_speedup, run_sweep
 from pard_train.evaluate.sweep_report import write_sweep_report
-from pard_train.serving import recommended_serving
+from pard_train.publish.serving import recommended_serving
 from pard_train.testing.tiny_pair import ensure_tiny_family
 
 # Qwen3-style: with thinking off the generation prompt carries an empty think block.
@@ -159,7 +159,7 @@ def test_cli_runs_a_family_sweep(tmp_path):
 
 
 def test_export_puts_the_recommended_k_and_its_command_in_the_card(sweep, tmp_path):
-    from pard_train.export import main as export_main
+    from pard_train.publish.export import main as export_main
 
     report, _, out = sweep
     exported = tmp_path / "exported"
@@ -178,7 +178,7 @@ def test_sweep_loads_each_model_once_and_decodes_target_only_once_per_target(tmp
     """Target-only decoding does not depend on K: a K sweep runs it once per target and reuses it in every cell; each
     model is loaded once, and a target is dropped before the next one loads."""
     import pard_train.evaluate.runner as runner
-    import pard_train.model as model
+    import pard_train.modelio.model as model
 
     targets = [str(tmp_path / "small"), str(tmp_path / "large")]
     ensure_tiny_family(targets, tmp_path / "draft", num_draft_tokens=4)

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pard_train.config import AttentionBackend, MethodConfig, MethodName
+from pard_train.base.config import AttentionBackend, MethodConfig, MethodName
+from pard_train.base.errors import ConfigError
+from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows
 from pard_train.data.packing import PackedRow
-from pard_train.errors import ConfigError
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows
 from pard_train.methods.pard2 import Pard2Inputs, cat_weights, pard2_loss
 from pard_train.methods.teacher import Teacher, TeacherSignals
 from pard_train.methods.teacher_cache import MANIFEST, TeacherCache, top_k_kd
@@ -266,9 +266,9 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
     storage, every step's loss, KD term and CAT weight equal the online teacher's."""
     from conftest import compose
 
-    from pard_train.config import to_config
-    from pard_train.teacher_cache import build_for_config
-    from pard_train.train import train
+    from pard_train.base.config import to_config
+    from pard_train.methods.teacher_cache_builder import build_for_config
+    from pard_train.training.train import train
 
     settings = [
         "+config=pard2_tiny",

@@ -16,9 +16,9 @@ SCRIPT = textwrap.dedent(
     import torch
     sys.path.insert(0, {tests!r})
     from conftest import compose
-    import pard_train.train as trainer
-    import pard_train.tracking as tracking
-    from pard_train.config import to_config
+    import pard_train.training.train as trainer
+    import pard_train.run.tracking as tracking
+    from pard_train.base.config import to_config
 
     closed = []
     original_close = tracking.Trackers.close
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
         return original_step(self, *args)
     trainer.Trainer.train_step = failing_step
 
-    from pard_train.logs import setup_logging
+    from pard_train.run.logs import setup_logging
 
     setup_logging()  # as the entry point does: the resume line goes to stdout
     config = to_config(compose(*{overrides!r}))

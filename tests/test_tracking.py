@@ -10,9 +10,9 @@ import time
 import pytest
 from conftest import compose
 
-from pard_train.config import TrackerKind, TrackingConfig, to_config
-from pard_train.tracking import Tracker, build_tracker, peak_flops
-from pard_train.train import train
+from pard_train.base.config import TrackerKind, TrackingConfig, to_config
+from pard_train.run.tracking import Tracker, build_tracker, peak_flops
+from pard_train.training.train import train
 
 K = 4  # the tiny preset's num_draft_tokens
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pard_train.attention import AttentionBackend, flex_block_mask
-from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, build_row, collate_rows, dense_attention_mask
-from pard_train.loss import labelled_logits
+from pard_train.core.attention import AttentionBackend, flex_block_mask
+from pard_train.core.layout import IGNORE_INDEX, DropTokenSchedule, build_row, collate_rows, dense_attention_mask
+from pard_train.core.loss import labelled_logits
 from pard_train.testing.tiny import build_tiny_model
 
 VOCAB = 128

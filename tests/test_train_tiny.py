@@ -9,8 +9,8 @@ import torch
 from conftest import compose
 from safetensors.torch import load_file
 
-from pard_train.config import to_config
-from pard_train.train import train
+from pard_train.base.config import to_config
+from pard_train.training.train import train
 
 
 @pytest.mark.slow
@@ -54,7 +54,7 @@ def test_tiny_preset_trains_and_saves(tmp_path, tiny_checkpoint):
 def config_mask(checkpoint) -> int:
     from transformers import AutoTokenizer
 
-    from pard_train.mask_token import choose_mask_token
+    from pard_train.core.mask_token import choose_mask_token
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     rows = json.loads((checkpoint / "config.json").read_text())["vocab_size"]

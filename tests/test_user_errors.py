@@ -12,8 +12,8 @@ import sys
 import pytest
 from launch import REPO, entry, env, one_error_line, records, start, tiny_overrides, wait_for
 
-from pard_train.checkpoint_store import CheckpointStore
-from pard_train.signals import StopSignals
+from pard_train.run.checkpoint_store import CheckpointStore
+from pard_train.run.signals import StopSignals
 
 DATA = str(REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl")
 
@@ -87,12 +87,12 @@ def test_wandb_without_key_or_offline_mode_is_one_line(tiny_checkpoint, tmp_path
 
 
 def test_export_failure_after_training_is_one_line_and_unlocks(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import pard_train.train
+    import pard_train.training.train
 
     def read_only(*args, **kwargs):  # what a read-only run directory does to the export (root ignores chmod)
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "tiny" / ".final.partial-1"))
 
-    monkeypatch.setattr(pard_train.train, "export_draft", read_only)
+    monkeypatch.setattr(pard_train.training.train, "export_draft", read_only)
     code, _, err = entry(capsys, *args(tiny_checkpoint, tmp_path))
     line = one_error_line(code, err)
     assert f"could not write the trained draft to {tmp_path / 'tiny' / 'final'}: Read-only file system" in line

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pard_train.core.mask_token import choose_mask_token
 from pard_train.evaluate.runner import measure_acceptance
-from pard_train.export import export_draft
-from pard_train.mask_token import choose_mask_token
-from pard_train.model import DraftSpec
+from pard_train.modelio.model import DraftSpec
+from pard_train.modelio.vocab import VocabularyError
+from pard_train.publish.export import export_draft
 from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer, padded_rows
-from pard_train.vocab import VocabularyError
 
 K, EXTRA = 4, 64
 

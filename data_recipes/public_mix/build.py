@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pard_train.atomic import atomic_write_text
-from pard_train.config import DataFormat
+from pard_train.base.atomic import atomic_write_text
+from pard_train.base.config import DataFormat
 from pard_train.data.formats import BadRow, to_messages
 
 

@@ -24,7 +24,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from pard_train.config import DataFormat, DataSource
+from pard_train.base.config import DataFormat, DataSource
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.sources import MALFORMED, DataError, read_raw, resolve
 

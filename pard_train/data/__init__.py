@@ -1,4 +1,7 @@
-"""Training data: sources and formats, chat templates and loss masks, caching, packing, the PARD collator."""
+"""Training data: sources and formats, chat templates and loss masks, caching, packing, the PARD collator.
+
+May import: base, core (the layout). ``__main__`` (``python -m pard_train.data``) is an entry point.
+"""
 
 from pard_train.data.collator import PardCollator
 from pard_train.data.dataset import TrainingData, build_data

@@ -15,10 +15,10 @@ import sys
 from dataclasses import fields
 from enum import Enum
 
-from pard_train.config import DataConfig, LossOn, Truncation
+from pard_train.base.config import DataConfig, LossOn, Truncation
+from pard_train.base.errors import PardTrainError
 from pard_train.data.dataset import build_data
-from pard_train.errors import PardTrainError
-from pard_train.logs import setup_logging
+from pard_train.run.logs import setup_logging
 
 
 def _default(name: str):
@@ -85,7 +85,7 @@ def _tokenizer(args):
 
         files = expand_files(args.files)
         return build_tiny_tokenizer(p.read_text(encoding="utf-8", errors="replace") for p in files)
-    from pard_train.model import load_tokenizer
+    from pard_train.modelio.model import load_tokenizer
 
     return load_tokenizer(args.tokenizer)
 

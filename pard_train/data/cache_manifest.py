@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from pard_train.atomic import atomic_write_text, sha256_file
+from pard_train.base.atomic import atomic_write_text, sha256_file
 
 MANIFEST = "MANIFEST.json"
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pard_train.core.layout import DropTokenSchedule, PardBatch, build_row, collate_rows
 from pard_train.data.packing import PackedRow
-from pard_train.layout import DropTokenSchedule, PardBatch, build_row, collate_rows
 
 
 @dataclass

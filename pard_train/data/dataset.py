@@ -14,7 +14,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pard_train.config import DataConfig, DataSource
+from pard_train.base.config import DataConfig, DataSource
 from pard_train.data.documents import SourceReport, check_bad_fraction, load_documents, tokenizer_fingerprint
 from pard_train.data.packing import PackedRow, pack, packing_efficiency
 from pard_train.data.render import check_template

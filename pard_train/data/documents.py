@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pard_train.atomic import atomic_directory, atomic_write_text
-from pard_train.config import DataConfig, DataFormat, LossOn, Truncation
+from pard_train.base.atomic import atomic_directory, atomic_write_text
+from pard_train.base.config import DataConfig, DataFormat, LossOn, Truncation
 from pard_train.data.cache_manifest import move_aside, verify, write_manifest
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.render import render, special_strings

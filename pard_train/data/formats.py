@@ -7,7 +7,7 @@ with from/value (ShareGPT), ``conversation`` with human/assistant pairs (the PAR
 
 from __future__ import annotations
 
-from pard_train.config import DataFormat
+from pard_train.base.config import DataFormat
 
 SHAREGPT_ROLES = {
     "human": "user",

@@ -12,7 +12,7 @@ reported, and :func:`check_template` refuses such a template up front.
 
 from __future__ import annotations
 
-from pard_train.config import LossOn
+from pard_train.base.config import LossOn
 from pard_train.data.formats import BadRow
 from pard_train.data.sources import DataError
 

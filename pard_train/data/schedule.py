@@ -15,10 +15,10 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pard_train.config import ConfigError
+from pard_train.base.config import ConfigError
+from pard_train.core.layout import PardBatch
 from pard_train.data.collator import PardCollator
 from pard_train.data.packing import PackedRow, length_grouped_order
-from pard_train.layout import PardBatch
 
 
 class DataSchedule:

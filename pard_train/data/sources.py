@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pard_train.config import DataFormat, DataSource
-from pard_train.errors import DataError  # noqa: F401 - re-exported
+from pard_train.base.config import DataFormat, DataSource
+from pard_train.base.errors import DataError  # noqa: F401 - re-exported
 
 MALFORMED = "\x00malformed JSON: "
 """Prefix of a ``raw`` value that could not be parsed (the rest is the parser's message)."""

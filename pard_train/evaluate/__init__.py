@@ -2,6 +2,8 @@
 
 ``python -m pard_train.evaluate`` runs the benchmarks (see ``__main__``); :func:`measure_acceptance` is the small
 PARD-mode measurement for use during training; ``python -m pard_train.evaluate.compare`` puts runs side by side.
+
+May import: base, core, data, modelio; testing (the tiny pair). ``__main__`` is an entry point.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 import hydra
 from omegaconf import DictConfig
 
-from pard_train.cli import run_hydra, user_errors
-from pard_train.errors import PardTrainError
+from pard_train.base.errors import PardTrainError
 from pard_train.evaluate.config import register_configs
-from pard_train.logs import setup_logging
+from pard_train.run.cli import run_hydra, user_errors
+from pard_train.run.logs import setup_logging
 
 register_configs()
 

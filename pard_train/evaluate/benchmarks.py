@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pard_train.errors import BenchmarkError  # noqa: F401 - re-exported
+from pard_train.base.errors import BenchmarkError  # noqa: F401 - re-exported
 
 BENCHMARK_DIR = Path(__file__).parent / "benchmarks"
 BUILTIN = ("humaneval", "gsm8k", "math_500", "mt_bench")

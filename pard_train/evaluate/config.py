@@ -9,7 +9,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from pard_train.config import require, to_dataclass
+from pard_train.base.config import require, to_dataclass
 from pard_train.evaluate.feature_capture import FeatureCapture
 
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from pard_train.config import FeatureCapture
+from pard_train.base.config import FeatureCapture
 
 __all__ = ["FeatureCapture", "final_norm_input", "target_features"]
 

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pard_train import draft_format
-from pard_train.errors import ConfigError
+from pard_train.base.errors import ConfigError
 from pard_train.evaluate.feature_capture import FeatureCapture
 from pard_train.evaluate.speculative import PardDrafter
+from pard_train.modelio import draft_format
 
 
 class Pard2Drafter(PardDrafter):
@@ -76,7 +76,8 @@ def load_pard2_drafter(
     draft, draft_dir: str, mask_token_id: int, target_width: int, capture: FeatureCapture | None = None
 ) -> Pard2Drafter:
     """The TD drafter of an exported PARD-2 draft: W, the scale, layers and feature capture from its directory
-    (:func:`pard_train.draft_format.read`); ``capture`` overrides the capture the draft was trained on. Refuses a
+    (:func:`pard_train.modelio.draft_format.read`); ``capture`` overrides the capture the draft was trained on. Refuses
+    a
     target whose feature width differs from W's (vLLM falls back to TI there; a measurement should not)."""
     pard2 = draft_format.read(draft_dir).pard2
     if pard2 is None:

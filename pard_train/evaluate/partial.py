@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from pard_train.atomic import atomic_write_bytes
+from pard_train.base.atomic import atomic_write_bytes
 from pard_train.evaluate.eval_report import EvalReport
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ away at its end and never made on a pair that export would refuse:
 
 - ``output_dir`` can be written (a file is created and removed there), checked before any model is loaded;
 - every draft (``draft``, ``ar_draft``) maps tokens to the same ids as every target: the same check as export
-  (:func:`pard_train.vocab.check_target_vocabulary`), where equal row counts are not enough.
+  (:func:`pard_train.modelio.vocab.check_target_vocabulary`), where equal row counts are not enough.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pard_train.errors import ConfigError, VocabularyError
+from pard_train.base.errors import ConfigError, VocabularyError
 from pard_train.evaluate.config import EvalConfig
 
 
@@ -31,7 +31,7 @@ def check_output_dir(output_dir: str | Path) -> None:
 
 
 def _tokenizer(path: str, trust_remote_code: bool):
-    from pard_train.model import load_tokenizer
+    from pard_train.modelio.model import load_tokenizer
 
     try:
         return load_tokenizer(path, trust_remote_code)

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pard_train.atomic import atomic_write_bytes
+from pard_train.base.atomic import atomic_write_bytes
 from pard_train.evaluate.config import Mode
 from pard_train.evaluate.eval_report import EvalReport
 

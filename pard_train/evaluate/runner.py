@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pard_train.config import ConfigError
+from pard_train.base.config import ConfigError
 from pard_train.evaluate.benchmarks import Prompt, load_prompts, render
 from pard_train.evaluate.config import DType, EvalConfig, Mode
 from pard_train.evaluate.eval_report import EvalReport
@@ -135,7 +135,7 @@ def resolve_dtype(config: EvalConfig, device: torch.device) -> torch.dtype:
 
 def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
     """K and the mask id: the config's, else what the draft's config.json records (else K=8)."""
-    from pard_train.draft_format import DraftFormat, from_config
+    from pard_train.modelio.draft_format import DraftFormat, from_config
 
     recorded = from_config(draft.config, config.draft) if draft is not None else DraftFormat(None, None)
     k = config.num_draft_tokens or recorded.num_draft_tokens or 8
@@ -147,7 +147,7 @@ def build_drafters(
     config: EvalConfig, target, tokenizer, device, dtype, session: EvalSession
 ) -> tuple[dict[Mode, Drafter | None], int]:
     """The drafter of each mode (None for ``target``) and K, after checking vocabularies and the mask token."""
-    from pard_train.mask_token import validate_mask_token
+    from pard_train.core.mask_token import validate_mask_token
 
     drafters: dict[Mode, Drafter | None] = {}
     draft = session.model(config.draft, config, device, dtype) if config.draft else None
@@ -206,7 +206,7 @@ def evaluate(
     A sweep calls this once per cell with the same ``session`` (:class:`EvalSession`): its models are loaded once,
     and target mode runs once per target and decoding settings, since target-only decoding does not depend on K.
     """
-    from pard_train.model import load_tokenizer
+    from pard_train.modelio.model import load_tokenizer
 
     if config.build_tiny:
         from pard_train.testing.tiny_pair import ensure_tiny_pair
@@ -380,7 +380,7 @@ def wallclock_section(config: EvalConfig, report: EvalReport, totals: dict, targ
 
 def trained_num_draft_tokens(drafter: Drafter | None) -> int | None:
     """The K a PARD draft was trained with (its config.json), if it records one."""
-    from pard_train.draft_format import from_config
+    from pard_train.modelio.draft_format import from_config
 
     model = getattr(getattr(drafter, "lm", None), "model", None)
     return from_config(model.config).num_draft_tokens if model is not None else None

@@ -7,7 +7,7 @@ evaluation gets a fresh session: nothing is shared, nothing is passed back throu
 
 from __future__ import annotations
 
-from pard_train.attention import AttentionBackend
+from pard_train.core.attention import AttentionBackend
 from pard_train.evaluate.config import EvalConfig
 
 
@@ -20,7 +20,7 @@ class EvalSession:
         """The model at ``path`` in eval mode on ``device``, loaded once per (path, device, dtype)."""
         key = (path, str(device), dtype)
         if key not in self._models:
-            from pard_train.model import load_causal_lm
+            from pard_train.modelio.model import load_causal_lm
 
             model = load_causal_lm(path, AttentionBackend.sdpa, dtype, trust_remote_code=config.trust_remote_code)
             self._models[key] = model.to(device).eval()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pard_train.atomic import atomic_write_bytes
+from pard_train.base.atomic import atomic_write_bytes
 from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.report import fmt, save_png, write_report
 

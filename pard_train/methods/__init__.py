@@ -5,6 +5,10 @@ through :class:`Method`; they know nothing else about it (not even where its obj
   labelled-token count.
 - ``pard2`` (:mod:`pard_train.methods.pard2`): a frozen target runs first (CAT weights, distillation logits,
   features); the weight is the CAT weight sum.
+- ``teacher`` (the frozen target's signals), ``teacher_cache`` and ``teacher_cache_builder`` (those signals computed
+  once, read back for top-k distillation), ``confidence_cache``.
+
+May import: base, core, data, modelio, evaluate (the feature capture the harness shares).
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ from typing import Protocol
 
 import torch
 
-from pard_train.config import AttentionBackend, MethodConfig, MethodName
-from pard_train.layout import PardBatch
-from pard_train.loss import DepthStats
+from pard_train.base.config import AttentionBackend, MethodConfig, MethodName
+from pard_train.core.layout import PardBatch
+from pard_train.core.loss import DepthStats
 from pard_train.methods.pard import PardMethod
-from pard_train.model import DraftSpec
+from pard_train.modelio.model import DraftSpec
 
 
 class Method(Protocol):
@@ -43,12 +47,12 @@ class Method(Protocol):
 
     def export_state(self, objective_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], object]:
         """The objective's (gathered) state dict as the draft's own weights and ``(Pard2Fields, W)`` for a
-        target-dependent PARD-2 draft, None for a plain PARD draft (see :mod:`pard_train.draft_format`)."""
+        target-dependent PARD-2 draft, None for a plain PARD draft (see :mod:`pard_train.modelio.draft_format`)."""
         ...
 
     def resume_settings(self) -> dict:
         """The method's own settings that change what is learned (``method.<key>``: value): a checkpoint recorded
-        with other values is not continued (:func:`pard_train.train_state.check_resumable`)."""
+        with other values is not continued (:func:`pard_train.run.train_state.check_resumable`)."""
         ...
 
     def recorded_defaults(self, recorded: dict) -> dict:

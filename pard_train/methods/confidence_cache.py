@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pard_train.atomic import atomic_write_bytes
+from pard_train.base.atomic import atomic_write_bytes
+from pard_train.core.layout import build_row, collate_rows
 from pard_train.data.packing import PackedRow
-from pard_train.layout import build_row, collate_rows
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pard_train.attention import AttentionBackend
-from pard_train.layout import PardBatch
-from pard_train.lm_head_loss import chunked_head_loss, gather_head_with
-from pard_train.loss import DepthStats, labelled_hidden
+from pard_train.core.attention import AttentionBackend
+from pard_train.core.layout import PardBatch
+from pard_train.core.lm_head_loss import chunked_head_loss, gather_head_with
+from pard_train.core.loss import DepthStats, labelled_hidden
 
 DRAFT_PREFIX = "draft."
 """The objectives hold the draft as their ``draft`` attribute: its weights are the state-dict keys under this."""

@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pard_train.config import AttentionBackend, FeatureCapture, MethodConfig, TeacherSource
-from pard_train.distributed import gather_all
-from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
-from pard_train.lm_head_loss import chunked_head_loss, gather_head_with, project_logits
-from pard_train.loss import DepthStats, labelled_hidden
+from pard_train.base.config import AttentionBackend, FeatureCapture, MethodConfig, TeacherSource
+from pard_train.core.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
+from pard_train.core.lm_head_loss import chunked_head_loss, gather_head_with, project_logits
+from pard_train.core.loss import DepthStats, labelled_hidden
 from pard_train.methods.pard import split_objective_state
 from pard_train.methods.teacher import TeacherSignals
 from pard_train.methods.teacher_cache import cross_entropy_and_top_k_kd, top_k_kd
+from pard_train.run.distributed import gather_all
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Pard2Inputs:
     weights: Tensor
     keep: Tensor | None
     teacher: torch.nn.Module
-    """The target model, for its logits (:func:`pard_train.lm_head_loss.project_logits`)."""
+    """The target model, for its logits (:func:`pard_train.core.lm_head_loss.project_logits`)."""
 
     @property
     def weight_sum(self) -> float:
@@ -268,10 +268,10 @@ def _open_teacher_cache(settings: MethodConfig, cache_dir: str | None, draft, da
     saying what to build."""
     from pathlib import Path
 
+    from pard_train.base.errors import ConfigError
     from pard_train.data.documents import default_cache_dir
-    from pard_train.errors import ConfigError
     from pard_train.methods.teacher_cache import TeacherCache
-    from pard_train.model import embedding_rows
+    from pard_train.modelio.model import embedding_rows
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     rows = {"train": data.train, "validation": data.validation}
@@ -301,9 +301,9 @@ class Pard2Method:
         seed: int = 0,
         cache_dir: str | None = None,
     ):
-        from pard_train.errors import ConfigError
+        from pard_train.base.errors import ConfigError
         from pard_train.methods.teacher import Teacher
-        from pard_train.model import embedding_rows, load_causal_lm
+        from pard_train.modelio.model import embedding_rows, load_causal_lm
 
         self.settings = settings
         dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
@@ -399,7 +399,7 @@ class Pard2Method:
         """The draft's weights, and the PARD-2 fields and W of a target-dependent draft; None instead of those when
         trained without features (CAT/KD only), which makes a plain PARD draft that no server mistakes for a
         target-dependent one."""
-        from pard_train.draft_format import Pard2Fields
+        from pard_train.modelio.draft_format import Pard2Fields
 
         draft, extras = split_objective_state(objective_state)
         settings = self.settings

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pard_train.attention import BLOCK, attention_mask_for
-from pard_train.config import AttentionBackend, FeatureCapture
+from pard_train.base.config import AttentionBackend, FeatureCapture
+from pard_train.core.attention import BLOCK, attention_mask_for
+from pard_train.core.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
+from pard_train.core.lm_head_loss import chunked_head_loss
 from pard_train.evaluate.feature_capture import final_norm_input, target_features
-from pard_train.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
-from pard_train.lm_head_loss import chunked_head_loss
 
 
 @dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pard_train.base.errors import ConfigError
 from pard_train.data.packing import PackedRow
-from pard_train.errors import ConfigError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -38,7 +38,7 @@ FORMAT = 1
 
 def labelled_positions(row: PackedRow) -> Tensor:
     """``[L]`` bool: position p has a label at some depth (x_{p+1} in the same document and supervised), as
-    :func:`pard_train.layout.build_row` decides."""
+    :func:`pard_train.core.layout.build_row` decides."""
     document = torch.tensor(row.document)
     supervised = torch.tensor(row.supervised, dtype=torch.bool)
     out = torch.zeros(document.numel(), dtype=torch.bool)

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pard_train import lm_head_loss
-from pard_train.atomic import atomic_write_bytes, atomic_write_text
-from pard_train.attention import attention_mask_for
+from pard_train.base.atomic import atomic_write_bytes, atomic_write_text
+from pard_train.core import lm_head_loss
+from pard_train.core.attention import attention_mask_for
+from pard_train.core.layout import build_row, collate_rows
+from pard_train.core.lm_head_loss import project_logits
 from pard_train.data.packing import PackedRow
-from pard_train.layout import build_row, collate_rows
-from pard_train.lm_head_loss import project_logits
 from pard_train.methods.teacher import real_tokens
 from pard_train.methods.teacher_cache import (
     MANIFEST,
@@ -212,3 +212,36 @@ def write_manifest_if_complete(directory: Path, key: dict, shards: list[Shard]) 
         f"teacher cache {directory} complete: {labelled} labelled tokens, {total / max(labelled, 1):.1f} bytes each"
     )
     return True
+
+
+def build_for_config(config, after_shard=None) -> tuple[Path, bool]:
+    """Build (or finish) the teacher cache of a training config; return its directory and whether it is complete."""
+    import torch
+
+    from pard_train.base.errors import ConfigError
+    from pard_train.core.attention import resolve_backend
+    from pard_train.data import build_data
+    from pard_train.data.documents import default_cache_dir
+    from pard_train.modelio.model import load_causal_lm, load_tokenizer
+    from pard_train.modelio.model_files import prepare_model_files
+
+    settings = config.method
+    if settings.name.value != "pard2":
+        raise ConfigError("method.name: the teacher cache is PARD-2's: add method=pard2 and method.target=ID|DIR")
+    rank, world = worker_from_environment()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    # Every worker (no process group to wait on): the files are written atomically, so a race only repeats work.
+    prepare_model_files(config.model, config.data.train_files)
+    tokenizer = load_tokenizer(config.model.draft_path, config.model.trust_remote_code)
+    data = build_data(config.data, tokenizer, is_main=rank == 0)
+    root = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+
+    def load_target():
+        backend = resolve_backend(config.model.attention, device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the online teacher runs
+        model = load_causal_lm(settings.target, backend, dtype=dtype).to(device).eval()
+        return model, backend, device
+
+    rows = {"train": data.train, "validation": data.validation}
+    return build(rows, settings.target, settings, root, load_target, rank, world, after_shard)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pard_train.atomic import atomic_directory
+from pard_train.base.atomic import atomic_directory
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pard_train.atomic import atomic_directory
-from pard_train.draft_format import CONFIG_FILE
-from pard_train.mask_token import choose_mask_token
-from pard_train.model import mark_as_pard
+from pard_train.base.atomic import atomic_directory
+from pard_train.core.mask_token import choose_mask_token
+from pard_train.modelio.draft_format import CONFIG_FILE
+from pard_train.modelio.model import mark_as_pard
 from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer, padded_rows
 
 

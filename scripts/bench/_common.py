@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pard_train.atomic import atomic_write_text
-from pard_train.layout import PardBatch, build_row, can_attend, collate_rows
+from pard_train.base.atomic import atomic_write_text
+from pard_train.core.layout import PardBatch, build_row, can_attend, collate_rows
 
 GIB = 1024**3
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from _common import markdown_table, metadata, write_json
 
-from pard_train.attention import AttentionBackend
-from pard_train.derive import derive_model
+from pard_train.core.attention import AttentionBackend
 from pard_train.evaluate.forward_timing import forward_seconds
-from pard_train.model import load_causal_lm
+from pard_train.modelio.derive import derive_model
+from pard_train.modelio.model import load_causal_lm
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 from _common import metadata, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pard_train.derive import derive_model, evenly_spaced
+from pard_train.modelio.derive import derive_model, evenly_spaced
 
 
 def rules(keep: int, total: int) -> dict[str, list[int]]:

@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 from _common import markdown_table, metadata, write_json
 
-from pard_train.attention import AttentionBackend
-from pard_train.config import DataConfig
+from pard_train.base.config import DataConfig
+from pard_train.core.attention import AttentionBackend
+from pard_train.core.layout import DropTokenSchedule
+from pard_train.core.loss import DepthStats
+from pard_train.core.mask_token import choose_mask_token
 from pard_train.data.collator import PardCollator
 from pard_train.data.dataset import build_data
-from pard_train.layout import DropTokenSchedule
-from pard_train.logs import setup_logging
-from pard_train.loss import DepthStats
-from pard_train.mask_token import choose_mask_token
 from pard_train.methods.pard import pard_loss
+from pard_train.run.logs import setup_logging
 from pard_train.testing.tiny import build_tiny_model, build_tiny_tokenizer, padded_rows
 
 REPO = Path(__file__).resolve().parents[2]

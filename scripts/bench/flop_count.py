@@ -6,7 +6,7 @@ PARD layouts (K=8, drop-token r=0.7, r_min=0.2, batch 8, padded to multiples of 
 - **old benchmark**: what train_throughput.py used to count, 6 x every parameter (input embedding included) x every
   layout token (padding included), no attention;
 - **old trainer**: the trainer's MFU until now, 6 x non-embedding parameters x non-padding tokens, no attention;
-- **now** (pard_train/flops.py, both use it): decoder weights per real token, LM head per labelled token, attention
+- **now** (pard_train/core/flops.py, both use it): decoder weights per real token, LM head per labelled token, attention
   for the allowed (query, key) pairs.
 
 The ratio old/now is how much each MFU was inflated (or deflated) by its count.
@@ -23,8 +23,8 @@ import torch
 from _common import markdown_table, metadata, write_json
 from train_throughput import DROP, collate, make_rows
 
-from pard_train.flops import ModelFlops
-from pard_train.layout import PAD_DOCUMENT
+from pard_train.core.flops import ModelFlops
+from pard_train.core.layout import PAD_DOCUMENT
 from pard_train.testing.shapes import SHAPES
 
 

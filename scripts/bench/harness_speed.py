@@ -23,7 +23,7 @@ from _common import markdown_table, metadata, write_json
 from pard_train.evaluate.config import EvalConfig
 from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.runner import evaluate
-from pard_train.logs import setup_logging
+from pard_train.run.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ uses this one."""
 
 
 def smollm2_config(args) -> EvalConfig:
-    from pard_train import draft_format
+    from pard_train.modelio import draft_format
 
     draft = args.draft or args.smollm2
     mask = args.mask_token_id

@@ -20,7 +20,7 @@ from pathlib import Path
 from _common import markdown_table, metadata, write_json
 
 from pard_train.data.cache_manifest import verify, write_manifest
-from pard_train.model_identity import model_fingerprint
+from pard_train.modelio.model_identity import model_fingerprint
 
 
 def _fill(directory: Path, names: list[str], mib: int) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from _common import dense_additive_mask
 
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows
+from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows
 
 GIB = 1024**3
 

@@ -1,7 +1,8 @@
 """python scripts/bench/lm_head_loss.py [--smoke] [--repeats 5] [--out bench_results/lm_head_loss.json]
 
 Training step time with the PARD loss computing the LM head once (gradients taken in the forward,
-pard_train/lm_head_loss.py) against the previous loss, which wrapped each chunk in torch.utils.checkpoint and so ran
+pard_train/core/lm_head_loss.py) against the previous loss, which wrapped each chunk in torch.utils.checkpoint and so
+ran
 the head matmul and the softmax again in the backward pass. CPU, K=8, L=512 with drop-token, one packed row, fp32,
 a whole step each (decoder forward, loss, backward, AdamW). Two random Llama models:
 
@@ -27,10 +28,10 @@ import torch.nn.functional as F
 from _common import markdown_table, metadata, write_json
 from torch.utils.checkpoint import checkpoint
 
-from pard_train.attention import AttentionBackend
-from pard_train.layout import DropTokenSchedule, build_row, collate_rows
-from pard_train.lm_head_loss import CHUNK_TOKENS, chunked_head_loss, project_logits
-from pard_train.loss import labelled_hidden
+from pard_train.core.attention import AttentionBackend
+from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows
+from pard_train.core.lm_head_loss import CHUNK_TOKENS, chunked_head_loss, project_logits
+from pard_train.core.loss import labelled_hidden
 from pard_train.methods.pard import pard_loss
 
 SDPA = AttentionBackend.sdpa

@@ -28,7 +28,7 @@ from pathlib import Path
 from _common import write_json
 from omegaconf import OmegaConf
 
-from pard_train.config import ModelConfig
+from pard_train.base.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "pard_train" / "evaluate" / "benchmarks"

@@ -134,7 +134,7 @@ def compose(extra: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from pard_train.config import register_configs, to_config
+    from pard_train.base.config import register_configs, to_config
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
@@ -145,11 +145,11 @@ def step_times(base: list[str], ks: list[int], repeats: int, micro_batches: int)
     """Median seconds per step (``micro_batches`` micro-batches) of each method, measured round-robin."""
     from accelerate import Accelerator
 
-    from pard_train.attention import resolve_backend
+    from pard_train.core.attention import resolve_backend
+    from pard_train.core.layout import DropTokenSchedule
     from pard_train.data import PardCollator, build_data
-    from pard_train.layout import DropTokenSchedule
     from pard_train.methods import PardMethod, build_method
-    from pard_train.model import load_draft
+    from pard_train.modelio.model import load_draft
 
     config = compose(base)
     accelerator = Accelerator(cpu=True)
@@ -198,12 +198,12 @@ def step_times(base: list[str], ks: list[int], repeats: int, micro_batches: int)
 def build_speed(base: list[str], repeats: int, limit: int | None = None) -> dict:
     """Seconds to build the k=32 cache of all rows (into a fresh directory) against the plain target forwards
     (``model(...)``, full logits) over the same batches, interleaved; the overhead is build / forward - 1."""
-    from pard_train.attention import attention_mask_for, resolve_backend
+    from pard_train.core.attention import attention_mask_for, resolve_backend
+    from pard_train.core.layout import build_row, collate_rows
     from pard_train.data import build_data
-    from pard_train.layout import build_row, collate_rows
     from pard_train.methods.teacher import real_tokens
     from pard_train.methods.teacher_cache_builder import _batches, build
-    from pard_train.model import load_causal_lm, load_tokenizer
+    from pard_train.modelio.model import load_causal_lm, load_tokenizer
 
     config = compose(base + ["method.top_k=32"])
     device = torch.device("cpu")

@@ -4,7 +4,7 @@ Training throughput (labelled tokens/s) and peak memory per step of the PARD lay
 device with one random model and the same data:
 
 - **ours**: pard_train's O(T) layout vectors; the attention rule evaluated where attention runs
-  (:func:`pard_train.attention.attention_mask_for`: a boolean mask for SDPA on CPU, a FlexAttention BlockMask on
+  (:func:`pard_train.core.attention.attention_mask_for`: a boolean mask for SDPA on CPU, a FlexAttention BlockMask on
   CUDA) and :func:`pard_train.methods.pard.pard_loss`;
 - **dense**: the reference's approach, rebuilt here for the purpose: a float additive ``(K*L)^2`` mask built per sample
   in the collator and ``eager`` attention. Everything else is ours (same layout, same labelled-token LM head and
@@ -21,7 +21,8 @@ collate + forward + backward + AdamW; tokens/s uses the median step time after -
 On CPU (automatic when no CUDA device is visible): a small random Llama (hidden 256, 4 layers, vocab 32000), fp32,
 K=8, L=512, batch 1. On CUDA (selected automatically): a Llama-3.2-1B-shaped random model (hidden 2048, 16 layers,
 32 heads, 8 KV heads, intermediate 8192, vocab 128256), ``--as-run`` by default (fp32 weights under bf16 autocast,
-gradient checkpointing: how both train), FlexAttention for ours, plus MFU (useful FLOPs from pard_train/flops.py, the
+gradient checkpointing: how both train), FlexAttention for ours, plus MFU (useful FLOPs from pard_train/core/flops.py,
+the
 trainer's count, over the device's datasheet bf16 peak) and a search for the longest L at K=16 (--no-search skips it).
 """
 
@@ -47,10 +48,10 @@ from _common import (
     write_json,
 )
 
-from pard_train.attention import AttentionBackend
+from pard_train.core.attention import AttentionBackend
+from pard_train.core.flops import ModelFlops, peak_flops
+from pard_train.core.layout import IGNORE_INDEX, DropTokenSchedule, PardBatch
 from pard_train.data import PackedRow, PardCollator
-from pard_train.flops import ModelFlops, peak_flops
-from pard_train.layout import IGNORE_INDEX, DropTokenSchedule, PardBatch
 from pard_train.methods.pard import pard_loss
 from pard_train.testing.shapes import SHAPES, build_model
 
@@ -197,7 +198,8 @@ def measure(args) -> dict:
     if on_gpu:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         peak = peak_flops(torch.cuda.get_device_name(device))
-        # Useful FLOPs (pard_train/flops.py, the trainer's count): the same batch is worth the same for every variant.
+        # Useful FLOPs (pard_train/core/flops.py, the trainer's count): the same batch is worth the same for every
+        # variant.
         result["mfu"] = result["useful_tflops_per_s"] * 1e12 / peak if peak else None
     return result
 

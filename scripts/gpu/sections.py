@@ -41,7 +41,7 @@ MARGIN_S = 8.0
 STARTED = time.monotonic()
 # What the check imports (the wheelhouse must make each importable on the image).
 IMPORTS = ["torch", "transformers", "accelerate", "datasets", "deepspeed", "hydra", "omegaconf", "pydantic"]
-IMPORTS += ["deepspeed.runtime.config_utils", "pard_train.train", "pard_train.distributed"]
+IMPORTS += ["deepspeed.runtime.config_utils", "pard_train.training.train", "pard_train.run.distributed"]
 VERSIONS = ["torch", "transformers", "accelerate", "pyarrow", "fsspec", "numpy", "triton"]
 VERSIONS += ["datasets", "deepspeed", "hydra-core", "pydantic", "safetensors", "tokenizers"]
 
@@ -111,7 +111,7 @@ def environment(smoke: bool, out: Path) -> dict:
             imports[module] = f"{type(error).__name__}: {error}"
     import torch
 
-    from pard_train.flops import peak_flops
+    from pard_train.core.flops import peak_flops
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -161,7 +161,7 @@ def _llama_1b_shaped(path: Path, smoke: bool) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pard_train.atomic import atomic_directory
+    from pard_train.base.atomic import atomic_directory
     from pard_train.testing.tiny import build_tiny_tokenizer
 
     shape = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8)
@@ -293,9 +293,9 @@ def flex_vs_sdpa(smoke: bool, out: Path) -> dict:
     """d. pard_loss and its gradients with FlexAttention against SDPA, same weights, same padded batch, fp32."""
     import torch
 
-    from pard_train.attention import BLOCK
-    from pard_train.config import AttentionBackend
-    from pard_train.layout import DropTokenSchedule, build_row, collate_rows
+    from pard_train.base.config import AttentionBackend
+    from pard_train.core.attention import BLOCK
+    from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows
     from pard_train.methods.pard import pard_loss
     from pard_train.testing.shapes import SHAPES, build_model
 

@@ -1,0 +1,184 @@
+"""Acceptance length with a real target around training: measured before (mask row untrained) and after, by the
+same speculative-decoding harness as ``python -m pard_train.evaluate``, and reported side by side.
+
+Enabled by ``acceptance.before_training`` / ``acceptance.after_training`` (the ``demo`` preset turns both on).
+Writes ``<run>/acceptance/{before,after}/`` (the harness's report.json, report.md, plots) and
+``<run>/acceptance/before_after.{md,json,png}`` (:func:`before_after`). Periodic measurement during training is
+scheduled by :class:`pard_train.training.evaluators.MeasuredAcceptance`, with the target and prompts from here: this
+module is
+the one owner of which target, in which dtype, on which prompts acceptance is measured during training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pard_train.base.atomic import atomic_write_text
+from pard_train.base.config import AcceptanceConfig
+from pard_train.modelio.model import DraftSpec
+
+logger = logging.getLogger(__name__)
+
+
+def harness_target(target: str, device):
+    """The target for measuring during training, loaded as the harness loads models, in its automatic dtype: bf16 on
+    a GPU (as a server runs it; an fp32 8B target would take 32 GB beside the training state), fp32 on the CPU."""
+    from pard_train.evaluate.config import EvalConfig, Mode
+    from pard_train.evaluate.runner import resolve_dtype
+    from pard_train.evaluate.session import EvalSession
+
+    harness = EvalConfig(target=target, modes=[Mode.target])  # loads the target alone
+    return EvalSession().model(harness.target, harness, device, resolve_dtype(harness, device))
+
+
+def first_turns(settings: AcceptanceConfig) -> list:
+    """The first turn of each configured benchmark prompt: what periodic measurement decodes."""
+    from pard_train.evaluate.benchmarks import load_prompts
+
+    return [prompt.turns[0] for name in settings.benchmarks for prompt in load_prompts(name, settings.num_prompts)[1]]
+
+
+def _harness_config(
+    settings: AcceptanceConfig, target: str, draft: str | Path, spec: DraftSpec, output_dir: Path, label: str = "after"
+):
+    from pard_train.evaluate.config import DType, EvalConfig, Mode
+
+    modes = [Mode(mode) for mode in settings.modes]
+    checked = Mode.target in modes  # before and after run in the same dtype
+    if label == "before":  # the untrained draft: its acceptance is the baseline, its speed is of no interest
+        modes = [Mode.pard]
+    # With the target mode the report checks that every mode reproduces the target's greedy output. In bf16 a
+    # verification forward over K+1 tokens and a one-token forward round differently, so near-ties flip and a lossless
+    # decoder is reported lossy: the check runs in fp32. Without it, bf16 on GPUs, as a server runs the models.
+    return EvalConfig(
+        dtype=DType.fp32 if checked else DType.auto,
+        target=target,
+        draft=str(draft),
+        modes=modes,
+        num_draft_tokens=spec.num_draft_tokens,
+        mask_token_id=spec.mask_token_id,
+        benchmarks=list(settings.benchmarks),
+        num_prompts=settings.num_prompts,
+        max_new_tokens=settings.max_new_tokens,
+        output_dir=str(output_dir),
+        # Speed is measured only against the target mode; then a warm-up keeps lazy initialisation out of it.
+        warmup=Mode.target in modes,
+        repeats=settings.repeats if Mode.target in modes else 1,
+    )
+
+
+def check_benchmarks(settings: AcceptanceConfig) -> None:
+    """Read the configured prompt sets at start when any measurement is on: a bad file is one line now, not after
+    hours of training (BenchmarkError)."""
+    if settings.before_training or settings.after_training or settings.every_steps:
+        from pard_train.evaluate.benchmarks import load_prompts
+
+        for benchmark in settings.benchmarks:
+            load_prompts(benchmark, settings.num_prompts)
+
+
+def measure(settings: AcceptanceConfig, target: str, run_dir: Path, draft: str | Path, spec: DraftSpec, label: str):
+    """Run the harness with ``draft`` as the PARD draft against ``target`` (``acceptance.target``, else
+    ``model.path``); write its report under ``<run_dir>/acceptance/<label>``."""
+    from pard_train.evaluate.report import write_report
+    from pard_train.evaluate.runner import evaluate
+
+    output_dir = Path(run_dir) / "acceptance" / label
+    logger.info(f"measuring acceptance length ({label}) with target {target}")
+    report = evaluate(_harness_config(settings, target, draft, spec, output_dir, label))
+    write_report(report, output_dir)
+    return report
+
+
+def after_training(
+    settings: AcceptanceConfig, target: str, run_dir: Path, spec: DraftSpec, final_dir: Path
+) -> tuple[dict[str, float], str | None]:
+    """Measure the exported draft; with a measurement from before training, write the comparison
+    (``<run>/acceptance/before_after.{md,json,png}``). Returns the tracker record and the table for the model card
+    (the comparison, or the measurement alone)."""
+    from pard_train.evaluate.eval_report import EvalReport
+    from pard_train.evaluate.report import markdown_table
+
+    run_dir = Path(run_dir)
+    after = measure(settings, target, run_dir, final_dir, spec, "after")
+    record = {f"acceptance_after/{name}": after.acceptance_length("pard", name) for name in after.benchmarks}
+    before_report = run_dir / "acceptance" / "before" / "report.json"
+    if not before_report.exists():
+        return record, markdown_table(after)
+    before = EvalReport.load(before_report)
+    for name in before.benchmarks:
+        record[f"acceptance_before/{name}"] = before.acceptance_length("pard", name)
+    table = before_after(before, after, run_dir / "acceptance")
+    logger.info(f"\nPARD acceptance length, before and after training ({run_dir / 'acceptance'}):\n\n{table}")
+    return record, table
+
+
+def before_after(before, after, output_dir: str | Path) -> str:
+    """The untrained draft against the trained one (two :class:`EvalReport`): a Markdown table (AL per benchmark,
+    acceptance per draft position), its JSON and a PNG in ``output_dir``; returns the Markdown."""
+    from pard_train.evaluate.report import pct
+
+    output_dir = Path(output_dir)
+    rows = {}
+    for name in [*after.benchmarks, None]:
+        b, a = before.summary("pard", name), after.summary("pard", name)
+        rows[name or "all"] = {
+            "before": b["acceptance_length"],
+            "after": a["acceptance_length"],
+            "before_by_position": b["conditional_acceptance"],
+            "after_by_position": a["conditional_acceptance"],
+        }
+    k = after.num_draft_tokens
+    lines = [
+        "| benchmark | AL before | AL after | gain |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
+            for name, r in rows.items()
+        ),
+        "",
+        "Conditional acceptance per draft position (all benchmarks): P(position i accepted | positions < i accepted)",
+        "",
+        "| position | " + " | ".join(str(i + 1) for i in range(k)) + " |",
+        "|---|" + "---|" * k,
+        "| before | " + " | ".join(pct(v) for v in rows["all"]["before_by_position"]) + " |",
+        "| after | " + " | ".join(pct(v) for v in rows["all"]["after_by_position"]) + " |",
+    ]
+    markdown = "\n".join(lines) + "\n"
+    atomic_write_text(output_dir / "before_after.md", markdown)
+    atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
+    _plot_before_after(rows, k, output_dir / "before_after.png")
+    return markdown
+
+
+def _plot_before_after(rows: dict, k: int, path: Path) -> None:
+    import matplotlib
+
+    from pard_train.evaluate.report import save_png
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(rows)
+    width = 0.38
+    for offset, key in ((-width / 2, "before"), (width / 2, "after")):
+        left.bar([i + offset for i in range(len(names))], [rows[n][key] or 0 for n in names], width, label=key)
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("acceptance length (tokens per target forward)")
+    left.set_title("PARD acceptance length")
+    left.legend(loc="lower right")
+    positions = range(1, k + 1)
+    for key in ("before_by_position", "after_by_position"):
+        values = [v if v is not None else float("nan") for v in rows["all"][key]]
+        right.plot(positions, values, marker="o", label=key.split("_")[0])
+    right.set_xticks(list(positions))
+    right.set_ylim(0, 1)
+    right.set_xlabel("draft position")
+    right.set_ylabel("conditional acceptance")
+    right.set_title("Acceptance per draft position (all benchmarks)")
+    right.legend()
+    figure.tight_layout()
+    save_png(figure, path)
