@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from conftest import REPO
@@ -186,6 +187,7 @@ def test_cli_refuses_a_draft_without_mask_token(tmp_path):
 
 
 def test_half_precision_mismatches_point_to_fp32():
+    from pard_train.evaluate.eval_report import EvalReport
     from pard_train.evaluate.report import markdown_report
 
     summary = dict(
@@ -198,7 +200,7 @@ def test_half_precision_mismatches_point_to_fp32():
     )
     config = dict(target="t", draft="d", ar_draft=None, max_new_tokens=32, num_prompts=1)
     environment = dict(device="cuda", dtype="bfloat16", torch="2", transformers="5")
-    report = dict(
+    report = EvalReport(
         config=config,
         environment=environment,
         num_draft_tokens=4,
@@ -207,6 +209,6 @@ def test_half_precision_mismatches_point_to_fp32():
     )
     hint = "rerun with `dtype=fp32` to check losslessness"
     assert hint in markdown_report(report) and "**1 differ**" in markdown_report(report)
-    assert hint not in markdown_report({**report, "environment": {**environment, "dtype": "float32"}})
+    assert hint not in markdown_report(replace(report, environment={**environment, "dtype": "float32"}))
     exact = {**summary, "mismatched_prompts": 0}
-    assert hint not in markdown_report({**report, "overall": {"pard": exact}})
+    assert hint not in markdown_report(replace(report, overall={"pard": exact}))
