@@ -28,6 +28,7 @@ INTEGRATION_FILES = frozenset(
         "test_demo.py",
         "test_distributed.py",
         "test_gpu_check.py",
+        "test_markers.py",
         "test_pard2_train.py",
         "test_recipes_offline.py",
         "test_recipes_regenerate.py",
