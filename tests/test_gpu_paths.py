@@ -180,7 +180,8 @@ def test_deepspeed_bf16_engine_steps_with_fp32_gradients(stage, offload, tmp_pat
     result = subprocess.run(
         [sys.executable, str(script), str(stage), offload],
         cwd=REPO,
-        env={**env(), **rendezvous, "LOCAL_RANK": "0", "PYTHONPATH": str(REPO / "tests")},
+        # This checkout's pard_train first (a shared venv may hold an editable install of another one), then conftest.
+        env={**env(), **rendezvous, "LOCAL_RANK": "0", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
         capture_output=True,
         text=True,
         timeout=400,
