@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pard_train.base.errors import ConfigError  # noqa: F401 - re-exported
+from pard_train.base.unknown_keys import check_known_keys
 
 
 class AttentionBackend(str, Enum):
@@ -515,7 +516,6 @@ def to_dataclass(cfg: DictConfig, schema: type, hint: str):
     Raises ConfigError with one actionable line: the first missing key (``hint`` says how to set it) or the first
     line of OmegaConf's or ``__post_init__``'s complaint."""
     cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
-    from pard_train.base.unknown_keys import check_known_keys
 
     unknown = check_known_keys(cfg, schema)  # a "+key=value" Hydra added: conversion would drop it silently
     if unknown:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pard_train.data.sources import DataError
+
 CHATML = (
     "{%- if messages and messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
@@ -52,8 +54,6 @@ def resolve_chat_template(spec: str | None) -> str | None:
     if "{" not in spec:
         path = Path(spec)
         if not path.is_file():
-            from pard_train.data.sources import DataError
-
             raise DataError(
                 f"data.chat_template: {spec!r} is neither a built-in ({', '.join(BUILTIN)}), a file, nor a template"
             )

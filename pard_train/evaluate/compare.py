@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pard_train.evaluate.eval_report import EvalReport, load_report
 from pard_train.evaluate.report import MODE_ORDER, fmt
+from pard_train.evaluate.sweep_report import cell_label
 
 
 def compare_table(reports: dict[str, EvalReport]) -> str:
@@ -42,7 +43,6 @@ def compare_table(reports: dict[str, EvalReport]) -> str:
 def expand_sweeps(reports: dict[str, dict]) -> dict[str, EvalReport]:
     """Typed evaluation reports from JSON; a sweep report becomes one column per cell (target, K, thinking), named
     ``run[cell]``."""
-    from pard_train.evaluate.sweep_report import cell_label
 
     out = {}
     for name, report in reports.items():

@@ -7,11 +7,12 @@ import time
 
 import torch
 
+from pard_train.evaluate.speculative import crop_cache, synchronize
+
 
 def forward_seconds(model, context: int, new_tokens: int, repeats: int) -> float:
     """Wall time of one cached forward of ``new_tokens`` tokens (all their logits kept) after ``context``: the fastest
     of ``repeats``, since other load on a shared machine only ever adds time (a median still carries it)."""
-    from pard_train.evaluate.speculative import crop_cache, synchronize
 
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pard_train.base.atomic import atomic_write_bytes
 from pard_train.evaluate.eval_report import EvalReport
+from pard_train.evaluate.sweep_report import write_cell
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ class PartialReportWriter:
 def partial_cell_writer(output_dir: str | Path):
     """For a sweep: write each finished cell's report into ``output_dir/cells/LABEL`` (where the final sweep report
     puts it too); a failed write is reported once and the sweep goes on, as with :class:`PartialReportWriter`."""
-    from pard_train.evaluate.sweep_report import write_cell
 
     failed = []
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from pard_train.base.atomic import atomic_write_bytes
 from pard_train.evaluate.config import Mode
 from pard_train.evaluate.eval_report import EvalReport
+from pard_train.evaluate.metrics import AcceptanceStats
 
 if TYPE_CHECKING:  # the runner imports this module; these are annotations only
     from pard_train.evaluate.config import EvalConfig
@@ -188,7 +189,6 @@ def build_report(
 ) -> EvalReport:
     """All numbers and the config: per benchmark and mode, per prompt, overall, speed-ups, losslessness."""
     report = EvalReport(config=_jsonable(asdict(config)), num_draft_tokens=k, environment=environment)
-    from pard_train.evaluate.metrics import AcceptanceStats
 
     totals: dict[Mode, AcceptanceStats] = {}
     for name, modes in results.items():

@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 import torch
 
 from pard_train.base.config import ConfigError
+from pard_train.core.mask_token import validate_mask_token
 from pard_train.evaluate.benchmarks import Prompt, load_prompts, render
 from pard_train.evaluate.config import DType, EvalConfig, Mode
 from pard_train.evaluate.eval_report import EvalReport
+from pard_train.evaluate.forward_timing import forward_seconds
 from pard_train.evaluate.metrics import AcceptanceStats
+from pard_train.evaluate.pard2_drafter import load_pard2_drafter
 from pard_train.evaluate.report import build_report
 from pard_train.evaluate.session import EvalSession
 from pard_train.evaluate.speculative import ArDrafter, Drafter, PardDrafter, speculative_generate
+from pard_train.modelio.draft_format import DraftFormat, from_config
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +139,6 @@ def resolve_dtype(config: EvalConfig, device: torch.device) -> torch.dtype:
 
 def _draft_settings(config: EvalConfig, draft) -> tuple[int, int | None]:
     """K and the mask id: the config's, else what the draft's config.json records (else K=8)."""
-    from pard_train.modelio.draft_format import DraftFormat, from_config
 
     recorded = from_config(draft.config, config.draft) if draft is not None else DraftFormat(None, None)
     k = config.num_draft_tokens or recorded.num_draft_tokens or 8
@@ -147,7 +150,6 @@ def build_drafters(
     config: EvalConfig, target, tokenizer, device, dtype, session: EvalSession
 ) -> tuple[dict[Mode, Drafter | None], int]:
     """The drafter of each mode (None for ``target``) and K, after checking vocabularies and the mask token."""
-    from pard_train.core.mask_token import validate_mask_token
 
     drafters: dict[Mode, Drafter | None] = {}
     draft = session.model(config.draft, config, device, dtype) if config.draft else None
@@ -172,8 +174,6 @@ def build_drafters(
                 )
             validate_mask_token(tokenizer, rows, mask_id)
             if mode == Mode.pard2:
-                from pard_train.evaluate.pard2_drafter import load_pard2_drafter
-
                 width = target.config.get_text_config().hidden_size
                 drafters[mode] = load_pard2_drafter(model, config.draft, mask_id, width, config.feature_capture)
             else:
@@ -338,7 +338,6 @@ def _run_benchmark(result: ModeResult, prompts, conversation: Conversation, gene
 def wallclock_section(config: EvalConfig, report: EvalReport, totals: dict, target, drafters: dict, k: int) -> dict:
     """Tokens/s per mode over the repeats, speed-up over target-only, and the expected speed-up beside it."""
     from pard_train.evaluate import wallclock
-    from pard_train.evaluate.forward_timing import forward_seconds
 
     section = {
         "repeats": config.repeats,
@@ -380,7 +379,6 @@ def wallclock_section(config: EvalConfig, report: EvalReport, totals: dict, targ
 
 def trained_num_draft_tokens(drafter: Drafter | None) -> int | None:
     """The K a PARD draft was trained with (its config.json), if it records one."""
-    from pard_train.modelio.draft_format import from_config
 
     model = getattr(getattr(drafter, "lm", None), "model", None)
     return from_config(model.config).num_draft_tokens if model is not None else None

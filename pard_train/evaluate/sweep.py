@@ -17,6 +17,7 @@ from pard_train.evaluate.config import EvalConfig
 from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.forward_timing import forward_seconds
 from pard_train.evaluate.session import EvalSession
+from pard_train.evaluate.sweep_report import pard_al
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,6 @@ def run_sweep(config: EvalConfig, on_cell=None) -> dict:
 
 def _k_sweep_rows(config: EvalConfig, target: str, swept: list[dict], session: EvalSession) -> dict:
     """Per K: AL, measured forward times, expected and measured speed-up; and the recommended K."""
-    from pard_train.evaluate.sweep_report import pard_al
 
     measured = [(c["k"], pard_al(c["report"])) for c in swept]
     rows = _time_k(config, target, [(k, al) for k, al in measured if al is not None], session)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pard_train.base.config import AttentionBackend, FeatureCapture, MethodConfig, TeacherSource
+from pard_train.base.errors import ConfigError
 from pard_train.core.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.core.lm_head_loss import chunked_head_loss, gather_head_with, project_logits
 from pard_train.core.loss import DepthStats, labelled_hidden
@@ -301,7 +302,6 @@ class Pard2Method:
         seed: int = 0,
         cache_dir: str | None = None,
     ):
-        from pard_train.base.errors import ConfigError
         from pard_train.methods.teacher import Teacher
         from pard_train.modelio.model import embedding_rows, load_causal_lm
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from pard_train.base.atomic import atomic_directory, atomic_write_text
 from pard_train.base.errors import ConfigError
+from pard_train.core.attention import AttentionBackend
+from pard_train.modelio.model import load_causal_lm, load_tokenizer
 
 RECORD = "derived_from.json"
 """Written beside the weights: the source and the kept layers, so a later run reuses the directory only if it
@@ -108,8 +110,6 @@ def ensure_derived(source: str, output: str | Path, keep: int | Sequence[int], t
     """Write the draft derived from ``source`` into ``output`` unless a matching one is there; returns ``output``."""
     import torch
 
-    from pard_train.modelio.model import load_causal_lm, load_tokenizer
-
     output = Path(output)
     record_path = output / RECORD
     if record_path.exists():
@@ -117,7 +117,6 @@ def ensure_derived(source: str, output: str | Path, keep: int | Sequence[int], t
         wanted = resolve_kept_layers(keep, record["source_layers"])
         if record == _record(source, wanted, record["source_layers"]):
             return output
-    from pard_train.core.attention import AttentionBackend
 
     tokenizer = load_tokenizer(source, trust_remote_code)
     model = load_causal_lm(source, AttentionBackend.sdpa, torch.float32, trust_remote_code=trust_remote_code)

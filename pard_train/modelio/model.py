@@ -14,6 +14,7 @@ from pard_train.base.errors import ModelNotFoundError  # noqa: F401 - re-exporte
 from pard_train.core.attention import AttentionBackend, flex_attention_in_one_dtype, transformers_attn_implementation
 from pard_train.core.loss import SUPPORTED_ARCHITECTURES
 from pard_train.core.mask_token import choose_mask_token
+from pard_train.modelio.draft_format import DraftFormat
 
 
 def _hub_unreachable_message(path: str, error: Exception) -> str:
@@ -59,7 +60,6 @@ def load_causal_lm(path: str, backend: AttentionBackend, dtype: torch.dtype = to
 
 def mark_as_pard(model, mask_token_id: int, num_draft_tokens: int) -> None:
     """Record what a server needs in the model config (the fields of :mod:`pard_train.modelio.draft_format`)."""
-    from pard_train.modelio.draft_format import DraftFormat
 
     DraftFormat(num_draft_tokens, mask_token_id).mark(model.config)
 
