@@ -269,7 +269,6 @@ def _open_teacher_cache(settings: MethodConfig, cache_dir: str | None, draft, da
     saying what to build."""
     from pathlib import Path
 
-    from pard_train.base.errors import ConfigError
     from pard_train.data.documents import default_cache_dir
     from pard_train.methods.teacher_cache import TeacherCache
     from pard_train.modelio.model import embedding_rows
