@@ -4,6 +4,7 @@ idempotent; the data CLI uses it, defaults to the trainer's data settings and ex
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import fields
 
 import pytest
@@ -30,6 +31,13 @@ def test_only_rank_zero_speaks_for_the_package(monkeypatch):
     assert keep(_record("pard_train.run.checkpoint"))
     monkeypatch.delenv("RANK")
     assert keep(_record("pard_train.run.checkpoint"))  # a process started alone is rank 0
+
+
+def test_the_rank_is_read_from_os_environ_as_it_is_when_the_record_is_logged(monkeypatch):
+    """datasets' multi-process ``map`` rebinds ``os.environ`` to another mapping: the filter must follow it (a default
+    argument bound at import did not, and let every rank speak after any such map)."""
+    monkeypatch.setattr(os, "environ", dict(os.environ, RANK="1"))
+    assert not MainProcessOnly().filter(_record("pard_train.run.checkpoint"))
 
 
 def test_setup_is_idempotent_and_writes_bare_lines_to_stdout(capsys, monkeypatch):

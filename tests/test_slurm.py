@@ -57,7 +57,7 @@ def submit(cluster, tmp_path, tiny_checkpoint, *overrides):
 def test_sbatch_two_processes_completes_with_checkpoint(cluster, tmp_path, tiny_checkpoint):
     job = submit(cluster, tmp_path, tiny_checkpoint, "train.max_steps=6", "checkpoint.every_steps=3")
     info = cluster.wait(job, ENDED, timeout=300)
-    output = (tmp_path / f"job-{job}.out").read_text()
+    output = job_output(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-3000:]
     assert info["NumCPUs"] == "2", info  # the sbatch line's request replaced the script's default
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
@@ -76,7 +76,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_
     info = cluster.wait(job, {"PENDING"} | ENDED, timeout=120)
     assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
     info = cluster.wait(job, ENDED, timeout=300)
-    output = (tmp_path / f"job-{job}.out").read_text()
+    output = job_output(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, output[-3000:])
     assert "requeueing job" in output and "resuming from" in output, output[-3000:]
     stopped_at = int(output.split("stop signal: saved step ")[1].split()[0])
@@ -84,3 +84,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_
     steps = [r["step"] for r in records(tmp_path / "run") if "loss" in r]
     assert steps[-1] == 16 and set(range(1, 17)) <= set(steps)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def job_output(directory, job) -> str:
+    """The job's output file. Several writers share it (the entrypoint, the trainer's stdout and its progress bars on
+    stderr), so a multi-byte bar character can be split by another writer's line: decode leniently."""
+    return (directory / f"job-{job}.out").read_text(errors="replace")

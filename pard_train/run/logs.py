@@ -17,10 +17,11 @@ import sys
 PACKAGE = "pard_train"
 
 
-def is_main_process(environ=os.environ) -> bool:
+def is_main_process(environ=None) -> bool:
     """Rank 0, as every launcher (torchrun, accelerate, deepspeed, the SLURM entrypoint) sets ``RANK``; a process
-    started alone is rank 0. Read per record, so it needs no process group."""
-    return environ.get("RANK", "0") == "0"
+    started alone is rank 0. Read per record, so it needs no process group, and from ``os.environ`` as it is then
+    (not a default bound at import: a library may have replaced the mapping since)."""
+    return (os.environ if environ is None else environ).get("RANK", "0") == "0"
 
 
 class MainProcessOnly(logging.Filter):
