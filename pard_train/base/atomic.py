@@ -91,3 +91,15 @@ def sha256_file(path: str | Path) -> str:
         while chunk := handle.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def move_aside(path: str | Path, damaged: str | Path) -> Path:
+    """Move ``path`` (a file or a directory) into the folder ``damaged``, numbered if the name is taken (``name.1``,
+    ...), so nothing damaged is ever deleted; return where it went."""
+    path, damaged = Path(path), Path(damaged)
+    damaged.mkdir(exist_ok=True)
+    target, number = damaged / path.name, 1
+    while target.exists():
+        target, number = damaged / f"{path.name}.{number}", number + 1
+    os.replace(path, target)
+    return target

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from pard_train.base import atomic
 from pard_train.base.atomic import atomic_write_text, sha256_file
 
 MANIFEST = "MANIFEST.json"
@@ -62,10 +63,4 @@ def verify(directory: Path, full: bool = False) -> str:
 
 def move_aside(directory: Path) -> Path:
     """Move a damaged cache to ``<cache root>/damaged/<name>`` (numbered if taken); return where it went."""
-    damaged = directory.parent / "damaged"
-    damaged.mkdir(exist_ok=True)
-    target, number = damaged / directory.name, 1
-    while target.exists():
-        target, number = damaged / f"{directory.name}.{number}", number + 1
-    os.replace(directory, target)
-    return target
+    return atomic.move_aside(directory, directory.parent / "damaged")

@@ -21,6 +21,7 @@ from torch import Tensor
 from pard_train.base.atomic import atomic_write_bytes
 from pard_train.core.layout import build_row, collate_rows
 from pard_train.data.packing import PackedRow
+from pard_train.methods.teacher_cache import target_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +30,7 @@ ROWS_PER_FORWARD = 8
 
 def fingerprint(rows: dict[str, list[PackedRow]], target: str) -> str:
     digest = hashlib.sha256()
-    digest.update(target.encode())
-    directory = Path(target)
-    if directory.is_dir():
-        for path in sorted(directory.iterdir()):
-            if path.suffix in (".json", ".safetensors", ".bin"):
-                stat = path.stat()
-                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(target_fingerprint(target).encode())
     for split, split_rows in rows.items():
         digest.update(split.encode())
         for row in split_rows:

@@ -36,7 +36,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pard_train.base.atomic import atomic_write_text, fsync_directory, sha256_file
+from pard_train.base.atomic import atomic_write_text, fsync_directory, move_aside, sha256_file
 from pard_train.base.errors import CheckpointSaveError, ResumeError
 from pard_train.run.distributed import gather_all, on_main, together
 from pard_train.run.train_state import STATE_FILE, TrainState, read_state
@@ -120,7 +120,7 @@ class CheckpointStore:
                 return path, TrainState.from_dict(state)
             problems.append(f"{path.name}: {wrong}")
             if acc.is_main_process:
-                aside = _move_aside(path, self.root / DAMAGED)
+                aside = move_aside(path, self.root / DAMAGED)
                 logger.warning(f"checkpoint {path} is damaged ({wrong}); moved to {aside}, trying the previous one")
         if problems:
             raise ResumeError(
@@ -303,15 +303,6 @@ def _digest(path: Path, expected_size: int | None = None, strict: bool = False) 
         if strict:
             raise
         return -1, None, "missing" if isinstance(error, FileNotFoundError) else describe_error(error)
-
-
-def _move_aside(path: Path, damaged: Path) -> Path:
-    damaged.mkdir(exist_ok=True)
-    target, number = damaged / path.name, 1
-    while target.exists():
-        target, number = damaged / f"{path.name}.{number}", number + 1
-    os.replace(path, target)
-    return target
 
 
 def _read_json(path: Path) -> dict | None:

@@ -25,7 +25,7 @@ from train_throughput import DROP, collate, make_rows
 
 from pard_train.core.flops import ModelFlops
 from pard_train.core.layout import PAD_DOCUMENT
-from pard_train.testing.shapes import SHAPES
+from pard_train.testing.shapes import SHAPES, build_model
 
 
 def main(argv=None) -> Path:
@@ -35,20 +35,9 @@ def main(argv=None) -> Path:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench_results/flop_count.json"))
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+    # The shape only: parameters on the meta device cost no memory and no initialisation.
     shape = SHAPES["llama-3.2-1b"]
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        tie_word_embeddings=False,
-    )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = build_model(shape, "sdpa", torch.device("meta"), torch.float32, max(args.lengths))
     counted = ModelFlops.of(model)
     every = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight.numel()
