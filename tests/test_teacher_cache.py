@@ -261,12 +261,14 @@ def test_training_from_a_stale_cache_is_one_line_and_exit_2(tiny_checkpoint, tmp
 
 
 @pytest.mark.slow
-def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny_checkpoint, tmp_path):
+def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny_checkpoint, tmp_path, monkeypatch):
     """The trainer end to end, dual mode (features still come from the target): with k >= the vocabulary and float32
-    storage, every step's loss, KD term and CAT weight equal the online teacher's."""
+    storage, every step's loss, KD term and CAT weight equal the online teacher's; the cached run never puts the
+    target's states through its LM head (the cache already holds what that would give)."""
     from conftest import compose
 
     from pard_train.base.config import to_config
+    from pard_train.methods.teacher import Teacher
     from pard_train.methods.teacher_cache_builder import build_for_config
     from pard_train.training.train import train
 
@@ -287,6 +289,10 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
         "method.top_k_dtype=float32",
     ]
 
+    head_passes = []
+    log_confidence = Teacher._log_confidence
+    monkeypatch.setattr(Teacher, "_log_confidence", lambda *a: head_passes.append(1) or log_confidence(*a))
+
     def records(name, *extra):
         config = to_config(compose(*settings, f"run.output_root={tmp_path / name}", *extra))
         final = train(config)
@@ -294,7 +300,11 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
 
     directory, complete = build_for_config(to_config(compose(*settings, f"run.output_root={tmp_path}")))
     assert complete and json.loads((directory / MANIFEST).read_text())["top_k"] > 500  # the whole vocabulary
-    online, cached = records("online"), records("cached", "method.teacher=cache")
+    online = records("online")
+    assert head_passes, "the online teacher computes its confidences"
+    head_passes.clear()
+    cached = records("cached", "method.teacher=cache")
+    assert not head_passes, "the cached run discarded a target LM-head pass"
     assert [r["step"] for r in online] == [r["step"] for r in cached] == [1, 2, 3]
     for a, b in zip(online, cached, strict=True):
         assert a["kd"] > 0

@@ -374,11 +374,10 @@ class Pard2Method:
         return inputs, inputs.weight_sum
 
     def _cached_signals(self, batch: PardBatch, row_ids, split: str) -> TeacherSignals:
-        """Confidences and top-k from the cache; with features the target runs for them alone (its own confidences
-        and final states are not used)."""
+        """Confidences and top-k from the cache; with features the target runs for them alone."""
         length = int(((batch.depth == 0) & (batch.document >= 0)).sum(1).max())
         log_g, top_ids, top_log_p = self.cache.signals(split, row_ids, length, batch.depth.device)
-        features = self.teacher(batch).features if self.settings.features else None
+        features = self.teacher.features(batch) if self.settings.features else None
         return TeacherSignals(log_g, None, features, top_ids, top_log_p)
 
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:

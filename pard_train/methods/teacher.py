@@ -76,10 +76,19 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, batch: PardBatch) -> TeacherSignals:
-        # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
-        real = real_tokens(batch, BLOCK if self.backend == AttentionBackend.flex else 1)
+        real = self._real(batch)
         hidden, features = self._forward(real)
         return TeacherSignals(self._log_confidence(real, hidden), hidden, features)
+
+    @torch.no_grad()
+    def features(self, batch: PardBatch) -> Tensor:
+        """Only the features (dual mode with the teacher cache): the confidences and distillation logits come from
+        the cache, so the LM head never runs over the target's states."""
+        return self._forward(self._real(batch))[1]
+
+    def _real(self, batch: PardBatch) -> PardBatch:
+        # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
+        return real_tokens(batch, BLOCK if self.backend == AttentionBackend.flex else 1)
 
     def _forward(self, real: PardBatch) -> tuple[Tensor, Tensor | None]:
         """The final hidden state and the features, captured as ``self.capture`` says: the same
