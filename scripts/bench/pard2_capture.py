@@ -21,14 +21,13 @@ second) unless ``--train-files`` names other data.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
 
-from _common import write_json
-from pard2_vs_pard import REPO, reporting_split, run
+from _common import REPO, harness_report, run_logged, write_json
+from pard2_vs_pard import reporting_split
 
 
 def train(root: Path, target: Path, data: str, name: str, args, w_init: str, capture: str) -> Path:
@@ -54,7 +53,7 @@ def train(root: Path, target: Path, data: str, name: str, args, w_init: str, cap
     prefix = [sys.executable, "-m", "pard_train"]
     if w_init == "default":
         prefix = [sys.executable, str(Path(__file__).resolve()), "--train-with-default-w-init"]
-    run([*prefix, *overrides], root / f"{name}.log")
+    run_logged([*prefix, *overrides], root / f"{name}.log")
     return root / name
 
 
@@ -82,23 +81,9 @@ def _train_with_default_w_init(overrides: list[str]) -> None:
 
 
 def evaluate(target: Path, draft: Path, modes: list[str], capture: str | None, benchmarks, out: Path, args) -> dict:
-    if not (out / "report.json").exists():
-        command = [
-            sys.executable,
-            "-m",
-            "pard_train.evaluate",
-            f"target={target}",
-            f"draft={draft}",
-            f"modes=[{','.join(modes)}]",
-            f"feature_capture={capture or 'null'}",
-            f"benchmarks=[{','.join(benchmarks)}]",
-            f"max_new_tokens={args.max_new_tokens}",
-            "warmup=false",
-            "dtype=fp32",
-            f"output_dir={out}",
-        ]
-        run(command, out.with_suffix(".log"))
-    return json.loads((out / "report.json").read_text())
+    settings = [f"modes=[{','.join(modes)}]", f"feature_capture={capture or 'null'}"]
+    settings += [f"benchmarks=[{','.join(benchmarks)}]", f"max_new_tokens={args.max_new_tokens}"]
+    return harness_report(target, draft, out, *settings, "warmup=false", "dtype=fp32")
 
 
 def main() -> None:

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from _common import write_json
+from _common import REPO, harness_report, run_logged, write_json
 from omegaconf import OmegaConf
 
 from pard_train.base.config import ModelConfig
 
-REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "pard_train" / "evaluate" / "benchmarks"
 REPORTING = ["humaneval:report", "gsm8k:report", "math_500:report", "mt_bench:report"]
 
@@ -48,14 +45,6 @@ def reporting_split(directory: Path, per_benchmark: int) -> list[str]:
     return files
 
 
-def run(command: list[str], log: Path) -> None:
-    print("$", " ".join(command), file=sys.stderr)
-    with log.open("w") as handle:
-        code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=os.environ).returncode
-    if code != 0:
-        sys.exit(f"failed ({code}): {' '.join(command)}; see {log}")
-
-
 def train(root: Path, cache: Path, preset: str, name: str, extra: list[str]) -> Path:
     """One training run of ``preset`` (reused if it already finished), without the trainer's own acceptance."""
     if not (root / name / "final" / "config.json").exists():
@@ -70,7 +59,7 @@ def train(root: Path, cache: Path, preset: str, name: str, extra: list[str]) -> 
             "acceptance.after_training=false",
             *extra,
         ]
-        run([sys.executable, "-m", "pard_train", *overrides], root / f"{name}.log")
+        run_logged([sys.executable, "-m", "pard_train", *overrides], root / f"{name}.log")
     return root / name
 
 
@@ -85,24 +74,9 @@ def training_seconds(run_dir: Path, skip_first: bool = False) -> tuple[float, in
 
 
 def evaluate(target: Path, draft: Path, modes: list[str], out: Path, args, *extra) -> dict:
-    if not (out / "report.json").exists():
-        command = [
-            sys.executable,
-            "-m",
-            "pard_train.evaluate",
-            f"target={target}",
-            f"draft={draft}",
-            f"modes=[{','.join(modes)}]",
-            f"benchmarks=[{','.join(REPORTING)}]",
-            f"num_prompts={args.prompts}",
-            f"max_new_tokens={args.max_new_tokens}",
-            f"repeats={args.repeats}",
-            "dtype=fp32",
-            f"output_dir={out}",
-            *extra,
-        ]
-        run(command, out.with_suffix(".log"))
-    return json.loads((out / "report.json").read_text())
+    settings = [f"modes=[{','.join(modes)}]", f"benchmarks=[{','.join(REPORTING)}]", f"num_prompts={args.prompts}"]
+    settings += [f"max_new_tokens={args.max_new_tokens}", f"repeats={args.repeats}", "dtype=fp32", *extra]
+    return harness_report(target, draft, out, *settings)
 
 
 def speed(report: dict, mode: str) -> dict:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,9 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, metadata, write_json  # noqa: E402
+from _common import REPO, harness_report, markdown_table, metadata, run_logged, write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = ["humaneval:report", "gsm8k:report", "math_500:report", "mt_bench:report"]
 
 
@@ -72,14 +69,6 @@ def overrides(root: Path, model: Path, steps: int) -> list[str]:
     ]
 
 
-def run(command: list[str], log: Path) -> None:
-    print("$", " ".join(command), file=sys.stderr, flush=True)
-    with log.open("w") as handle:
-        code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=os.environ).returncode
-    if code != 0:
-        sys.exit(f"failed ({code}): {' '.join(command)}; see {log}")
-
-
 def variants(ks: list[int]) -> dict[str, list[str]]:
     out = {"online": []}
     for k in ks:
@@ -111,23 +100,9 @@ def tail_mass(root: Path, k: int) -> float:
 
 
 def evaluate(model: Path, draft: Path, out: Path, args) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "pard_train.evaluate",
-        f"target={model}",
-        f"draft={draft}",
-        "modes=[pard]",
-        f"benchmarks=[{','.join(BENCHMARKS)}]",
-        f"num_prompts={args.prompts}",
-        f"max_new_tokens={args.max_new_tokens}",
-        "warmup=false",
-        "expected_speedup=false",
-        f"output_dir={out}",
-    ]
-    if not (out / "report.json").exists():
-        run(command, out.with_suffix(".log"))
-    return json.loads((out / "report.json").read_text())
+    settings = ["modes=[pard]", f"benchmarks=[{','.join(BENCHMARKS)}]", f"num_prompts={args.prompts}"]
+    settings += [f"max_new_tokens={args.max_new_tokens}", "warmup=false", "expected_speedup=false"]
+    return harness_report(model, draft, out, *settings)
 
 
 def compose(extra: list[str]):
@@ -284,7 +259,7 @@ def main() -> None:
     base = overrides(args.root, model, args.steps)
 
     for k in ks:  # the caches (a second run finds them complete)
-        run(
+        run_logged(
             [sys.executable, "-m", "pard_train.teacher_cache", *base, f"method.top_k={k}"],
             args.root / f"build-k{k}.log",
         )
@@ -306,7 +281,7 @@ def main() -> None:
             run_name = "online" if name == "online" else f"cache_k{name.split('=')[1]}"
             final = args.root / run_name / "final"
             if not (final / "config.json").exists():
-                run(
+                run_logged(
                     [sys.executable, "-m", "pard_train", *base, *extra, f"run.name={run_name}"],
                     args.root / f"{run_name}.log",
                 )
