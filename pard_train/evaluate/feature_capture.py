@@ -44,7 +44,9 @@ def target_features(
     hidden_states: Sequence[Tensor], layers: Sequence[int], capture: FeatureCapture, pre_norm: Tensor | None = None
 ) -> Tensor:
     """``[B, T, n * H]``: the blocks of ``layers`` from a forward's ``output_hidden_states`` (and, for ``vllm``, the
-    final norm's input, from :func:`final_norm_input`)."""
+    final norm's input, from :func:`final_norm_input`), in ``layers`` order for both captures: vLLM captures in
+    ascending id order but permutes the blocks back to ``pard2_target_layers`` order before W
+    (``pard2_base.py`` ``Pard2ModelBase._init_target_projection`` / ``project_target_feat``)."""
     if capture == FeatureCapture.training:
         return torch.cat([hidden_states[layer] for layer in layers], dim=-1)
     depth = len(hidden_states) - 1  # embeddings + one entry per decoder layer

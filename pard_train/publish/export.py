@@ -166,8 +166,8 @@ class ModelCard:
             "drafting).",
             f"- Target-dependent: also reads the target's hidden states at layers {list(pard2.target_layers)} "
             f"through `W` (`{draft_format.PROJECTION_FILE}`, {pard2.target_dim} -> hidden size, scale "
-            f"{pard2.scale}); needs a vLLM build with PARD-2 serving (vllm-project/vllm pull request #55257, open "
-            "when this card was written) and a target of the hidden size it was trained with.",
+            f"{pard2.scale}); needs a vLLM build with PARD-2 serving (vllm-project/vllm pull request #55257, "
+            "`method: pard2`) and a target of the hidden size it was trained with.",
             f"- {_capture_sentence(pard2)}",
             "",
         ]

@@ -7,8 +7,9 @@ Two serving paths:
 
 - vLLM 0.33 ``method: "draft_model"`` with ``parallel_drafting: true`` (any PARD draft, and the target-independent
   mode of a PARD-2 draft);
-- the PARD-2 branch (vllm-project/vllm pull request #55257, open): a draft with ``spd_type: "pard2"`` also reads the
-  target's hidden states through W, if its feature width matches the target's, else it silently falls back to TI.
+- the PARD-2 serving (vllm-project/vllm pull request #55257, in vLLM's main branch at commit 974d677): a draft
+  with ``spd_type: "pard2"`` also reads the target's hidden states through W, if its feature width matches the
+  target's, else it silently falls back to TI.
 
 Export runs the same rules on every directory it writes (:func:`check_config`), so no export refuses to serve.
 """
@@ -186,8 +187,10 @@ def _pard2_rules(config, text, directory: Path, draft, target: TargetShape | Non
     ids = resolve_layer_ids(pard2.target_layers, depth)
     if len(set(ids)) != len(ids):
         raise ServingCheckError(f"layers {list(pard2.target_layers)} resolve to repeated aux ids {ids}")
+    # pard2_base.py Pard2ModelBase._init_target_projection: captured ascending, permuted back to the layers' order.
     lines.append(
-        f"PARD-2 branch: aux hidden-state ids {ids} (l mod {depth + 1}); captured in ascending order {sorted(ids)}"
+        f"PARD-2 branch: aux hidden-state ids {ids} (l mod {depth + 1}); captured in ascending order {sorted(ids)}, "
+        f"reordered to {ids} before W (as trained)"
     )
     lines.extend(_capture_lines(pard2, ids, depth))
     return lines
