@@ -122,3 +122,18 @@ def test_the_qwen3_schedule_decays_to_ten_percent_after_a_three_percent_warm_up(
         scheduler.step()
     assert rates[0] == 0 and rates[29] < 1 and rates[30] == pytest.approx(1.0)  # ceil(0.03 * 1000) = 30 steps
     assert rates[-1] == pytest.approx(0.1, abs=1e-3) and min(rates[30:]) >= 0.1 - 1e-9
+
+
+def test_a_k_sweep_overrides_the_served_k_up_to_the_trained_k():
+    """``export --k-sweep``: the card serves the sweep's K (over the K=16 -> 15 default too), never one above the trained
+    K; the table and every command in the card say the same K."""
+    from pard_train.publish.export import DraftSpec, ModelCard
+
+    td = DraftFormat(16, 5, Pard2Fields((-1, -8, -16, -24), 4 * 4096, 0.02))
+    cases = [(DraftFormat(4, 5), 3, 3), (DraftFormat(4, 5), 6, 4), (td, None, 15), (td, 16, 16), (td, 12, 12)]
+    for draft, swept, served in cases:
+        card = ModelCard("d", DraftSpec(draft.num_draft_tokens, 5, "base"), torch.float32, draft=draft, swept_k=swept)
+        assert card.served_k == served, (draft.num_draft_tokens, swept)
+        text = card.render()
+        assert f"| served K (`num_speculative_tokens`) | {served} |" in text
+        assert text.count(f'"num_speculative_tokens": {served}') == 2, (draft.num_draft_tokens, swept)

@@ -172,6 +172,7 @@ def test_export_puts_the_recommended_k_and_its_command_in_the_card(sweep, tmp_pa
     assert f"recommended K = {k} on the measured hardware" in card
     assert f'"model": "{exported.resolve()}"' in card and f'"num_speculative_tokens": {k}' in card
     assert ("WARNING: above the trained K = 4" in card) == (k > 4)
+    assert f"| served K (`num_speculative_tokens`) | {min(k, 4)} |" in card  # the sweep's K, never above the trained
 
 
 def test_sweep_loads_each_model_once_and_decodes_target_only_once_per_target(tmp_path, monkeypatch):

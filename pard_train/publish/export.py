@@ -134,6 +134,14 @@ class ModelCard:
     """The directory's format (PARD-2 fields for a target-dependent draft); None: a PARD draft of ``spec``."""
     vocabulary: str | None = None
     """What the export did about the target's vocabulary (:meth:`pard_train.modelio.vocab.VocabularyCheck.note`)."""
+    swept_k: int | None = None
+    """The K a K sweep recommends (``export --k-sweep``): it becomes the served K when it is at most the trained K;
+    None: the format's default (:attr:`DraftFormat.served_k`)."""
+
+    @property
+    def served_k(self) -> int:
+        k = self.spec.num_draft_tokens
+        return self.swept_k if self.swept_k is not None and self.swept_k <= k else self.format.served_k
 
     def write(self, directory: str | Path) -> Path:
         return atomic_write_text(Path(directory) / draft_format.CARD_FILE, self.render())
@@ -173,7 +181,7 @@ class ModelCard:
         ]
 
     def render(self) -> str:
-        spec, k, served = self.spec, self.spec.num_draft_tokens, self.format.served_k
+        spec, k, served = self.spec, self.spec.num_draft_tokens, self.served_k
         base_model = self.recipe.get("base_model") or spec.base_model
         files = self.recipe.get("data") or []
         kind = "PARD-2 target-dependent" if self.format.pard2 is not None else "PARD"
@@ -206,7 +214,9 @@ class ModelCard:
             "",
             "Serve with a K no larger than the trained one; draft and target must share the vocabulary. "
             + (
-                f"The reference serves its K={k} PARD-2 drafts at K={served}."
+                f"K={served} is the K sweep's recommendation (below)."
+                if served == self.swept_k and served != self.format.served_k
+                else f"The reference serves its K={k} PARD-2 drafts at K={served}."
                 if served != k
                 else "Check the directory first: `python -m pard_train.export --check THIS_DIRECTORY --target TARGET`."
             ),
@@ -261,6 +271,7 @@ def export_draft(
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     pard2: tuple[Pard2Fields, torch.Tensor] | None = None,
+    swept_k: int | None = None,
 ) -> ModelCard:
     """Write ``model`` (unwrapped, any device) and ``tokenizer`` as a servable PARD draft into ``output_dir``.
 
@@ -271,7 +282,8 @@ def export_draft(
     :mod:`pard_train.modelio.vocab`); None: not checked, and the card says so. ``state_dict``: the weights to write
     instead of
     ``model.state_dict()`` (the trainer passes the one gathered from ZeRO-3 shards). ``pard2``: the PARD-2 fields and
-    W of a target-dependent draft (None: a plain PARD draft, however it was trained). Logs the vocabulary outcome.
+    W of a target-dependent draft (None: a plain PARD draft, however it was trained). ``swept_k``: a K sweep's
+    recommended K, served by the card's commands when it is at most the trained K. Logs the vocabulary outcome.
     Returns the written model card (rewrite it with a measured table via ``replace(...).write``).
     Raises ExportError (existing directory without ``overwrite``), VocabularyError or MaskTokenError.
     """
@@ -331,7 +343,7 @@ def export_draft(
                 staging
             )
         draft_format.write_recipe(staging, recipe)
-        card = ModelCard(output_dir.name, spec, dtype, recipe, al_table, draft, vocabulary.note())
+        card = ModelCard(output_dir.name, spec, dtype, recipe, al_table, draft, vocabulary.note(), swept_k)
         card.write(staging)
     logger.info(f"export: {vocabulary.note()}")
     if served_with:
@@ -368,10 +380,10 @@ def _al_table_from(path: Path) -> str:
     return path.read_text()
 
 
-def _with_k_sweep(al_table: str | None, args, trained_k: int) -> str | None:
-    """The card's acceptance section plus, with ``--k-sweep``, the sweep's recommended K and its vLLM command."""
+def _k_sweep(args, trained_k: int) -> tuple[str | None, int | None]:
+    """With ``--k-sweep``: the card's note on the sweep (its recommended K and vLLM command) and that K."""
     if not args.k_sweep:
-        return al_table
+        return None, None
     from pard_train.evaluate.eval_report import load_report
 
     recommended = recommended_serving(load_report(args.k_sweep), str(Path(args.output).resolve()))
@@ -380,9 +392,11 @@ def _with_k_sweep(al_table: str | None, args, trained_k: int) -> str | None:
     k, command = recommended
     note = f"K sweep ({args.k_sweep.name}): recommended K = {k} on the measured hardware."
     if k > trained_k:
-        note += f" WARNING: above the trained K = {trained_k}; its extra depths were never trained."
+        note += (
+            f" WARNING: above the trained K = {trained_k}; its extra depths were never trained, so it is not served."
+        )
         logger.warning(f"pard_train.export: warning: recommended K={k} is above the trained K={trained_k}")
-    return "\n\n".join(part for part in (al_table, note, f"```bash\n{command}\n```") if part)
+    return f"{note}\n\n```bash\n{command}\n```", k
 
 
 def _recipe_from(checkpoint: Path) -> dict:
@@ -421,24 +435,26 @@ def _export(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else getattr(torch, str(config.get("dtype") or "float32"))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    export_draft(
+    sweep_note, swept_k = _k_sweep(args, num_draft_tokens)
+    al_table = _al_table_from(args.al_table) if args.al_table else None
+    card = export_draft(
         model,
         tokenizer,
         args.output,
         DraftSpec(num_draft_tokens, mask_token_id, base_model),
         dtype=dtype,
         recipe=recipe,
-        al_table=_with_k_sweep(_al_table_from(args.al_table) if args.al_table else None, args, num_draft_tokens),
+        al_table="\n\n".join(part for part in (al_table, sweep_note) if part) or None,
         target=args.target,
         overwrite=args.overwrite,
         pard2=_pard2_from(checkpoint, recorded),
+        swept_k=swept_k,
     )
     out = Path(args.output)
-    served = DraftFormat(num_draft_tokens, mask_token_id, recorded.pard2).served_k
     logger.info(
         f"exported {out} (K={num_draft_tokens}, mask token {mask_token_id}, {str(dtype).removeprefix('torch.')})"
     )
-    logger.info(vllm_command(str(out.resolve()), served))
+    logger.info(vllm_command(str(out.resolve()), card.served_k))
     return 0
 
 
