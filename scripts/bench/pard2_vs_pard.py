@@ -87,7 +87,7 @@ def speed(report: dict, mode: str) -> dict:
         "measured": measured.get("median"),
         "min": measured.get("min"),
         "max": measured.get("max"),
-        "expected": entry.get("expected", {}).get("expected"),
+        "expected": entry.get("expected", {}).get("expected_speedup"),
     }
 
 
