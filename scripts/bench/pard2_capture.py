@@ -14,8 +14,8 @@ steps, once per W initialisation in ``--w-init`` (``zero``: ours; ``default``: n
 trained (``feature_capture=training``, the reference's own inference), plus the target-independent AL. Prints a table
 and writes JSON.
 
-Needs runs/cache/smollm2-135m-instruct (``make demo``'s first step) under --root, and runs/cache/demo-data (its
-second) unless ``--train-files`` names other data.
+Needs runs/cache/smollm2-135m-instruct (``make demo``'s first step) under --root, and runs/cache/demo-data (the
+160 answers of ``make demo DEMO=demo``'s second step) unless ``--train-files`` names other data.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ mode); the measured wall-clock speed-up of each against the target alone (greedy
 repeats, warm-up excluded) with the expected one beside it; and each method's training cost (steps, seconds).
 ``--preset demo`` runs the self-draft demo instead (the draft is the whole model; no speed-up is possible there).
 
-Needs what ``make demo`` prepares under --root: cache/smollm2-135m-instruct and cache/demo-data.
+Needs what ``make demo DEMO=demo`` prepares under --root: cache/smollm2-135m-instruct and cache/demo-data (160
+answers of at most 128 tokens; ``make demo`` itself writes 64 shorter ones to cache/demo_derived-data).
 """
 
 from __future__ import annotations

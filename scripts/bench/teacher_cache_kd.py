@@ -14,8 +14,8 @@ of its 30 layers (``+config=demo_derived``), PARD-2 target-independent (CAT, 0.1
 - **Build speed**: building the k=32 cache for all rows against plain target forwards (full logits) over the same
   batches, interleaved: the builder's overhead over the forward it cannot avoid.
 
---source is a ``make demo`` cache directory (smollm2-135m-instruct/ and demo-data/); it is only read: the model is
-linked and the first --answers answers copied into --root, where everything else is written.
+--source is a ``make demo DEMO=demo`` cache directory (smollm2-135m-instruct/ and demo-data/); it is only read: the
+model is linked and the first --answers answers copied into --root, where everything else is written.
 """
 
 from __future__ import annotations
