@@ -73,8 +73,9 @@ def main() -> None:
     recorded = OmegaConf.load(pard_run / "config.yaml")
     model = Path(recorded.model.path)
     cache = model.parent
-    if list(recorded.data.train_files) != [f"{cache / 'demo-data'}/*.jsonl"]:  # what pard2_vs_pard.train reads
-        sys.exit(f"{pard_run} trained on {list(recorded.data.train_files)}, not {cache / 'demo-data'}/*.jsonl")
+    data = Path(recorded.data.train_files[0]).parent.name  # the PARD run's answers, reused by every variant
+    if list(recorded.data.train_files) != [f"{cache / data}/*.jsonl"]:  # the one form pard2_vs_pard.train writes
+        sys.exit(f"{pard_run} trained on {list(recorded.data.train_files)}, not on one directory under {cache}")
     root = args.root / "pard2_variants"
     root.mkdir(parents=True, exist_ok=True)
     pard_steps = training_seconds(pard_run)[1]
@@ -87,23 +88,24 @@ def main() -> None:
     for tau in sorted({"1.0", *(temperature(o) for o in chosen.values())}):  # 1.0: the calibration runs
         started = time.perf_counter()
         command = [sys.executable, "-m", "pard_train.teacher_cache", "+config=demo_derived", f"run.output_root={root}"]
-        command += [f"model.path={model}", f"data.train_files=[{cache / 'demo-data'}/*.jsonl]", *pard2]
+        command += [f"model.path={model}", f"data.train_files=[{cache / data}/*.jsonl]", *pard2]
         run_logged([*command, f"method.kd_temperature={tau}"], root / f"teacher-cache-tau{tau}.log")
         builds[tau] = time.perf_counter() - started
 
     calibrate = [f"train.max_steps={args.calibration_steps}", f"train.log_every={args.calibration_steps // 2}"]
-    rate = {"pard": seconds_per_step(train(root, cache, "demo_derived", "calibration-pard", [*common, *calibrate]))}
+    pard_calibration = train(root, cache, "demo_derived", "calibration-pard", [*common, *calibrate], data)
+    rate = {"pard": seconds_per_step(pard_calibration)}
     for kind, extra in (("features", []), ("no features", ["method.features=false"])):
         if any(has_features(o) == (kind == "features") for o in chosen.values()):
             name = f"calibration-pard2-{kind.replace(' ', '-')}"
-            rate[kind] = seconds_per_step(train(root, cache, "demo_derived", name, [*pard2, *extra, *calibrate]))
+            rate[kind] = seconds_per_step(train(root, cache, "demo_derived", name, [*pard2, *extra, *calibrate], data))
     budget = pard_steps * rate["pard"]
 
     runs, tune = {}, {}
     for name, overrides in chosen.items():
         steps = max(1, round(budget / rate["features" if has_features(overrides) else "no features"]))
         runs[name] = train(
-            root, cache, "demo_derived", f"{name}-{steps}", [*pard2, *overrides, f"train.max_steps={steps}"]
+            root, cache, "demo_derived", f"{name}-{steps}", [*pard2, *overrides, f"train.max_steps={steps}"], data
         )
         modes = "[pard,pard2]" if has_features(overrides) else "[pard]"
         settings = [f"modes={modes}", f"benchmarks=[{','.join(split('tune'))}]", f"num_prompts={args.prompts}"]

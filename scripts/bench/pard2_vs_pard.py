@@ -46,14 +46,15 @@ def reporting_split(directory: Path, per_benchmark: int) -> list[str]:
     return files
 
 
-def train(root: Path, cache: Path, preset: str, name: str, extra: list[str]) -> Path:
-    """One training run of ``preset`` (reused if it already finished), without the trainer's own acceptance."""
+def train(root: Path, cache: Path, preset: str, name: str, extra: list[str], data: str = "demo-data") -> Path:
+    """One training run of ``preset`` on cache/``data`` (reused if it already finished), without the trainer's own
+    acceptance."""
     if not (root / name / "final" / "config.json").exists():
         overrides = [
             f"+config={preset}",
             f"run.output_root={root}",
             f"model.path={cache / 'smollm2-135m-instruct'}",
-            f"data.train_files=[{cache / 'demo-data'}/*.jsonl]",
+            f"data.train_files=[{cache / data}/*.jsonl]",
             f"run.name={name}",
             "checkpoint.every_steps=0",
             "acceptance.before_training=false",
