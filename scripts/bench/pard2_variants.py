@@ -29,7 +29,7 @@ from pathlib import Path
 
 from _common import REPO, harness_report, markdown_table, run_logged, write_json
 from omegaconf import OmegaConf
-from pard2_vs_pard import speed, train, training_seconds
+from pard2_vs_pard import REPORTING, speed, train, training_seconds
 
 VARIANTS = {
     "reference": [],
@@ -41,8 +41,7 @@ VARIANTS = {
 """Each changes one setting of ``configs/method/pard2.yaml`` (the reference recipe)."""
 
 
-def split(name: str) -> list[str]:
-    return [f"{benchmark}:{name}" for benchmark in ("humaneval", "gsm8k", "math_500", "mt_bench")]
+TUNING = [name.replace(":report", ":tune") for name in REPORTING]
 
 
 def has_features(overrides: list[str]) -> bool:
@@ -108,13 +107,13 @@ def main() -> None:
             root, cache, "demo_derived", f"{name}-{steps}", [*pard2, *overrides, f"train.max_steps={steps}"], data
         )
         modes = "[pard,pard2]" if has_features(overrides) else "[pard]"
-        settings = [f"modes={modes}", f"benchmarks=[{','.join(split('tune'))}]", f"num_prompts={args.prompts}"]
+        settings = [f"modes={modes}", f"benchmarks=[{','.join(TUNING)}]", f"num_prompts={args.prompts}"]
         settings += [f"max_new_tokens={args.max_new_tokens}", "dtype=fp32"]
         tune[name] = harness_report(model, runs[name] / "final", root / f"tune-{name}", *settings)["overall"]
 
     best_td = max((n for n in chosen if has_features(chosen[n])), key=lambda n: tune[n]["pard2"]["acceptance_length"])
     best_ti = max(chosen, key=lambda n: tune[n]["pard"]["acceptance_length"])
-    report_settings = [f"benchmarks=[{','.join(split('report'))}]", f"num_prompts={args.prompts}", "dtype=fp32"]
+    report_settings = [f"benchmarks=[{','.join(REPORTING)}]", f"num_prompts={args.prompts}", "dtype=fp32"]
     report_settings += [f"max_new_tokens={args.max_new_tokens}", f"repeats={args.repeats}"]
     reported = {
         "PARD": harness_report(model, pard_run / "final", root / "report-pard", "modes=[target,pard]", *report_settings)

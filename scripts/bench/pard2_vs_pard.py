@@ -13,8 +13,9 @@ mode); the measured wall-clock speed-up of each against the target alone (greedy
 repeats, warm-up excluded) with the expected one beside it; and each method's training cost (steps, seconds).
 ``--preset demo`` runs the self-draft demo instead (the draft is the whole model; no speed-up is possible there).
 
-Needs what ``make demo DEMO=demo`` prepares under --root: cache/smollm2-135m-instruct and cache/demo-data (160
-answers of at most 128 tokens; ``make demo`` itself writes 64 shorter ones to cache/demo_derived-data).
+Needs what ``make demo DEMO=PRESET`` prepares under --root: cache/smollm2-135m-instruct and cache/PRESET-data (the
+answers the target regenerated; ``make demo`` writes 64 to cache/demo_derived-data). ``--data demo-data`` trains the
+pair on the self-draft demo's 160 answers instead, as the runs in docs/benchmarks.md before 2026-12-01 did.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def reporting_split(directory: Path, per_benchmark: int) -> list[str]:
     return files
 
 
-def train(root: Path, cache: Path, preset: str, name: str, extra: list[str], data: str = "demo-data") -> Path:
-    """One training run of ``preset`` on cache/``data`` (reused if it already finished), without the trainer's own
-    acceptance."""
+def train(root: Path, cache: Path, preset: str, name: str, extra: list[str], data: str | None = None) -> Path:
+    """One training run of ``preset`` on cache/``data`` (default: cache/PRESET-data, where ``make demo DEMO=PRESET``
+    regenerates), reused if it already finished, without the trainer's own acceptance."""
+    data = data or f"{preset}-data"
     if not (root / name / "final" / "config.json").exists():
         overrides = [
             f"+config={preset}",
@@ -97,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO / "runs")
     parser.add_argument("--preset", default="demo_derived")
+    parser.add_argument("--data", default=None, help="answers directory under ROOT/cache (default: PRESET-data)")
     parser.add_argument("--pard-steps", type=int, default=120, help="PARD's steps; they set the wall-clock budget")
     parser.add_argument("--calibration-steps", type=int, default=10, help="PARD-2 steps timed to size its run")
     parser.add_argument("--prompts", type=int, default=2, help="reporting-split prompts per benchmark")
@@ -106,13 +109,14 @@ def main() -> None:
     args = parser.parse_args()
     cache = args.root / "cache"
     model = cache / "smollm2-135m-instruct"
-    if not (model / "config.json").exists() or not (cache / "demo-data").exists():
-        sys.exit(f"{model} or the demo data is missing: run `make demo` (or its first two steps) first")
+    data = args.data or f"{args.preset}-data"
+    if not (model / "config.json").exists() or not (cache / data).exists():
+        sys.exit(f"{model} or {cache / data} is missing: run `make demo DEMO={args.preset} DEMO_ROOT={args.root}`")
     root = args.root / f"pard2_vs_pard-{args.preset}"
     root.mkdir(parents=True, exist_ok=True)
     pard2 = ["method=pard2", f"method.target={model}"]
 
-    pard = train(root, cache, args.preset, f"pard-{args.pard_steps}", [f"train.max_steps={args.pard_steps}"])
+    pard = train(root, cache, args.preset, f"pard-{args.pard_steps}", [f"train.max_steps={args.pard_steps}"], data)
     budget, _ = training_seconds(pard)
     calibration = train(
         root,
@@ -120,10 +124,11 @@ def main() -> None:
         args.preset,
         "pard2-calibration",
         [*pard2, f"train.max_steps={args.calibration_steps}", "train.log_every=" + str(args.calibration_steps // 2)],
+        data,
     )
     seconds, steps = training_seconds(calibration, skip_first=True)
     pard2_steps = max(1, round(budget / (seconds / steps)))
-    trained2 = train(root, cache, args.preset, f"pard2-{pard2_steps}", [*pard2, f"train.max_steps={pard2_steps}"])
+    trained2 = train(root, cache, args.preset, f"pard2-{pard2_steps}", [*pard2, f"train.max_steps={pard2_steps}"], data)
 
     # The untrained draft: the derived one before training (or, with --preset demo, the model itself).
     recorded = OmegaConf.load(pard / "config.yaml").model
@@ -170,6 +175,7 @@ def main() -> None:
         args.out,
         {
             "preset": args.preset,
+            "data": str(cache / data),
             "rows": table,
             "pard2_seconds_per_step_calibrated": seconds / steps,
             "per_benchmark": {
