@@ -45,7 +45,7 @@ def measured(entry: dict) -> dict:
 
 
 def test_a_crash_in_a_later_benchmark_keeps_the_finished_parts(tmp_path, capsys, monkeypatch):
-    import pard_train.evaluate.runner as runner
+    import pard_train.evaluate.conversation as conversation
 
     args = pair(tmp_path)
     code, out, err = entry(capsys, *args, f"output_dir={tmp_path / 'full'}", prog=PROG)
@@ -55,7 +55,7 @@ def test_a_crash_in_a_later_benchmark_keeps_the_finished_parts(tmp_path, capsys,
     assert "partial" not in full
 
     # Repeat 0 runs target on gsm8k, target on humaneval, pard on gsm8k, then pard on humaneval: that one fails.
-    real, calls = runner._run_benchmark, []
+    real, calls = conversation.run_benchmark, []
 
     def fails_fourth(*a, **kw):
         calls.append(1)
@@ -63,7 +63,7 @@ def test_a_crash_in_a_later_benchmark_keeps_the_finished_parts(tmp_path, capsys,
             raise RuntimeError("injected failure in pard on humaneval")
         return real(*a, **kw)
 
-    monkeypatch.setattr(runner, "_run_benchmark", fails_fourth)
+    monkeypatch.setattr(conversation, "run_benchmark", fails_fourth)
     with pytest.raises(RuntimeError, match="injected failure"):
         entry(capsys, *args, f"output_dir={tmp_path / 'crash'}", prog=PROG)
     assert not (tmp_path / "crash" / "report.json").exists()
@@ -132,9 +132,9 @@ def test_a_sweep_keeps_each_finished_cell_when_a_later_cell_fails(tmp_path, caps
 
 
 def test_ctrl_c_keeps_the_finished_parts_and_says_where(tmp_path, capsys, monkeypatch):
-    import pard_train.evaluate.runner as runner
+    import pard_train.evaluate.conversation as conversation
 
-    real, calls = runner._run_benchmark, []
+    real, calls = conversation.run_benchmark, []
 
     def interrupted_second(*a, **kw):
         calls.append(1)
@@ -142,7 +142,7 @@ def test_ctrl_c_keeps_the_finished_parts_and_says_where(tmp_path, capsys, monkey
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(runner, "_run_benchmark", interrupted_second)
+    monkeypatch.setattr(conversation, "run_benchmark", interrupted_second)
     out_dir = tmp_path / "out"
     code, out, err = entry(capsys, *pair(tmp_path), f"output_dir={out_dir}", prog=PROG)
     assert code == 130, err[-3000:]

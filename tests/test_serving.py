@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from pard_train.publish.serving import recommended_serving, speculative_config, vllm_command
+from pard_train.vllm_env.serving import recommended_serving, speculative_config, vllm_command
 
 
 def _parsed(command: str) -> tuple[str, dict]:

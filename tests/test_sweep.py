@@ -14,8 +14,8 @@ from pard_train.evaluate.compare import main as compare_main
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.sweep import expected_speedup, run_sweep
 from pard_train.evaluate.sweep_report import write_sweep_report
-from pard_train.publish.serving import recommended_serving
 from pard_train.testing.tiny_pair import ensure_tiny_family
+from pard_train.vllm_env.serving import recommended_serving
 
 # Qwen3-style: with thinking off the generation prompt carries an empty think block.
 THINKING_TEMPLATE = (

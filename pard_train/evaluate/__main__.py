@@ -28,10 +28,10 @@ register_configs()
 @hydra.main(config_path="../../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
     from pard_train.evaluate.config import is_sweep, to_config
+    from pard_train.evaluate.engines import measure
     from pard_train.evaluate.partial import PartialReportWriter, partial_cell_writer
     from pard_train.evaluate.preflight import check_before_measuring
     from pard_train.evaluate.report import write_report
-    from pard_train.evaluate.runner import evaluate
     from pard_train.evaluate.sweep import run_sweep
     from pard_train.evaluate.sweep_report import write_sweep_report
 
@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> None:
             if is_sweep(config):
                 report = run_sweep(config, on_cell=partial_cell_writer(config.output_dir))
             else:
-                report = evaluate(config, on_progress=partial)
+                report = measure(config, on_progress=partial)
     with user_errors("pard_train.evaluate"), _report_kept(report):
         if is_sweep(config):
             out = write_sweep_report(report, config.output_dir)

@@ -24,6 +24,15 @@ class Mode(str, Enum):
     """PARD-2's target-dependent mode: the PARD draft also reads the target's hidden states (needs a PARD-2 draft)."""
 
 
+class Engine(str, Enum):
+    """What decodes. ``hf``: the harness (transformers, this process); ``vllm``: vLLM in its own environment (target
+    and pard modes); ``both``: each, on the same token ids, with a parity section comparing them prompt by prompt."""
+
+    hf = "hf"
+    vllm = "vllm"
+    both = "both"
+
+
 class DType(str, Enum):
     """Weights and activations of both models. ``auto``: bf16 on a GPU, fp32 on CPU."""
 
@@ -93,6 +102,13 @@ class EvalConfig:
     build_tiny: bool = False
     """Build a tiny random target and draft into ``target`` and ``draft`` if missing (tests, the ``tiny`` preset)."""
     trust_remote_code: bool = False
+    engine: Engine = Engine.hf
+    """``hf`` (the harness), ``vllm`` (vLLM serves target and draft) or ``both`` (and compare them: parity)."""
+    vllm_python: str | None = None
+    """The Python of vLLM's environment; null: ``PARD_VLLM_PYTHON``, else ``.venv-vllm`` (``make vllm``), else this
+    Python if it imports vLLM (``pard_train/vllm_env/locate.py``)."""
+    vllm_max_model_len: int | None = None
+    """vLLM's ``max_model_len`` (prompt + answer tokens); null: the target's ``max_position_embeddings``."""
 
     def __post_init__(self):
         require(
@@ -113,6 +129,11 @@ class EvalConfig:
         require(len(self.benchmarks) > 0, "benchmarks", "give at least one benchmark name or JSONL path")
         require(self.num_prompts is None or self.num_prompts >= 1, "num_prompts", "must be >= 1 or null")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(
+            self.engine == Engine.hf or not (self.targets or self.ks or self.compare_thinking),
+            "engine",
+            f"family, K and thinking sweeps run on the harness (engine=hf), not engine={self.engine.value}",
+        )
 
 
 def is_sweep(config: EvalConfig) -> bool:

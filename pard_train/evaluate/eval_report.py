@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Optional sections, written only when present, in this order after the required ones.
-_OPTIONAL = ("wallclock", "feature_capture")
+_OPTIONAL = ("wallclock", "feature_capture", "vllm", "parity")
 
 
 @dataclass
@@ -32,9 +32,17 @@ class EvalReport:
     """Tokens/s and speed-up over the repeats, and the expected speed-up (absent from a partial report)."""
     feature_capture: str | None = None
     """The PARD-2 capture used, when PARD-2 mode ran."""
+    engine: str = "hf"
+    """What decoded: ``hf`` (the harness: transformers, :mod:`pard_train.evaluate.speculative`) or ``vllm``."""
+    vllm: dict | None = None
+    """``engine=both``: the vLLM report (this shape, ``engine: vllm``) beside the harness's."""
+    parity: dict | None = None
+    """``engine=both``: per prompt, equal outputs and verify steps in both engines (:mod:`.parity`)."""
     partial: bool = False
     done: list[dict] = field(default_factory=list)
     """In a partial report: the finished ``{"benchmark", "mode"}`` pairs, in order."""
+    runs: dict | None = field(default=None, repr=False, compare=False)
+    """In process only, never written: benchmark -> mode -> ``ModeResult`` (the ids and rounds parity compares)."""
 
     def summary(self, mode: str, benchmark: str | None = None) -> dict | None:
         """One mode's summary on ``benchmark``, or over all benchmarks (None); None if that mode did not run there."""
@@ -57,6 +65,7 @@ class EvalReport:
             "benchmarks": self.benchmarks,
             "overall": self.overall,
             "trained_num_draft_tokens": self.trained_num_draft_tokens,
+            "engine": self.engine,
         }
         out.update({name: getattr(self, name) for name in _OPTIONAL if getattr(self, name) is not None})
         if self.partial:
@@ -68,7 +77,7 @@ class EvalReport:
 
     @classmethod
     def from_json(cls, data: dict) -> EvalReport:
-        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data and name != "runs"}
         return cls(**known)
 
     @classmethod

@@ -59,7 +59,7 @@ def markdown_report(report: EvalReport) -> str:
         f"AR draft: `{config['ar_draft'] or config['draft']}`",
         f"- K = {report.num_draft_tokens}; max new tokens {config['max_new_tokens']}; prompts per benchmark: "
         f"{config['num_prompts'] or 'all'}; greedy verification",
-        f"- {env.get('gpu', env['device'])}, {env['dtype']}, torch {env['torch']}, transformers {env['transformers']}",
+        f"- {_engine_line(report)}",
         "",
         "AL = tokens per target verification forward (vLLM: 1 + accepted/drafts); the first token (prefill) is not "
         "counted. Conditional acceptance at position i = P(draft token i accepted | 1..i-1 accepted). Speed-up = "
@@ -74,7 +74,24 @@ def markdown_report(report: EvalReport) -> str:
             f"Outputs that differ from target mode in {env['dtype']} are expected from rounding at near-ties; rerun "
             "with `dtype=fp32` to check losslessness.",
         ]
-    return "\n".join(header) + markdown_table(report) + wallclock_markdown(report)
+    text = "\n".join(header) + markdown_table(report) + wallclock_markdown(report)
+    if report.vllm is not None:
+        served = EvalReport.from_json(report.vllm)
+        text += (
+            f"\n## Served by vLLM ({_engine_line(served)})\n\n" + markdown_table(served) + wallclock_markdown(served)
+        )
+    if report.parity is not None:
+        from pard_train.evaluate.parity import parity_markdown
+
+        text += parity_markdown(report.parity)
+    return text
+
+
+def _engine_line(report: EvalReport) -> str:
+    env = report.environment
+    if report.engine == "vllm":
+        return f"vLLM {env['vllm']} (its own environment), {env['dtype']}, one request at a time"
+    return f"{env.get('gpu', env['device'])}, {env['dtype']}, torch {env['torch']}, transformers {env['transformers']}"
 
 
 def wallclock_markdown(report: EvalReport) -> str:
@@ -83,10 +100,14 @@ def wallclock_markdown(report: EvalReport) -> str:
     if not section:
         return ""
     c = section["conditions"]
+    if "engine" in c:
+        setting = f"{c['engine']}, {c['dtype']}, batch {c['batch']}"
+    else:
+        setting = f"{c['dtype']}, {c['threads']} threads, KV cache"
     lines = [
         "",
-        f"## Wall-clock ({section['repeats']} repeat(s), modes interleaved; {c['dtype']}, {c['threads']} threads, "
-        f"KV cache, warm-up {'excluded' if c['warmup_excluded'] else 'included'})",
+        f"## Wall-clock ({section['repeats']} repeat(s), modes interleaved; {setting}, "
+        f"warm-up {'excluded' if c['warmup_excluded'] else 'included'})",
         "",
         "| mode | tokens/s (median) | min–max | spread | speed-up (median) | min–max | expected | note |",
         "|---|---|---|---|---|---|---|---|",

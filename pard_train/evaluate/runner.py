@@ -9,14 +9,14 @@ import logging
 import math
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from pard_train.base.config import ConfigError
 from pard_train.core.mask_token import validate_mask_token
-from pard_train.evaluate.benchmarks import Prompt, load_prompts, render
+from pard_train.evaluate.benchmarks import load_prompts, render
 from pard_train.evaluate.config import DType, EvalConfig, Mode
+from pard_train.evaluate.conversation import Conversation, ModeResult, interleaved_runs, stop_token_ids
 from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.forward_timing import forward_seconds
 from pard_train.evaluate.metrics import AcceptanceStats
@@ -29,46 +29,6 @@ from pard_train.modelio.draft_format import DraftFormat, from_config
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "You are a helpful assistant."
-
-
-def stop_token_ids(target, tokenizer) -> list[int]:
-    """End-of-turn and EOS ids: the target's generation config (Llama-3 lists several) plus the tokenizer's EOS."""
-    ids: set[int] = set()
-    configured = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update(configured if isinstance(configured, list) else [configured])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(int(i) for i in ids)
-
-
-@dataclass
-class Conversation:
-    """Runs the turns of one benchmark item; each turn's answer is decoded and fed back for the next turn."""
-
-    tokenizer: object
-    system_prompt: str | None
-    enable_thinking: bool
-    use_chat_template: bool
-
-    def run(self, prompt: Prompt, generate) -> tuple[list[list[int]], AcceptanceStats]:
-        messages: list[dict] = []
-        outputs, stats = [], AcceptanceStats()
-        for turn in prompt.turns:
-            messages.append({"role": "user", "content": turn})
-            ids = render(
-                self.tokenizer,
-                messages,
-                system_prompt=self.system_prompt,
-                enable_thinking=self.enable_thinking,
-                use_chat_template=self.use_chat_template,
-            )
-            generation = generate(ids)
-            outputs.append(generation.tokens)
-            stats.add_generation(generation)
-            answer = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
-            messages.append({"role": "assistant", "content": answer})
-        return outputs, stats
 
 
 def measure_acceptance(
@@ -114,15 +74,6 @@ def measure_acceptance(
     finally:
         for model, training in modes:
             model.train(training)
-
-
-@dataclass
-class ModeResult:
-    """One mode on one benchmark: totals and per-prompt numbers, and the generated ids (for the lossless check)."""
-
-    stats: AcceptanceStats = field(default_factory=AcceptanceStats)
-    prompts: list[dict] = field(default_factory=list)
-    outputs: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 def resolve_device(config: EvalConfig) -> torch.device:
@@ -248,9 +199,8 @@ def evaluate(
             if not (mode == Mode.target and reused):
                 generator(drafter, 8)(ids)
 
-    results: dict[str, dict[Mode, ModeResult]] = {}
-    totals: dict[str, list[tuple[int, float]]] = {mode.value: [] for mode in drafters}
     environment = _environment(device) | {"dtype": str(dtype).removeprefix("torch.")}
+    results: dict[str, dict[Mode, ModeResult]] = {}
     done: list[tuple[str, Mode]] = []
 
     def finished(name: str, mode: Mode) -> None:
@@ -258,32 +208,14 @@ def evaluate(
         if on_progress is not None:
             on_progress(partial_report(config, results, done, k, environment, trained_k))
 
-    order = list(drafters)
-    for repeat in range(config.repeats):
-        # The modes take turns, in an order that rotates each repeat, so load on the machine hits them alike.
-        for mode in order[repeat % len(order) :] + order[: repeat % len(order)]:
-            if mode == Mode.target and reused:
-                if repeat == 0:
-                    for name, _ in benchmarks:
-                        results.setdefault(name, {})[mode] = target_runs[name]
-                        finished(name, mode)
-                continue
-            tokens, seconds = 0, 0.0
-            for name, prompts in benchmarks:
-                if repeat == 0:
-                    result = results.setdefault(name, {}).setdefault(mode, ModeResult())
-                    _run_benchmark(result, prompts, conversation, generator(drafters[mode]))
-                    stats = result.stats
-                    logger.info(
-                        f"{name:>10} {mode.value:>6}: AL {stats.acceptance_length:.3f}, "
-                        f"{stats.generated_tokens / stats.wall_seconds:.1f} tok/s, {stats.generated_tokens} tokens"
-                    )
-                    finished(name, mode)
-                else:  # acceptance and outputs are those of repeat 0 (greedy): only the time is new
-                    result = _run_benchmark(ModeResult(), prompts, conversation, generator(drafters[mode]))
-                tokens += result.stats.generated_tokens
-                seconds += result.stats.wall_seconds
-            totals[mode.value].append((tokens, seconds))
+    if reused:  # target-only decoding of these benchmarks ran already (a sweep's earlier cell)
+        for name, _ in benchmarks:
+            results.setdefault(name, {})[Mode.target] = target_runs[name]
+            finished(name, Mode.target)
+    generators = {
+        mode: generator(drafter) for mode, drafter in drafters.items() if not (mode == Mode.target and reused)
+    }
+    _, totals = interleaved_runs(benchmarks, conversation, generators, config.repeats, finished, results)
     if reused:
         stats = [results[name][Mode.target].stats for name, _ in benchmarks]
         totals["target"] = [(sum(s.generated_tokens for s in stats), sum(s.wall_seconds for s in stats))]
@@ -298,6 +230,7 @@ def evaluate(
             report.overall[mode]["speedup"] = entry["speedup"]["median"]
     if Mode.pard2 in drafters:  # the capture used, resolved from the draft when the setting is null
         report.feature_capture = drafters[Mode.pard2].feature_capture.value
+    report.runs = results
     return report
 
 
@@ -313,26 +246,6 @@ def partial_report(config: EvalConfig, results: dict, done: list, k: int, enviro
     report.partial = True
     report.done = [{"benchmark": name, "mode": mode.value} for name, mode in done]
     return report
-
-
-def _run_benchmark(result: ModeResult, prompts, conversation: Conversation, generate) -> ModeResult:
-    """Every prompt of one benchmark in one mode, added to ``result``."""
-    for prompt in prompts:
-        outputs, stats = conversation.run(prompt, generate)
-        result.stats = result.stats + stats
-        result.outputs[prompt.id] = outputs
-        summary = stats.summary()
-        result.prompts.append(
-            {
-                "id": prompt.id,
-                "turns": len(prompt.turns),
-                "acceptance_length": summary["acceptance_length"],
-                "generated_tokens": stats.generated_tokens,
-                "tokens_per_s": summary["tokens_per_s"],
-                "rounds": stats.rounds,
-            }
-        )
-    return result
 
 
 def wallclock_section(config: EvalConfig, report: EvalReport, totals: dict, target, drafters: dict, k: int) -> dict:

@@ -32,9 +32,9 @@ from pard_train.modelio import draft_format
 from pard_train.modelio.draft_format import DraftFormat, Pard2Fields
 from pard_train.modelio.model import DraftSpec, embedding_rows
 from pard_train.modelio.vocab import check_target_vocabulary, pad_vocabulary
-from pard_train.publish.serving import recommended_serving, speculative_config, vllm_command
 from pard_train.publish.serving_check import ServingCheckError, TargetShape, check_config
 from pard_train.run.logs import setup_logging
+from pard_train.vllm_env.serving import recommended_serving, speculative_config, vllm_command
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from pard_train.base.config import FeatureCapture
 from pard_train.base.errors import PardTrainError
 from pard_train.modelio import draft_format
-from pard_train.publish.serving import vllm_command
+from pard_train.vllm_env.serving import vllm_command
 
 PARD2_ARCHITECTURES = ("llama", "qwen3")
 """``model_type`` values the PARD-2 branch builds a TD draft for (``vllm/model_executor/models/pard2_base.py`` and

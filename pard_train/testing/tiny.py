@@ -68,7 +68,9 @@ def padded_rows(tokenizer) -> int:
 
 
 def build_tiny_model(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed: int = 0, **overrides):
-    """A randomly initialised LlamaForCausalLM with ``vocab_size`` rows (pad above the tokenizer for spare rows)."""
+    """A randomly initialised LlamaForCausalLM with ``vocab_size`` rows (pad above the tokenizer for spare rows).
+
+    Heads of 32 dimensions: the smallest vLLM's CPU attention runs, so every tiny draft can be served by vLLM."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,10 +79,14 @@ def build_tiny_model(vocab_size: int, hidden_size: int = 64, num_layers: int = 2
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=4096,
-        **{"tie_word_embeddings": False, **overrides},  # untied unless a test asks for a tied head
+        # Untied unless a test asks for a tied head.
+        **{
+            "num_attention_heads": hidden_size // 32,
+            "num_key_value_heads": 1,
+            "tie_word_embeddings": False,
+            **overrides,
+        },
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

@@ -1,0 +1,135 @@
+"""What every engine shares: the stop tokens, a benchmark item's turns rendered and fed back, one mode's results, and
+the interleaved loop over repeats, modes and benchmarks. The harness (:mod:`.runner`) and vLLM (:mod:`.vllm_eval`)
+differ only in the ``generate(ids) -> Generation`` they pass in, so both see the same token ids, turn by turn."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pard_train.evaluate.benchmarks import Prompt, render
+from pard_train.evaluate.config import Mode
+from pard_train.evaluate.metrics import AcceptanceStats
+from pard_train.evaluate.speculative import Generation
+
+logger = logging.getLogger(__name__)
+
+Generate = Callable[[list[int]], Generation]
+
+
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """End-of-turn and EOS ids: the target's generation config (Llama-3 lists several; a model, or its
+    ``generation_config``, or None) plus the tokenizer's EOS."""
+    ids: set[int] = set()
+    generation_config = getattr(generation_config, "generation_config", generation_config)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(int(i) for i in ids)
+
+
+@dataclass
+class Conversation:
+    """Runs the turns of one benchmark item; each turn's answer is decoded and fed back for the next turn."""
+
+    tokenizer: object
+    system_prompt: str | None
+    enable_thinking: bool
+    use_chat_template: bool
+
+    def run(self, prompt: Prompt, generate: Generate) -> list[Generation]:
+        """One generation per turn."""
+        messages: list[dict] = []
+        generations = []
+        for turn in prompt.turns:
+            messages.append({"role": "user", "content": turn})
+            ids = render(
+                self.tokenizer,
+                messages,
+                system_prompt=self.system_prompt,
+                enable_thinking=self.enable_thinking,
+                use_chat_template=self.use_chat_template,
+            )
+            generation = generate(ids)
+            generations.append(generation)
+            answer = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": answer})
+        return generations
+
+
+@dataclass
+class ModeResult:
+    """One mode on one benchmark: totals and per-prompt numbers, the generated ids (for the lossless check) and the
+    tokens each verify round emitted (for comparing engines round by round)."""
+
+    stats: AcceptanceStats = field(default_factory=AcceptanceStats)
+    prompts: list[dict] = field(default_factory=list)
+    outputs: dict[str, list[list[int]]] = field(default_factory=dict)
+    """prompt id -> generated ids per turn."""
+    rounds: dict[str, list[list[int]]] = field(default_factory=dict)
+    """prompt id -> per turn, the tokens emitted by each verify round."""
+
+
+def run_benchmark(result: ModeResult, prompts, conversation: Conversation, generate: Generate) -> ModeResult:
+    """Every prompt of one benchmark in one mode, added to ``result``."""
+    for prompt in prompts:
+        generations = conversation.run(prompt, generate)
+        stats = AcceptanceStats()
+        for generation in generations:
+            stats.add_generation(generation)
+        result.stats = result.stats + stats
+        result.outputs[prompt.id] = [generation.tokens for generation in generations]
+        result.rounds[prompt.id] = [[r.emitted for r in generation.rounds] for generation in generations]
+        summary = stats.summary()
+        result.prompts.append(
+            {
+                "id": prompt.id,
+                "turns": len(prompt.turns),
+                "acceptance_length": summary["acceptance_length"],
+                "generated_tokens": stats.generated_tokens,
+                "tokens_per_s": summary["tokens_per_s"],
+                "rounds": stats.rounds,
+            }
+        )
+    return result
+
+
+def interleaved_runs(
+    benchmarks: list[tuple[str, list[Prompt]]],
+    conversation: Conversation,
+    generators: dict[Mode, Generate],
+    repeats: int,
+    finished: Callable[[str, Mode], None] = lambda name, mode: None,
+    results: dict[str, dict[Mode, ModeResult]] | None = None,
+    label: str = "",
+) -> tuple[dict[str, dict[Mode, ModeResult]], dict[str, list[tuple[int, float]]]]:
+    """Decode every benchmark ``repeats`` times in every mode of ``generators``, the modes taking turns in an order
+    that rotates each repeat (so load on the machine hits them alike). Repeat 0 records acceptance, outputs and
+    rounds in ``results``; later repeats add only their time (greedy decoding repeats itself). ``finished(name,
+    mode)`` is called as each benchmark's first repeat ends. Returns the results and, per mode, (generated tokens,
+    seconds) per repeat over every benchmark."""
+    results = {} if results is None else results
+    totals: dict[str, list[tuple[int, float]]] = {mode.value: [] for mode in generators}
+    order = list(generators)
+    for repeat in range(repeats):
+        for mode in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            tokens, seconds = 0, 0.0
+            for name, prompts in benchmarks:
+                if repeat == 0:
+                    result = results.setdefault(name, {}).setdefault(mode, ModeResult())
+                    run_benchmark(result, prompts, conversation, generators[mode])
+                    stats = result.stats
+                    logger.info(
+                        f"{name:>10} {label}{mode.value:>6}: AL {stats.acceptance_length:.3f}, "
+                        f"{stats.generated_tokens / stats.wall_seconds:.1f} tok/s, {stats.generated_tokens} tokens"
+                    )
+                    finished(name, mode)
+                else:
+                    result = run_benchmark(ModeResult(), prompts, conversation, generators[mode])
+                tokens += result.stats.generated_tokens
+                seconds += result.stats.wall_seconds
+            totals[mode.value].append((tokens, seconds))
+    return results, totals
