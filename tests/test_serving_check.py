@@ -185,3 +185,56 @@ def test_a_td_export_measured_against_a_target_of_another_width_is_written_with_
     lines = caplog.messages
     assert any("warning: with the target LlamaConfig" in line and "silently serve it" in line for line in lines)
     assert check_serving(out)[-1].startswith("ok: ")
+
+
+# Where vLLM 0.32's own validation (engine config + the parallel drafter's mask lookup, no engine started) accepts a
+# directory the preflight refuses, and why the preflight is right to refuse it.
+VLLM_ACCEPTS_WHAT_WE_REFUSE = {
+    "mask_token_id 1 != pard_token": "vLLM masks with mask_token_id and ignores pard_token; the reference reads "
+    "pard_token, so the two servers would mask with different ids",
+    "vLLM masks with dflash_config": "vLLM masks with dflash_config's id, not the one the draft was trained with",
+    "outside the draft's vocabulary": "vLLM does not range-check the mask id: it fails at the first draft step",
+    "the trained K is unknown": "vLLM does not read num_draft_tokens; without it no one knows the K to serve",
+    "outside 1..0": "vLLM does not read num_draft_tokens; a draft trained for no depth drafts nothing useful",
+}
+PARD2_ONLY = (
+    "vLLM 0.32 has no PARD-2 code: it serves any PARD-2 directory as a plain PARD draft, so the rules of the PARD-2 "
+    "branch (transcribed from vLLM's main branch) have nothing to agree with there"
+)
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_vllm_validation_agrees_with_the_preflight(exports, tmp_path):
+    """Every directory the preflight accepts or refuses, given to vLLM's own validation: they agree, except where
+    the table above says why not."""
+    from pard_train.vllm_env.client import validate
+    from pard_train.vllm_env.serving import speculative_config
+
+    cases, ours = [], {}
+    for kind, damage, says in [("pard", None, "accepted"), ("td", None, "accepted"), *RULES]:
+        directory = tmp_path / f"{kind}-{len(cases)}"
+        shutil.copytree(exports / kind, directory)
+        if damage is not None:
+            damage(directory)
+        try:
+            check_serving(directory, exports / "target")
+            ours[says, kind] = True
+        except ServingCheckError:
+            ours[says, kind] = False
+        spec = speculative_config(str(directory), K)
+        engine_args = {"model": str(exports / "target"), "speculative_config": spec, "max_model_len": 256}
+        cases.append({"name": f"{says}|{kind}", "dtype": "float32", **engine_args})
+    results = validate(cases, log_path=tmp_path / "validate.log")
+    for result in results:
+        says, kind = result["name"].split("|")
+        theirs, mine = result["ok"], ours[says, kind]
+        if kind == "td" and says != "accepted":
+            assert theirs and not mine, (says, result, PARD2_ONLY)
+        elif says in VLLM_ACCEPTS_WHAT_WE_REFUSE:
+            assert theirs and not mine, (says, result)
+        else:
+            assert theirs == mine, (says, kind, result)
+        if theirs and mine:  # both serve it: with the same mask token
+            assert result["mask_token_id"] == draft_format.read(exports / kind).mask_token_id
+    assert {r["name"] for r in results} == {c["name"] for c in cases}

@@ -43,9 +43,13 @@ def find_vllm_python(setting: str | None = None) -> Path:
     for root in (Path.cwd(), CHECKOUT):
         if _venv_python(root).is_file():
             return _venv_python(root)
-    if importlib.util.find_spec("vllm") is not None:
+    if _this_python_has_vllm():
         return Path(sys.executable)
     raise VllmUnavailable(f"vLLM is not installed: {INSTALL_HINT}")
+
+
+def _this_python_has_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 def worker_environment(python: Path) -> dict[str, str]:

@@ -118,9 +118,7 @@ def validate(stream) -> None:
                 {"name": name, "ok": True, "error": None, "mask_token_id": get_parallel_drafting_token_id(draft)}
             )
         except Exception as error:  # noqa: BLE001 — vLLM's refusal is the result
-            results.append(
-                {"name": name, "ok": False, "error": reason(error), "mask_token_id": None}
-            )
+            results.append({"name": name, "ok": False, "error": reason(error), "mask_token_id": None})
     _send(stream, {"results": results})
 
 
