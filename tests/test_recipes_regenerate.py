@@ -118,3 +118,31 @@ def test_the_model_loads_only_when_there_is_work(tmp_path, prompts):
     recipe.main(args)  # nothing to do: never tries to load "nowhere"
     with pytest.raises(SystemExit):
         recipe.main(["--model", "m", "--input", str(prompts), "--output-dir", str(out), "--shard", "2"])
+
+
+@pytest.mark.vllm
+def test_vllm_regenerates_what_transformers_does_and_resumes(tmp_path, tiny_checkpoint, prompts):
+    """--backend vllm (vLLM in its own environment): the same greedy answers as transformers, row for row, and a
+    rerun skips the ids already written."""
+    recipe = _recipe()
+    reference = recipe.main(_args(tiny_checkpoint, prompts, tmp_path / "hf"))
+    args = _args(tiny_checkpoint, prompts, tmp_path / "vllm", "--backend", "vllm")
+    vllm = recipe.VllmGenerator(str(tiny_checkpoint), None, None, tmp_path / "vllm.log")
+    try:
+        first = recipe.main([*args, "--limit", "4"], generator=vllm)
+        assert len(_read(first)) == 4
+        calls = []
+
+        def counted(batch, *rest):
+            calls.append(len(batch))
+            return vllm(batch, *rest)
+
+        output = recipe.main(args, generator=counted)
+    finally:
+        vllm.close()
+    assert sum(calls) == 10 - 4  # the 4 finished ids were not generated again
+    rows, expected = _read(output), {row["id"]: row for row in _read(reference)}
+    assert len(rows) == len({row["id"] for row in rows}) == 10
+    for row in rows:
+        assert row["messages"] == expected[row["id"]]["messages"], row["id"]
+        assert row["finish_reason"] == expected[row["id"]]["finish_reason"], row["id"]

@@ -10,8 +10,10 @@ PARD, prompt/response): each conversation is cut before its last assistant turn 
 
 Resumable: rerunning the same command skips the ids its shard file already holds (a line cut by an interruption is
 dropped first), so no row is ever written twice. Sharded: ``--shard i --num-shards n`` takes the prompts whose id
-hashes to i, so n machines can share a set with no coordination. Generation uses vLLM when it is installed (and
-``--backend auto``), else transformers' batched ``generate`` with the KV cache, prompts batched by length.
+hashes to i, so n machines can share a set with no coordination. Generation uses vLLM when its environment is found
+(``--backend auto``; ``make vllm`` creates it, ``--vllm-python`` names another), else transformers' batched
+``generate`` with the KV cache, prompts batched by length. Both get the same token ids: the chat template is applied
+here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from pard_train.base.config import DataFormat, DataSource
+from pard_train.base.errors import PardTrainError
 from pard_train.data.formats import BadRow, to_messages
 from pard_train.data.sources import MALFORMED, DataError, read_raw, resolve
 
@@ -40,7 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"])
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "transformers", "vllm"],
+        help="auto: vLLM when its environment is found (make vllm), else transformers",
+    )
+    parser.add_argument("--vllm-python", default=None, help="the Python of vLLM's environment (default: .venv-vllm)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick runs)")
     parser.add_argument("--chat-template", default=None, help="as data.chat_template, for a model without one")
     args = parser.parse_args(argv)
@@ -108,30 +117,50 @@ def open_shard(path: Path) -> set[str]:
     return {json.loads(line)["id"] for line in complete.decode("utf-8").splitlines() if line.strip()}
 
 
+def load_tokenizer(model: str, chat_template: str | None):
+    from transformers import AutoTokenizer
+
+    from pard_train.data.templates import apply_template_override
+
+    return apply_template_override(AutoTokenizer.from_pretrained(model), chat_template)
+
+
+def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    """The prompt as the target continues it: its chat template with the assistant's turn opened (both backends)."""
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(generation_config, tokenizer) -> set[int]:
+    """End-of-turn and EOS ids: the model's generation config (it may list several) and the tokenizer's EOS."""
+    stop = getattr(generation_config, "eos_token_id", None)
+    return set(stop if isinstance(stop, list) else [stop]) | {tokenizer.eos_token_id} - {None}
+
+
+def answer_of(tokenizer, tokens: list[int], stopped: bool) -> tuple[str, str]:
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip(), "stop" if stopped else "length"
+
+
 class TransformersGenerator:
     """Batched greedy (or sampled) generation with the KV cache, left-padded."""
 
     def __init__(self, model: str, chat_template: str | None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from pard_train.data.templates import apply_template_override
+        from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.tokenizer = apply_template_override(AutoTokenizer.from_pretrained(model), chat_template)
+        self.tokenizer = load_tokenizer(model, chat_template)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
-        stop = self.model.generation_config.eos_token_id
-        self.stop = set(stop if isinstance(stop, list) else [stop]) | {self.tokenizer.eos_token_id} - {None}
+        self.stop = stop_ids(self.model.generation_config, self.tokenizer)
 
     def __call__(self, prompts: list[list[dict]], max_new_tokens: int, temperature: float) -> list[tuple[str, str]]:
-        texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        batch = batch.to(self.model.device)
+        ids = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.model.device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with self.torch.inference_mode():
             output = self.model.generate(
@@ -145,41 +174,54 @@ class TransformersGenerator:
         answers = []
         for tokens in output[:, batch["input_ids"].shape[1] :].tolist():
             stopped = any(token in self.stop for token in tokens)
-            answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            answers.append((answer, "stop" if stopped else "length"))
+            if stopped:  # generate pads finished rows after their stop token
+                tokens = tokens[: next(i for i, t in enumerate(tokens) if t in self.stop) + 1]
+            answers.append(answer_of(self.tokenizer, tokens, stopped))
         return answers
 
 
 class VllmGenerator:
-    """vLLM's offline engine: continuous batching, much faster than transformers on a GPU."""
+    """vLLM's engine (continuous batching, much faster than transformers on a GPU), run in vLLM's own environment
+    (``make vllm``; see pard_train/vllm_env). Prompts are rendered here and sent as token ids, as for transformers."""
 
-    def __init__(self, model: str, chat_template: str | None):
-        from vllm import LLM
+    def __init__(self, model: str, chat_template: str | None, vllm_python: str | None, log_path: Path):
+        import torch
+        from transformers import GenerationConfig
 
-        from pard_train.data.templates import resolve_chat_template
+        from pard_train.vllm_env.client import VllmEngine
 
-        self.llm, self.chat_template = LLM(model=model, seed=0), resolve_chat_template(chat_template)
+        self.tokenizer = load_tokenizer(model, chat_template)
+        try:
+            generation_config = GenerationConfig.from_pretrained(model)
+        except OSError:
+            generation_config = None
+        self.stop = stop_ids(generation_config, self.tokenizer)
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        print(f"regenerate: starting vLLM ({dtype}; its log: {log_path})", flush=True)
+        self.engine = VllmEngine(model, dtype=dtype, python=vllm_python, log_path=log_path)
 
     def __call__(self, prompts: list[list[dict]], max_new_tokens: int, temperature: float) -> list[tuple[str, str]]:
-        from vllm import SamplingParams
+        ids = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
+        stops = sorted(self.stop)
+        result = self.engine.generate(ids, max_tokens=max_new_tokens, stop_token_ids=stops, temperature=temperature)
+        return [answer_of(self.tokenizer, o.token_ids, o.finish_reason == "stop") for o in result.outputs]
 
-        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
-        outputs = self.llm.chat(prompts, params, chat_template=self.chat_template, use_tqdm=False)
-        return [
-            (o.outputs[0].text.strip(), "stop" if o.outputs[0].finish_reason == "stop" else "length") for o in outputs
-        ]
+    def close(self) -> None:
+        self.engine.close()
 
 
 def make_generator(args):
-    if args.backend == "vllm" or (args.backend == "auto" and _has_vllm()):
-        return VllmGenerator(args.model, args.chat_template)
+    from pard_train.vllm_env.locate import VllmUnavailable, find_vllm_python
+
+    if args.backend == "auto":
+        try:
+            find_vllm_python(args.vllm_python)
+            args.backend = "vllm"
+        except VllmUnavailable:
+            args.backend = "transformers"
+    if args.backend == "vllm":
+        return VllmGenerator(args.model, args.chat_template, args.vllm_python, args.output_dir / "vllm.log")
     return TransformersGenerator(args.model, args.chat_template)
-
-
-def _has_vllm() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def main(argv=None, generator=None) -> Path:
@@ -199,23 +241,31 @@ def main(argv=None, generator=None) -> Path:
     )
     if not todo:
         return output
-    generator = generator or make_generator(args)
-    todo.sort(key=lambda p: len(json.dumps(p[1])))  # similar lengths together: less padding
-    finished = Counter()
-    with output.open("a", encoding="utf-8") as handle:
-        for begin in range(0, len(todo), args.batch_size):
-            batch = todo[begin : begin + args.batch_size]
-            answers = generator([p[1] for p in batch], args.max_new_tokens, args.temperature)
-            lines = []
-            for (identifier, prompt, where), (answer, reason) in zip(batch, answers):
-                row = {"id": identifier, "messages": [*prompt, {"role": "assistant", "content": answer}]}
-                lines.append(json.dumps({**row, "finish_reason": reason, "source": where}, ensure_ascii=False))
-                finished[reason] += 1
-            # One write per batch, flushed to disk: an interruption loses at most this batch (and a cut line).
-            handle.write("\n".join(lines) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            print(f"regenerate: {begin + len(batch)}/{len(todo)} written", flush=True)
+    owned = generator is None
+    try:
+        generator = generator or make_generator(args)
+        todo.sort(key=lambda p: len(json.dumps(p[1])))  # similar lengths together: less padding
+        finished = Counter()
+        with output.open("a", encoding="utf-8") as handle:
+            for begin in range(0, len(todo), args.batch_size):
+                batch = todo[begin : begin + args.batch_size]
+                answers = generator([p[1] for p in batch], args.max_new_tokens, args.temperature)
+                lines = []
+                for (identifier, prompt, where), (answer, reason) in zip(batch, answers):
+                    row = {"id": identifier, "messages": [*prompt, {"role": "assistant", "content": answer}]}
+                    lines.append(json.dumps({**row, "finish_reason": reason, "source": where}, ensure_ascii=False))
+                    finished[reason] += 1
+                # One write per batch, flushed to disk: an interruption loses at most this batch (and a cut line).
+                handle.write("\n".join(lines) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                print(f"regenerate: {begin + len(batch)}/{len(todo)} written", flush=True)
+    except PardTrainError as error:  # no vLLM environment, or vLLM failed; the rows written so far are kept
+        print(f"regenerate: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if owned and hasattr(generator, "close"):
+            generator.close()
     print(f"regenerate: wrote {sum(finished.values())} rows to {output} ({dict(finished)})")
     return output
 
