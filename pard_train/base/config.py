@@ -462,6 +462,10 @@ class AcceptanceConfig:
     the mask row is untrained and only its acceptance is of interest)."""
     repeats: int = 1
     """With ``target``: decode the prompts this many times per mode, interleaved; speed-up is the median."""
+    vllm: bool = False
+    """After training, also serve the draft in vLLM (its own environment, ``make vllm``) on the same prompts: AL,
+    the lossless check and tokens/s of the target alone and with the draft, beside the harness's, with a parity
+    check between the two (``python -m pard_train.evaluate engine=both``)."""
 
     def __post_init__(self):
         require(self.every_steps >= 0, "acceptance.every_steps", f"must be >= 0, got {self.every_steps}")

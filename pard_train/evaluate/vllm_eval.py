@@ -4,8 +4,8 @@ The prompts are rendered here, by the same code as the harness's, and sent to vL
 is decoded here and fed back for the next. vLLM runs in its own environment (:mod:`pard_train.vllm_env`), one engine
 per mode: ``target`` (the target alone) and ``pard`` (the target with the draft, ``draft_model`` +
 ``parallel_drafting``, K = ``num_speculative_tokens``). Greedy, one request at a time (batch 1, as the harness),
-the modes interleaved over ``repeats`` after one untimed warm-up each; tokens/s is the time of vLLM's
-``LLM.generate`` alone.
+the modes interleaved over ``repeats`` after an untimed warm-up each (the first prompt); tokens/s is the time of
+vLLM's ``LLM.generate`` alone.
 
 Acceptance, from vLLM's per-request record of each verify step: a step emits its accepted drafts plus one token,
 except that vLLM counts drafts accepted past ``max_tokens`` or a stop token in a request's last step, which were never
@@ -101,11 +101,13 @@ def evaluate_vllm(config: EvalConfig, on_progress=None) -> EvalReport:
             )
             logger.info(f"vLLM: {mode.value} engine ready in {engines[mode].start_seconds:.0f} s")
         generators = {mode: _generator(engine, config.max_new_tokens, stops) for mode, engine in engines.items()}
-        if config.warmup:  # one short untimed generation per engine
-            hello = [{"role": "user", "content": "Hello"}]
-            hello = render(tokenizer, hello, system_prompt=None, use_chat_template=config.use_chat_template)
+        if config.warmup:  # untimed: the first prompt's first turn, whole (a short "Hello" left the first
+            # benchmark several times slower than the rest on vLLM's CPU engine)
+            first = benchmarks[0][1][0].turns[0]
+            ids = render(tokenizer, [{"role": "user", "content": first}], system_prompt=config.system_prompt,
+                         enable_thinking=config.enable_thinking, use_chat_template=config.use_chat_template)  # fmt: skip
             for engine in engines.values():
-                engine.generate([hello], max_tokens=8, stop_token_ids=stops)
+                engine.generate([ids], max_tokens=config.max_new_tokens, stop_token_ids=stops)
         version = next(iter(engines.values())).version
 
         def finished(name, mode):

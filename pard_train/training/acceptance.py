@@ -43,7 +43,7 @@ def first_turns(settings: AcceptanceConfig) -> list:
 def _harness_config(
     settings: AcceptanceConfig, target: str, draft: str | Path, spec: DraftSpec, output_dir: Path, label: str = "after"
 ):
-    from pard_train.evaluate.config import DType, EvalConfig, Mode
+    from pard_train.evaluate.config import DType, Engine, EvalConfig, Mode
 
     modes = [Mode(mode) for mode in settings.modes]
     checked = Mode.target in modes  # before and after run in the same dtype
@@ -66,6 +66,7 @@ def _harness_config(
         # Speed is measured only against the target mode; then a warm-up keeps lazy initialisation out of it.
         warmup=Mode.target in modes,
         repeats=settings.repeats if Mode.target in modes else 1,
+        engine=Engine.both if settings.vllm and label == "after" else Engine.hf,
     )
 
 
@@ -82,12 +83,18 @@ def check_benchmarks(settings: AcceptanceConfig) -> None:
 def measure(settings: AcceptanceConfig, target: str, run_dir: Path, draft: str | Path, spec: DraftSpec, label: str):
     """Run the harness with ``draft`` as the PARD draft against ``target`` (``acceptance.target``, else
     ``model.path``); write its report under ``<run_dir>/acceptance/<label>``."""
+    from dataclasses import replace
+
+    from pard_train.evaluate.config import Mode
+    from pard_train.evaluate.engines import measure as measure_with_engines
     from pard_train.evaluate.report import write_report
-    from pard_train.evaluate.runner import evaluate
 
     output_dir = Path(run_dir) / "acceptance" / label
     logger.info(f"measuring acceptance length ({label}) with target {target}")
-    report = evaluate(_harness_config(settings, target, draft, spec, output_dir, label))
+    config = _harness_config(settings, target, draft, spec, output_dir, label)
+    # vLLM serves the target alone too, for its tokens/s and its own lossless check, over the repeats.
+    served = replace(config, modes=[Mode.target, Mode.pard], repeats=settings.repeats, warmup=True)
+    report = measure_with_engines(config, vllm_config=served)
     write_report(report, output_dir)
     return report
 
@@ -117,10 +124,13 @@ def after_training(
 
 def before_after(before, after, output_dir: str | Path) -> str:
     """The untrained draft against the trained one (two :class:`EvalReport`): a Markdown table (AL per benchmark,
-    acceptance per draft position), its JSON and a PNG in ``output_dir``; returns the Markdown."""
+    acceptance per draft position; vLLM's AL, speed and parity when the draft was also served there), its JSON and a
+    PNG in ``output_dir``; returns the Markdown."""
+    from pard_train.evaluate.eval_report import EvalReport
     from pard_train.evaluate.report import pct
 
     output_dir = Path(output_dir)
+    served = EvalReport.from_json(after.vllm) if after.vllm else None
     rows = {}
     for name in [*after.benchmarks, None]:
         b, a = before.summary("pard", name), after.summary("pard", name)
@@ -130,12 +140,16 @@ def before_after(before, after, output_dir: str | Path) -> str:
             "before_by_position": b["conditional_acceptance"],
             "after_by_position": a["conditional_acceptance"],
         }
+        if served is not None:
+            rows[name or "all"]["after_vllm"] = served.acceptance_length("pard", name)
     k = after.num_draft_tokens
+    vllm = served is not None
     lines = [
-        "| benchmark | AL before | AL after | gain |",
-        "|---|---|---|---|",
+        "| benchmark | AL before | AL after | gain |" + (" AL after, served by vLLM |" if vllm else ""),
+        "|---|---|---|---|" + ("---|" if vllm else ""),
         *(
             f"| {name} | {r['before']:.3f} | {r['after']:.3f} | {r['after'] - r['before']:+.3f} |"
+            + (f" {r['after_vllm']:.3f} |" if vllm else "")
             for name, r in rows.items()
         ),
         "",
@@ -146,11 +160,31 @@ def before_after(before, after, output_dir: str | Path) -> str:
         "| before | " + " | ".join(pct(v) for v in rows["all"]["before_by_position"]) + " |",
         "| after | " + " | ".join(pct(v) for v in rows["all"]["after_by_position"]) + " |",
     ]
+    if vllm:
+        lines += ["", *served_lines(served, after.parity)]
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(output_dir / "before_after.md", markdown)
     atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
     _plot_before_after(rows, k, output_dir / "before_after.png")
     return markdown
+
+
+def served_lines(served, parity: dict | None) -> list[str]:
+    """vLLM's result in words: tokens/s alone and with the draft, the speed-up, lossless, and parity."""
+    from pard_train.evaluate.parity import identical
+
+    modes = served.wallclock["modes"]
+    target, pard = modes["target"]["tokens_per_s"], modes["pard"]["tokens_per_s"]
+    speed = modes["pard"]["speedup"]
+    lossless = served.summary("pard")["mismatched_prompts"]
+    same = "every prompt" if parity and identical(parity) else "NOT every prompt"
+    return [
+        f"Served by vLLM {served.environment['vllm']} ({served.environment['dtype']}, one request at a time, "
+        f"median of {served.wallclock['repeats']} interleaved repeat(s)): target alone {target['median']:.1f} "
+        f"tok/s, target + draft {pard['median']:.1f} tok/s, **{speed['median']:.2f}×** "
+        f"({speed['min']:.2f}–{speed['max']:.2f}); lossless: {'yes' if lossless == 0 else f'{lossless} differ'}; "
+        f"same outputs and verify steps as the harness on {same} ({parity['pard']['prompts'] if parity else 0}).",
+    ]
 
 
 def _plot_before_after(rows: dict, k: int, path: Path) -> None:
@@ -163,9 +197,14 @@ def _plot_before_after(rows: dict, k: int, path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(rows)
-    width = 0.38
-    for offset, key in ((-width / 2, "before"), (width / 2, "after")):
-        left.bar([i + offset for i in range(len(names))], [rows[n][key] or 0 for n in names], width, label=key)
+    keys = ["before", "after", *(["after_vllm"] if "after_vllm" in rows["all"] else [])]
+    width = 0.8 / len(keys)
+    labels = {"before": "before training", "after": "after (harness)", "after_vllm": "after (served by vLLM)"}
+    for index, key in enumerate(keys):
+        offset = (index - (len(keys) - 1) / 2) * width
+        values = [rows[n][key] or 0 for n in names]
+        bars = left.bar([i + offset for i in range(len(names))], values, width, label=labels[key])
+        left.bar_label(bars, fmt="%.2f", fontsize=7)
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("acceptance length (tokens per target forward)")
     left.set_title("PARD acceptance length")
