@@ -101,11 +101,9 @@ def evaluate_vllm(config: EvalConfig, on_progress=None) -> EvalReport:
             )
             logger.info(f"vLLM: {mode.value} engine ready in {engines[mode].start_seconds:.0f} s")
         generators = {mode: _generator(engine, config.max_new_tokens, stops) for mode, engine in engines.items()}
-        if config.warmup:  # untimed: the first prompt's first turn, whole (a short "Hello" left the first
-            # benchmark several times slower than the rest on vLLM's CPU engine)
+        if config.warmup:  # untimed: the first prompt's first turn, whole, so lazy set-up is not timed
             first = benchmarks[0][1][0].turns[0]
-            ids = render(tokenizer, [{"role": "user", "content": first}], system_prompt=config.system_prompt,
-                         enable_thinking=config.enable_thinking, use_chat_template=config.use_chat_template)  # fmt: skip
+            ids = conversation_ids(config, tokenizer, first)
             for engine in engines.values():
                 engine.generate([ids], max_tokens=config.max_new_tokens, stop_token_ids=stops)
         version = next(iter(engines.values())).version
@@ -131,6 +129,18 @@ def evaluate_vllm(config: EvalConfig, on_progress=None) -> EvalReport:
             report.overall[mode]["speedup"] = entry["speedup"]["median"]
     report.runs = results
     return report
+
+
+def conversation_ids(config: EvalConfig, tokenizer, turn: str) -> list[int]:
+    """The token ids of a one-turn conversation, rendered as the benchmarks are."""
+    messages = [{"role": "user", "content": turn}]
+    return render(
+        tokenizer,
+        messages,
+        system_prompt=config.system_prompt,
+        enable_thinking=config.enable_thinking,
+        use_chat_template=config.use_chat_template,
+    )
 
 
 def _report(config, results, k, trained_k, dtype, version) -> EvalReport:

@@ -5,8 +5,8 @@
 The rules are transcribed (not imported: vLLM is not a dependency) from vLLM's code; each names its file and function.
 Two serving paths:
 
-- vLLM 0.33 ``method: "draft_model"`` with ``parallel_drafting: true`` (any PARD draft, and the target-independent
-  mode of a PARD-2 draft);
+- vLLM 0.32 (run in CI, whose own validation these rules are compared with) ``method: "draft_model"`` with
+  ``parallel_drafting: true`` (any PARD draft, and the target-independent mode of a PARD-2 draft);
 - the PARD-2 serving (vllm-project/vllm pull request #55257, in vLLM's main branch at commit 974d677): a draft
   with ``spd_type: "pard2"`` also reads the target's hidden states through W, if its feature width matches the
   target's, else it silently falls back to TI.
@@ -102,7 +102,7 @@ def check_config(config: dict, directory: Path, target: TargetShape | None, serv
     vocab = int(text["vocab_size"])
     if not 0 <= mask < vocab:
         raise ServingCheckError(f"mask token {mask} is outside the draft's vocabulary (vocab_size {vocab})")
-    lines.append(f"draft_model + parallel_drafting (vLLM 0.33): mask token {mask} (from {source})")
+    lines.append(f"draft_model + parallel_drafting (vLLM 0.32): mask token {mask} (from {source})")
 
     if draft.num_draft_tokens is None:
         raise ServingCheckError(f"no {draft_format.NUM_DRAFT_TOKENS}: the trained K is unknown")
