@@ -65,6 +65,16 @@ def test_the_evaluate_cli_refuses_a_missing_vllm_in_one_line(tmp_path, capsys):
     assert "vllm_python=/no/python is not an executable Python; run `make vllm`" in one_error_line(code, err)
 
 
+def test_a_python_without_vllm_is_one_line_with_the_fix(tmp_path):
+    from pard_train.vllm_env.client import VllmEngine, VllmError
+
+    with pytest.raises(VllmError) as caught:  # this Python runs the worker, which cannot import vLLM
+        VllmEngine(tmp_path, python=sys.executable, log_path=tmp_path / "log")
+    message = str(caught.value)
+    assert "vLLM could not start: ModuleNotFoundError: No module named 'vllm'; run `make vllm`" in message
+    assert "\n" not in message and str(tmp_path / "log") in message
+
+
 # --- vLLM's verify steps as the harness's rounds ---------------------------------------------------------------------
 
 

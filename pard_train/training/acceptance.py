@@ -208,7 +208,7 @@ def _plot_before_after(rows: dict, k: int, path: Path) -> None:
     left.set_xticks(range(len(names)), names)
     left.set_ylabel("acceptance length (tokens per target forward)")
     left.set_title("PARD acceptance length")
-    left.legend(loc="lower right")
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(keys), fontsize=8)
     positions = range(1, k + 1)
     for key in ("before_by_position", "after_by_position"):
         values = [v if v is not None else float("nan") for v in rows["all"][key]]

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pard_train.vllm_env.locate import VllmUnavailable, find_vllm_python, worker_environment
+from pard_train.vllm_env.locate import INSTALL_HINT, VllmUnavailable, find_vllm_python, worker_environment
 from pard_train.vllm_env.serving import speculative_config
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -126,7 +126,8 @@ class VllmEngine:
                 raise self._failure(f"vLLM did not {what} within {timeout:.0f} s")
             raise self._failure(f"the vLLM worker exited during {what} (code {process.wait()})")
         if "error" in answer:
-            raise self._failure(f"vLLM could not {what}: {answer['error']}")
+            broken = answer["error"].startswith(("ModuleNotFoundError", "ImportError"))
+            raise self._failure(f"vLLM could not {what}: {answer['error']}" + (f"; {INSTALL_HINT}" if broken else ""))
         return answer
 
     def _failure(self, text: str) -> VllmError:
