@@ -75,6 +75,21 @@ def test_a_python_without_vllm_is_one_line_with_the_fix(tmp_path):
     assert "\n" not in message and str(tmp_path / "log") in message
 
 
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("modes=[ar]", "modes: vLLM serves target and pard; got ['ar']"),
+        ("ks=[2,4]", "engine: family, K and thinking sweeps run on the harness (engine=hf), not engine=vllm"),
+    ],
+)
+def test_what_vllm_does_not_serve_is_refused_in_one_line(tmp_path, capsys, setting, says):
+    from launch import entry
+
+    args = [f"target={tmp_path}/t", f"draft={tmp_path}/d", "build_tiny=true", "engine=vllm", setting]
+    code, _, err = entry(capsys, *args, f"output_dir={tmp_path}/out", prog=PROG)
+    assert says in one_error_line(code, err)
+
+
 # --- vLLM's verify steps as the harness's rounds ---------------------------------------------------------------------
 
 
