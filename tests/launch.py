@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +51,15 @@ def start(overrides: list[str], nproc: int = 1, log: Path | None = None) -> subp
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
         command = [sys.executable, *launcher, "-m", "pard_train", *overrides]
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
-    return subprocess.Popen(command, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT, preexec_fn=as_from_a_terminal
+    )
+
+
+def as_from_a_terminal() -> None:
+    """In the child, before it starts: Ctrl-C (SIGINT) handled as in a terminal, even when the tests run under nohup
+    or in the background, which start everything with SIGINT ignored (and the trainer keeps an ignored SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(overrides: list[str], nproc: int = 1, log: Path | None = None, timeout: float = 400) -> int:

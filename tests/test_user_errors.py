@@ -126,11 +126,28 @@ def test_truncating_most_conversations_and_k1_warn(tiny_checkpoint, tmp_path, ca
 
 
 def test_a_second_ctrl_c_aborts():
-    with pytest.raises(KeyboardInterrupt), StopSignals() as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.requested and stop.received == signal.SIGINT
-        signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, however pytest runs
+    try:
+        with pytest.raises(KeyboardInterrupt), StopSignals() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested and stop.received == signal.SIGINT
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler, restored
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """Under nohup or in a background job SIGINT arrives ignored: the trainer keeps it so (and restores nothing)."""
+    launched_with = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
 
 
 @pytest.mark.slow

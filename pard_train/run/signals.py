@@ -1,6 +1,7 @@
 """SIGTERM/SIGUSR1/SIGUSR2 (SLURM preemption, the time limit's warning, ``scancel --signal``, submitit's preemption
 signal) and Ctrl-C (SIGINT) become a request to save and stop. A second Ctrl-C aborts at once, without saving
-(KeyboardInterrupt, reported by the entry point in one line).
+(KeyboardInterrupt, reported by the entry point in one line). A SIGINT the process inherited ignored (``nohup``, a
+background job) stays ignored.
 
 The handler only sets a flag; the trainer agrees on it across ranks in the all-reduce it already does each step, so
 every rank stops after the same step and saves the same checkpoint. The previous handlers are restored on exit.
@@ -41,6 +42,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for sig in self.signals:
+            if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # started under nohup or in the background: Ctrl-C stays ignored, as the launcher chose
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
