@@ -120,6 +120,32 @@ def test_the_model_loads_only_when_there_is_work(tmp_path, prompts):
         recipe.main(["--model", "m", "--input", str(prompts), "--output-dir", str(out), "--shard", "2"])
 
 
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("missing input", "nowhere.jsonl' matches no file"),
+        ("output dir is a file", "is a file; give a directory"),
+        ("no vLLM", "vllm_python=/no/python is not an executable Python; run `make vllm`"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_checkpoint, prompts, case, says):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    args = _args(tiny_checkpoint, prompts, out)
+    if case == "missing input":
+        args[args.index("--input") + 1] = str(tmp_path / "nowhere.jsonl")
+    elif case == "output dir is a file":
+        out.write_text("not a directory")
+    else:
+        args += ["--backend", "vllm", "--vllm-python", "/no/python"]
+    result = subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("regenerate: error: "), result.stderr
+    assert says in lines[0]
+
+
 @pytest.mark.vllm
 def test_vllm_regenerates_what_transformers_does_and_resumes(tmp_path, tiny_checkpoint, prompts):
     """--backend vllm (vLLM in its own environment): the same greedy answers as transformers, row for row, and a

@@ -224,13 +224,24 @@ def make_generator(args):
     return TransformersGenerator(args.model, args.chat_template)
 
 
+def fail(message: str):
+    """A user error: one line on stderr, exit code 2 (as argparse and every pard_train command)."""
+    print(f"regenerate: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None, generator=None) -> Path:
     args = parse_args(argv)
     try:
         prompts, skipped = read_prompts(args.input, DataFormat(args.format), args.limit)
     except DataError as error:
-        sys.exit(f"regenerate: error: {error}")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+        fail(str(error))
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        fail(f"--output-dir {args.output_dir} is a file; give a directory (the shards are written into it)")
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"--output-dir {args.output_dir}: {error.strerror}")
     output = args.output_dir / f"shard-{args.shard:05d}-of-{args.num_shards:05d}.jsonl"
     done = open_shard(output)
     mine = [p for p in prompts if in_shard(p[0], args.shard, args.num_shards)]
@@ -261,8 +272,7 @@ def main(argv=None, generator=None) -> Path:
                 os.fsync(handle.fileno())
                 print(f"regenerate: {begin + len(batch)}/{len(todo)} written", flush=True)
     except PardTrainError as error:  # no vLLM environment, or vLLM failed; the rows written so far are kept
-        print(f"regenerate: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(error))
     finally:
         if owned and hasattr(generator, "close"):
             generator.close()
