@@ -18,6 +18,7 @@ import selectors
 import signal
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pard_train.vllm_env.serving import speculative_config
 
 WORKER = Path(__file__).with_name("worker.py")
 START_TIMEOUT = 900.0
-"""Seconds an engine may take to start (40-65 s for SmolLM2 on 2 cores; a large model loads for longer)."""
+"""Seconds an engine may take to start (30-65 s for SmolLM2 on 2 cores; a large model loads for longer)."""
 
 
 class VllmError(VllmUnavailable):
@@ -62,7 +63,7 @@ class VllmEngine:
         draft: str | Path | None = None,
         num_speculative_tokens: int = 4,
         dtype: str = "float32",
-        max_model_len: int = 4096,
+        max_model_len: int | None = None,
         seed: int = 0,
         log_path: str | Path | None = None,
         python: str | None = None,
@@ -87,12 +88,13 @@ class VllmEngine:
         prompts: list[list[int]],
         *,
         max_tokens: int,
-        stop_token_ids: list[int] = (),
+        stop_token_ids: Sequence[int] = (),
         temperature: float = 0.0,
         seed: int | None = None,
-        timeout: float = 3600.0,
+        timeout: float | None = None,
     ) -> VllmResult:
-        """Greedy (or sampled) continuations of ``prompts`` (token ids), in one ``LLM.generate`` call."""
+        """Greedy (or sampled) continuations of ``prompts`` (token ids), in one ``LLM.generate`` call. Without a
+        ``timeout`` it waits as long as vLLM works: a worker that dies ends the wait at once."""
         request = {
             "prompts": [list(map(int, ids)) for ids in prompts],
             "max_tokens": int(max_tokens),
@@ -112,7 +114,7 @@ class VllmEngine:
         ]
         return VllmResult(outputs, answer["seconds"])
 
-    def _ask(self, message: dict, timeout: float, what: str) -> dict:
+    def _ask(self, message: dict, timeout: float | None, what: str) -> dict:
         process = self._process
         try:
             process.stdin.write(json.dumps(message) + "\n")
@@ -123,7 +125,7 @@ class VllmEngine:
         if answer is None:
             if process.poll() is None:
                 self.close()
-                raise self._failure(f"vLLM did not {what} within {timeout:.0f} s")
+                raise self._failure(f"vLLM did not {what} within {timeout:.0f} s")  # only with a timeout
             raise self._failure(f"the vLLM worker exited during {what} (code {process.wait()})")
         if "error" in answer:
             broken = answer["error"].startswith(("ModuleNotFoundError", "ImportError"))
@@ -187,8 +189,8 @@ def _start(python: Path, command: str, log_path: Path) -> subprocess.Popen:
             raise VllmUnavailable(f"cannot start vLLM's Python {python}: {error.strerror}") from None
 
 
-def _read_line(process: subprocess.Popen, timeout: float) -> dict | None:
-    """The worker's next JSON line, or None if it exits or ``timeout`` passes first."""
+def _read_line(process: subprocess.Popen, timeout: float | None) -> dict | None:
+    """The worker's next JSON line, or None if it exits or ``timeout`` (None: no limit) passes first."""
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         if not selector.select(timeout):
