@@ -165,3 +165,31 @@ def test_a_training_run_on_a_damaged_cache_rebuilds_it_and_ends_equal(tiny_check
         return hashlib.sha256((tmp_path / name / "final" / "model.safetensors").read_bytes()).hexdigest()
 
     assert weights("rebuilt") == weights("clean")
+
+
+def test_a_killed_build_leaves_staging_that_the_next_build_removes(tmp_path, data_file, caplog):
+    """A kill -9 while the cache is written leaves its staging copy (named after host and process); the next build
+    of the same cache removes it with a line. A live writer's staging, or another host's, is left alone."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
+    _build(_config(data_file, cache), tokenizer)
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    shutil.rmtree(entry)  # as if the first build had been killed before its rename
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = cache / f".{entry.name}.partial-{host}-{int(gone.stdout)}"
+    live = cache / f".{entry.name}.partial-{host}-{os.getppid()}"
+    elsewhere = cache / f".{entry.name}.partial-another-host-{int(gone.stdout)}"
+    for staging in (dead, live, elsewhere):
+        (staging / "documents").mkdir(parents=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _, cached = _build(_config(data_file, cache), tokenizer)
+    assert not cached and entry.is_dir()
+    assert not dead.exists() and f"removed {dead}, left by a write that did not finish" in caplog.text
+    assert live.exists() and elsewhere.exists()

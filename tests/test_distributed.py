@@ -90,3 +90,18 @@ def test_deepspeed_json_follows_the_typed_config(tiny_checkpoint, tmp_path):
     for stage in (1, 2):
         assert to_config(compose("+config=tiny", f"deepspeed=zero{stage}")).deepspeed.zero_stage == stage
     assert not to_config(compose("+config=tiny", "deepspeed=none")).deepspeed.enabled
+
+
+@pytest.mark.slow
+def test_deepspeed_without_a_launcher_is_a_world_of_one(one, tiny_checkpoint, tmp_path):
+    """``python -m pard_train deepspeed=zero2`` started alone trains as one process, step for step as without
+    DeepSpeed, and says how to launch more."""
+    log = tmp_path / "alone.txt"
+    single = [*STEPS, "train.max_steps=6", "train.grad_accum_steps=2", "deepspeed=zero2"]
+    _train(tiny_overrides(tiny_checkpoint, tmp_path, *single), log, nproc=1)
+    assert "DeepSpeed ZeRO-2 in one process (started without a launcher)" in log.read_text()
+    alone, reference = records(tmp_path / "tiny"), records(one / "tiny")
+    assert [r["step"] for r in alone] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(alone, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    assert (tmp_path / "tiny" / "final" / "model.safetensors").exists()

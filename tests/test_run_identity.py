@@ -101,11 +101,17 @@ def test_resume_applies_logs_or_refuses_each_key(tiny_checkpoint, tmp_path, caps
     stale = run_dir / "checkpoints" / ".step_00000099.partial"
     stale.mkdir()
     (stale / "optimizer.bin").write_bytes(b"x" * 1000)
+    # And an export killed while writing final/ (its staging is named after the dead process).
+    export_staging = run_dir / ".final.partial-99999"
+    export_staging.mkdir()
+    (export_staging / "model.safetensors").write_bytes(b"x" * 1000)
 
     # Applied silently (length, logging) and applied with a line (LR): resumes from step 2 at the new LR.
     code, out, err = entry(capsys, *args, "train.max_steps=6", "train.log_every=2", "train.lr=1e-4")
     assert code == 0, err[-3000:]
-    assert "removed .step_00000099.partial, left by a save that did not finish" in out and not stale.exists()
+    assert "removed .step_00000099.partial, left by a save or export that did not finish" in out
+    assert "removed .final.partial-99999, left by a save or export that did not finish" in out
+    assert not stale.exists() and not export_staging.exists()
     assert "resume at step 2: train.lr changed from 0.003 to 0.0001; applied from step 3" in out, out
     assert "log_every" not in out and "max_steps" not in out
     rows = records(run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -121,8 +122,15 @@ def _wrong_w(directory):
     torch.save({"target_proj.weight": torch.zeros(3, 128)}, directory / "warp_model.bin")
 
 
+def _truncate_weights(directory):
+    path = directory / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 2)
+
+
 RULES = [
     ("pard", lambda d: (d / "config.json").unlink(), "has no config.json"),
+    ("pard", lambda d: (d / "config.json").write_text('{"mask_token_id": 3,'), "config.json is not JSON"),
+    ("pard", _truncate_weights, "model.safetensors is not a whole safetensors file"),
     ("pard", lambda d: _edit_config(d, mask_token_id=1), "mask_token_id 1 != pard_token"),
     ("pard", lambda d: _edit_config(d, dflash_config={"mask_token_id": 1}), "vLLM masks with dflash_config"),
     ("pard", lambda d: _edit_config(d, mask_token_id=None, pard_token=None), "no mask token"),
@@ -152,6 +160,16 @@ def test_each_rule_has_a_directory_that_fails_it(exports, tmp_path, kind, damage
     code, _, err = _cli(broken, "--target", exports / "target", capsys=capsys)
     assert code == 2 and says in err, err
     assert err.startswith("pard_train.export: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_export_refuses_truncated_weights_in_one_line(exports, tmp_path, capsys):
+    broken = tmp_path / "pard"
+    shutil.copytree(exports / "pard", broken)
+    _truncate_weights(broken)
+    code = export_main(["--checkpoint", str(broken), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "model.safetensors is not a whole safetensors file" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_width_rule_needs_the_target(exports, tmp_path):
@@ -196,6 +214,8 @@ VLLM_ACCEPTS_WHAT_WE_REFUSE = {
     "outside the draft's vocabulary": "vLLM does not range-check the mask id: it fails at the first draft step",
     "the trained K is unknown": "vLLM does not read num_draft_tokens; without it no one knows the K to serve",
     "outside 1..0": "vLLM does not read num_draft_tokens; a draft trained for no depth drafts nothing useful",
+    "model.safetensors is not a whole safetensors file": "vLLM's validation reads no weights: the engine fails to "
+    "start when it loads them",
 }
 PARD2_ONLY = (
     "vLLM 0.32 has no PARD-2 code: it serves any PARD-2 directory as a plain PARD draft, so the rules of the PARD-2 "

@@ -4,12 +4,17 @@ is how the manifests that prove such files whole (data cache, model identity) re
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -17,13 +22,16 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a staging directory beside ``path``; when the block succeeds it replaces ``path`` by one rename.
 
     A crash or an exception leaves ``path`` as it was (a reader never finds a half-written model), and the staging
-    directory is removed on an exception. The name carries the process id, so concurrent writers do not collide.
+    directory is removed on an exception; one a killed writer left (:func:`remove_dead_staging`) is removed, with a
+    line, the next time ``path`` is written.
     """
     path = Path(path)
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    staging = staging_path(path)
     if staging.exists():
         shutil.rmtree(staging)
     staging.parent.mkdir(parents=True, exist_ok=True)
+    for dead in remove_dead_staging(path):
+        logger.info(f"removed {dead}, left by a write that did not finish (its process is gone)")
     try:
         yield staging
     except BaseException:
@@ -33,6 +41,38 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     if path.exists():
         shutil.rmtree(path)
     os.replace(staging, path)
+
+
+def staging_path(path: Path) -> Path:
+    """Where ``path`` is written before its rename: a hidden sibling named after this host and process, so that
+    concurrent writers do not collide and a dead writer's copy can be recognised."""
+    return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_dead_staging(path: Path) -> list[Path]:
+    """Remove the staging copies of ``path`` whose writer was killed on this host (its process is gone; a kill -9
+    leaves them, and each can hold a whole model). Copies from other hosts, or of live writers, stay."""
+    prefix = f".{path.name}.partial-{socket.gethostname()}-"
+    removed = []
+    for staging in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = staging.name[len(prefix) :]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if staging.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                staging.unlink(missing_ok=True)
+            removed.append(staging)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def default_modes(directory: Path) -> None:
@@ -56,7 +96,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     on any error the staging file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    staging = staging_path(path)
     try:
         with open(staging, "wb") as handle:
             handle.write(data)

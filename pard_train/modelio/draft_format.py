@@ -237,6 +237,34 @@ def weight_files(directory: str | Path) -> list[Path]:
     return sorted(Path(directory).glob("*.safetensors"))
 
 
+def check_weights(directory: str | Path) -> None:
+    """Refuse (DraftFormatError) a directory whose weights are missing or not whole: each safetensors file must open
+    (its header read and its data covering the file; a truncated or overwritten file does not), an index's shards
+    must all be there. Reads headers only."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, AttributeError) as error:
+            raise DraftFormatError(f"{index} is not a weights index ({error}); export the draft again") from None
+    else:
+        files = weight_files(directory)
+    if not files:
+        raise DraftFormatError(f"{directory} holds no {WEIGHTS_FILE}; pass a draft directory (runs/NAME/final)")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # noqa: BLE001 — safetensors' own error types differ across versions
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DraftFormatError(
+                f"{path} is not a whole safetensors file ({reason}); export the draft again"
+            ) from None
+
+
 def weight_names(directory: str | Path) -> set[str]:
     """Names of every tensor stored in the directory's safetensors (index if sharded, headers otherwise)."""
     directory = Path(directory)

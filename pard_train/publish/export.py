@@ -422,6 +422,7 @@ def _export(args) -> int:
 
     checkpoint = Path(args.checkpoint)
     recorded = draft_format.read(checkpoint)  # refuses disagreeing keys in one line
+    draft_format.check_weights(checkpoint)  # and weights that are not whole
     mask_token_id = args.mask_token_id if args.mask_token_id is not None else recorded.mask_token_id
     num_draft_tokens = args.num_draft_tokens or recorded.num_draft_tokens
     if mask_token_id is None or num_draft_tokens is None:

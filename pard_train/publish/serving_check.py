@@ -219,7 +219,14 @@ def check_serving(draft: str | Path, target=None) -> list[str]:
     directory = Path(draft)
     if not (directory / draft_format.CONFIG_FILE).is_file():
         raise ServingCheckError(f"{directory} has no {draft_format.CONFIG_FILE}; pass a draft directory")
-    config = json.loads((directory / draft_format.CONFIG_FILE).read_text())
+    try:
+        config = json.loads((directory / draft_format.CONFIG_FILE).read_text())
+    except ValueError as error:
+        raise ServingCheckError(f"{directory / draft_format.CONFIG_FILE} is not JSON ({error})") from None
+    try:
+        draft_format.check_weights(directory)  # vLLM would fail loading them at start
+    except draft_format.DraftFormatError as error:
+        raise ServingCheckError(str(error)) from None
     lines = check_config(config, directory, TargetShape.of(target))
     served = draft_format.read(directory).served_k
     return [*lines, f"ok: {vllm_command(str(directory.resolve()), served)}"]

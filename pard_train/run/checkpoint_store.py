@@ -89,14 +89,13 @@ class CheckpointStore:
 
     def remove_leftovers(self) -> list[str]:
         """Remove staging directories of saves that died (``.step_N.partial``), whatever their step: with another
-        ``every_steps`` no later save would reuse the name, and each holds a model and optimizer copy. Main process,
-        under the run lock (no live save can own one)."""
-        removed = []
-        if self.root.is_dir():
-            for path in sorted(self.root.glob(".step_*.partial")):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
-        return removed
+        ``every_steps`` no later save would reuse the name, and each holds a model and optimizer copy; and the final
+        export's (``.final.partial-*`` in the run directory), which a finished run never writes again. Main process,
+        under the run lock (no live save or export can own one)."""
+        leftovers = [*self.root.glob(".step_*.partial"), *self.root.parent.glob(".final.partial-*")]
+        for path in sorted(leftovers):
+            shutil.rmtree(path, ignore_errors=True)
+        return [path.name for path in sorted(leftovers)]
 
     def choose(self) -> tuple[Path, TrainState] | None:
         """The newest complete checkpoint whose files match its manifest, and its state (collective).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -122,6 +123,19 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, mixed_precision: s
     }
 
 
+def join_alone(environ=os.environ) -> bool:
+    """A process started without a launcher (``python -m pard_train deepspeed=zero2``) is a world of one: DeepSpeed
+    needs a process group all the same, so set the rendezvous a launcher would (rank 0 of 1, a free local port).
+    Returns whether it did; under a launcher (``RANK`` or ``WORLD_SIZE`` set) nothing changes."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        return False
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    return True
+
+
 def build_accelerator(train: TrainConfig, ds: DeepSpeedConfig) -> Accelerator:
     """An Accelerator for this process; gradient accumulation is accelerate's, so DDP and DeepSpeed agree on it."""
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
@@ -133,6 +147,11 @@ def build_accelerator(train: TrainConfig, ds: DeepSpeedConfig) -> Accelerator:
     group = {"timeout": PROCESS_GROUP_TIMEOUT}
     plugin = None
     if ds.enabled:
+        if join_alone():
+            logger.info(
+                f"DeepSpeed ZeRO-{ds.zero_stage} in one process (started without a launcher); for N processes: "
+                "torchrun --nproc_per_node N -m pard_train ..."
+            )
         if on_cpu:
             # DeepSpeed picks its accelerator at import; without this it probes for CUDA and fails.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -169,7 +169,7 @@ class Trainer:
         state = replace(state, data=data.fingerprint)
         if acc.is_main_process:
             for name in self.checkpoints.store.remove_leftovers():
-                logger.info(f"removed {name}, left by a save that did not finish")
+                logger.info(f"removed {name}, left by a save or export that did not finish")
         resume = config.checkpoint.resume and status != "retrain"  # run.force=true on a finished run: from step 0
         if resume:
             state = self.checkpoints.resume(state, is_deepspeed(acc), self.method.recorded_defaults)
