@@ -107,3 +107,33 @@ def test_cli_exports_a_checkpoint(tmp_path):
     assert config["pard_token"] is not None and config["num_draft_tokens"] == K and config["dtype"] == "bfloat16"
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_overwrite_replaces_only_a_previous_export(tmp_path, capsys):
+    """``export --overwrite`` replaces an earlier export; a directory of the user's own files, a run directory (even
+    exporting its own final/ onto it) or a file is refused in one line, and left as it was."""
+    from pard_train.publish.export import main as export_main
+
+    target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft", num_draft_tokens=K)
+    mine, run, a_file = tmp_path / "mine", tmp_path / "run", tmp_path / "notes.txt"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    a_file.write_text("keep")
+    for output, says in [
+        (mine, "holds files that are not a draft export (thesis.tex)"),
+        (run, "is a run directory (it holds checkpoints, metrics.jsonl); it is never replaced"),
+        (a_file, "is a file; --overwrite replaces only a previous export"),
+    ]:
+        capsys.readouterr()
+        code = export_main(["--checkpoint", str(draft_dir), "--output", str(output), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert (mine / "thesis.tex").read_text() == "years of work" and (run / "metrics.jsonl").exists()
+    assert a_file.read_text() == "keep"
+    previous = tmp_path / "previous"
+    assert export_main(["--checkpoint", str(draft_dir), "--output", str(previous)]) == 0
+    (previous / "stale.bin").write_text("from the previous export")
+    assert export_main(["--checkpoint", str(draft_dir), "--output", str(previous), "--overwrite"]) == 0
+    assert not (previous / "stale.bin").exists() and json.loads((previous / "config.json").read_text())["spd_type"]

@@ -258,6 +258,43 @@ def _tied_head(model, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     return weights[name]
 
 
+RUN_MARKERS = ("run.json", "run.lock", "metrics.jsonl", "checkpoints", "config.yaml")
+"""What a run directory holds and an export never does (``pard_train/run``)."""
+
+
+def check_output(output_dir: Path, overwrite: bool) -> None:
+    """An existing output is refused without ``overwrite``; with it, only an empty directory or a previous export of
+    a draft (its ``config.json`` marks it as one) is replaced: never a file, a run directory or a directory of other
+    files, which replacing would delete."""
+    if not output_dir.exists():
+        return
+    if not overwrite:
+        raise ExportError(f"{output_dir} already exists; choose another --output or pass --overwrite to replace it")
+    if not output_dir.is_dir():
+        raise ExportError(
+            f"{output_dir} is a file; --overwrite replaces only a previous export: choose another --output"
+        )
+    held = sorted(path.name for path in output_dir.iterdir())
+    run = [name for name in held if name in RUN_MARKERS]
+    if run:
+        raise ExportError(
+            f"{output_dir} is a run directory (it holds {', '.join(run)}); it is never replaced: export into another "
+            "--output"
+        )
+    if not held:
+        return
+    try:
+        config = draft_format.read_config(output_dir)
+    except (OSError, ValueError):
+        config = {}
+    if draft_format.SPD_TYPE not in config:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ExportError(
+            f"{output_dir} holds files that are not a draft export ({shown}); --overwrite replaces only a previous "
+            "export: choose another --output"
+        )
+
+
 def export_draft(
     model,
     tokenizer,
@@ -289,8 +326,7 @@ def export_draft(
     """
     num_draft_tokens, mask_token_id = spec.num_draft_tokens, spec.mask_token_id
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise ExportError(f"{output_dir} already exists; choose another --output or pass --overwrite to replace it")
+    check_output(output_dir, overwrite)
     if num_draft_tokens < 1:
         raise ExportError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
     if isinstance(dtype, str):
@@ -420,7 +456,8 @@ def _pard2_from(checkpoint: Path, recorded: DraftFormat) -> tuple[Pard2Fields, t
 def _export(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint, output = Path(args.checkpoint), Path(args.output)
+    check_output(output, args.overwrite)  # before loading anything
     recorded = draft_format.read(checkpoint)  # refuses disagreeing keys in one line
     draft_format.check_weights(checkpoint)  # and weights that are not whole
     mask_token_id = args.mask_token_id if args.mask_token_id is not None else recorded.mask_token_id
