@@ -212,3 +212,29 @@ def test_half_precision_mismatches_point_to_fp32():
     assert hint not in markdown_report(replace(report, environment={**environment, "dtype": "float32"}))
     exact = {**summary, "mismatched_prompts": 0}
     assert hint not in markdown_report(replace(report, overall={"pard": exact}))
+
+
+def test_a_prompt_longer_than_the_target_reads_is_skipped_and_said(tmp_path, capsys):
+    """A benchmark prompt that with max_new_tokens exceeds the target's positions is not decoded: a line says so,
+    the report lists it, and the other prompts are measured as before."""
+    from launch import entry
+
+    bench = tmp_path / "long.jsonl"
+    words = " ".join(f"word{i} and more text" for i in range(3000))  # far above the tiny target's 4096 positions
+    rows = [{"id": "short", "prompt": "Say hello."}, {"id": "long", "prompt": words}, {"id": "also", "prompt": "Hi."}]
+    bench.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = [f"target={tmp_path}/t", f"draft={tmp_path}/d", "build_tiny=true", f"benchmarks=[{bench}]"]
+    code, out, err = entry(capsys, *args, "max_new_tokens=8", f"output_dir={tmp_path}/out", prog="pard_train.evaluate")
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for mode in ("target", "ar", "pard"):
+        summary = report["benchmarks"]["long"][mode]
+        assert [p["id"] for p in summary["prompts"]] == ["short", "also"]
+        (skipped,) = summary["skipped_prompts"]
+        assert skipped["id"] == "long" and skipped["turn"] == 1 and skipped["prompt_tokens"] > 4096
+    said = [line for line in (out + err).splitlines() if "prompt long skipped" in line]
+    assert len(said) == 1 and "exceeds the target's 4096 positions" in said[0]  # once, not per mode and repeat
+    assert (
+        "Not measured, longer than the target reads with 8 new tokens: long long"
+        in (tmp_path / "out" / "report.md").read_text()
+    )

@@ -31,6 +31,14 @@ def stop_token_ids(generation_config, tokenizer) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
+class PromptTooLong(Exception):
+    """A turn whose prompt and answer budget exceed the positions the target reads."""
+
+    def __init__(self, turn: int, tokens: int):
+        super().__init__(turn, tokens)
+        self.turn, self.tokens = turn, tokens
+
+
 @dataclass
 class Conversation:
     """Runs the turns of one benchmark item; each turn's answer is decoded and fed back for the next turn."""
@@ -39,9 +47,15 @@ class Conversation:
     system_prompt: str | None
     enable_thinking: bool
     use_chat_template: bool
+    max_new_tokens: int = 0
+    max_positions: int | None = None
+    """Positions the target reads (``max_position_embeddings``): a turn whose prompt plus ``max_new_tokens`` does not
+    fit is not decoded (PromptTooLong): the model was never trained there, and vLLM refuses such a request."""
+    said: set = field(default_factory=set)
+    """Skipped prompts already reported (each is said once, not once per mode and repeat)."""
 
     def run(self, prompt: Prompt, generate: Generate) -> list[Generation]:
-        """One generation per turn."""
+        """One generation per turn; PromptTooLong for a turn the target cannot read whole."""
         messages: list[dict] = []
         generations = []
         for turn in prompt.turns:
@@ -53,6 +67,8 @@ class Conversation:
                 enable_thinking=self.enable_thinking,
                 use_chat_template=self.use_chat_template,
             )
+            if self.max_positions is not None and len(ids) + self.max_new_tokens > self.max_positions:
+                raise PromptTooLong(len(generations) + 1, len(ids))
             generation = generate(ids)
             generations.append(generation)
             answer = self.tokenizer.decode(generation.tokens, skip_special_tokens=True)
@@ -71,12 +87,27 @@ class ModeResult:
     """prompt id -> generated ids per turn."""
     rounds: dict[str, list[list[int]]] = field(default_factory=dict)
     """prompt id -> per turn, the tokens emitted by each verify round."""
+    skipped: list[dict] = field(default_factory=list)
+    """Prompts not decoded because the target cannot read them whole: ``{"id", "turn", "prompt_tokens"}``."""
 
 
 def run_benchmark(result: ModeResult, prompts, conversation: Conversation, generate: Generate) -> ModeResult:
-    """Every prompt of one benchmark in one mode, added to ``result``."""
+    """Every prompt of one benchmark in one mode, added to ``result``; a prompt the target cannot read whole is
+    skipped, with a line, and listed in ``result.skipped``."""
     for prompt in prompts:
-        generations = conversation.run(prompt, generate)
+        try:
+            generations = conversation.run(prompt, generate)
+        except PromptTooLong as error:
+            result.skipped.append({"id": prompt.id, "turn": error.turn, "prompt_tokens": error.tokens})
+            if prompt.id in conversation.said:
+                continue
+            conversation.said.add(prompt.id)
+            logger.warning(
+                f"prompt {prompt.id} skipped: turn {error.turn} has {error.tokens} tokens, and with "
+                f"max_new_tokens={conversation.max_new_tokens} it exceeds the target's {conversation.max_positions} "
+                "positions"
+            )
+            continue
         stats = AcceptanceStats()
         for generation in generations:
             stats.add_generation(generation)

@@ -47,7 +47,24 @@ def markdown_table(report: EvalReport) -> str:
                 f"| {name} | {mode} | {fmt(summary['acceptance_length'])} | {fmt(summary['tokens_per_s'], 1)} | "
                 f"{fmt(summary['speedup'])} | {positions} | {summary['generated_tokens']} | {lossless} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _skipped_line(report)
+
+
+def _skipped_line(report: EvalReport) -> str:
+    """The prompts not decoded because the target cannot read them whole (every mode skips the same)."""
+    skipped = {name: entry[next(iter(entry))].get("skipped_prompts") or [] for name, entry in report.benchmarks.items()}
+    parts = [
+        f"{name} {item['id']} ({item['prompt_tokens']} tokens, turn {item['turn']})"
+        for name, items in skipped.items()
+        for item in items
+    ]
+    if not parts:
+        return ""
+    return (
+        f"\nNot measured, longer than the target reads with {report.config['max_new_tokens']} new tokens: "
+        + "; ".join(parts)
+        + "\n"
+    )
 
 
 def markdown_report(report: EvalReport) -> str:
@@ -224,6 +241,7 @@ def build_report(
                 sum(result.outputs[pid] != baseline.outputs[pid] for pid in result.outputs) if baseline else None
             )
             summary["prompts"] = result.prompts
+            summary["skipped_prompts"] = result.skipped
             entry[mode.value] = summary
         report.benchmarks[name] = entry
     for mode, stats in totals.items():

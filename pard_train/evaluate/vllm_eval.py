@@ -80,7 +80,15 @@ def evaluate_vllm(config: EvalConfig, on_progress=None) -> EvalReport:
     k, trained_k = _draft_k(config) if Mode.pard in modes else (config.num_draft_tokens or 1, None)
     tokenizer = load_tokenizer(config.target, config.trust_remote_code)
     stops = stop_token_ids(_generation_config(config.target), tokenizer)
-    conversation = Conversation(tokenizer, config.system_prompt, config.enable_thinking, config.use_chat_template)
+    positions = [config.vllm_max_model_len, _max_positions(config.target)]
+    conversation = Conversation(
+        tokenizer,
+        config.system_prompt,
+        config.enable_thinking,
+        config.use_chat_template,
+        config.max_new_tokens,
+        min((p for p in positions if p is not None), default=None),
+    )
     benchmarks = [load_prompts(name, config.num_prompts) for name in config.benchmarks]
     dtype = _vllm_dtype(config)
     results: dict = {}
@@ -177,6 +185,12 @@ def _draft_k(config: EvalConfig) -> tuple[int, int | None]:
         )
     k = config.num_draft_tokens or recorded.served_k or 8
     return int(k), recorded.num_draft_tokens
+
+
+def _max_positions(target: str) -> int | None:
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(target).get_text_config(), "max_position_embeddings", None)
 
 
 def _generation_config(target: str):
