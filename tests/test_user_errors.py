@@ -125,6 +125,20 @@ def test_truncating_most_conversations_and_k1_warn(tiny_checkpoint, tmp_path, ca
     assert "warning: pard.num_draft_tokens=1 trains depth 0 only" in out, out
 
 
+@pytest.mark.parametrize("command", ["trainer", "data"])
+def test_a_data_cache_directory_that_is_a_file_is_one_line(tiny_checkpoint, tmp_path, capsys, command):
+    a_file = tmp_path / "cache"
+    a_file.write_text("not a directory")
+    if command == "trainer":
+        code, _, err = entry(capsys, *args(tiny_checkpoint, tmp_path), f"data.cache_dir={a_file}")
+    else:
+        options = ["--tokenizer", str(tiny_checkpoint), "--cache-dir", str(a_file)]
+        code, _, err = entry(capsys, DATA, *options, prog="pard_train.data")
+    line = one_error_line(code, err)
+    assert f"(data.cache_dir; the data command's --cache-dir) {a_file} is a file; give a directory" in line, line
+    assert a_file.read_text() == "not a directory"
+
+
 def test_a_second_ctrl_c_aborts():
     launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, however pytest runs
     try:

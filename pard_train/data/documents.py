@@ -186,7 +186,13 @@ def load_documents(source: Source, tokenizer, config: DataConfig, tokenizer_fp: 
     from filelock import FileLock
 
     root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    setting = "the data cache directory (data.cache_dir; the data command's --cache-dir)"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{setting} {root} is a file; give a directory, or turn the cache off (data.cache=false)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{setting} {root} cannot be created: {error.strerror}") from None
     destination = root / fingerprint(source, tokenizer_fp or tokenizer_fingerprint(tokenizer), config)
     with FileLock(str(destination) + ".lock"):
         wrong = verify(destination) if destination.exists() else ""
