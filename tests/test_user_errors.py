@@ -139,6 +139,18 @@ def test_a_data_cache_directory_that_is_a_file_is_one_line(tiny_checkpoint, tmp_
     assert a_file.read_text() == "not a directory"
 
 
+def test_a_quote_in_a_value_says_how_to_quote_it_and_that_works(tiny_checkpoint, tmp_path, capsys):
+    run_dir = tmp_path / "it's"
+    code, _, err = entry(capsys, *args(tiny_checkpoint, tmp_path), f"run.dir={run_dir}")
+    line = one_error_line(code, err)
+    suggested = line.split("in the shell: ", 1)[1].rsplit(" (", 1)[0]
+    # What the shell passes on for the suggested text is what Hydra parses.
+    override = subprocess.run(["bash", "-c", f"printf %s {suggested}"], capture_output=True, text=True).stdout
+    code, _, err = entry(capsys, *args(tiny_checkpoint, tmp_path), override)
+    assert code == 0, err[-2000:]
+    assert (run_dir / "final" / "config.json").is_file()
+
+
 def test_a_second_ctrl_c_aborts():
     launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, however pytest runs
     try:

@@ -68,4 +68,16 @@ def _composition(error) -> str:
         return f"{key}: {message}"
     override = getattr(error, "override", None)
     first = str(error).strip().splitlines()[0]
+    if override and "=" in override and any(mark in override for mark in "'\""):
+        # A quote inside a value is Hydra override syntax: it parses only inside a quoted string, and the shell must
+        # pass that string's quotes on (inside double quotes, escape what bash would expand).
+        key, _, value = override.partition("=")
+        quote = '"' if "'" in value else "'"
+        quoted = f"{key}={quote}{value}{quote}"
+        for special in ("\\", '"', "$", "`"):
+            quoted = quoted.replace(special, "\\" + special)
+        return (
+            f"{override}: Hydra cannot parse a quote inside an unquoted value; quote the value, in the shell: "
+            f'"{quoted}" ({first})'
+        )
     return f"{override}: {first}" if override else first
