@@ -317,3 +317,22 @@ def test_checkpoint_choice_is_rank_zeros(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 chose step_00000002 step 2" in result.stdout and "rank 1 chose step_00000002 step 2" in result.stdout
     assert "step_00000004 is damaged (model.safetensors does not match its sha256" in result.stdout
+
+
+def test_checkpoint_files_are_readable_by_other_users(tiny_checkpoint, tmp_path, capsys):
+    """Every file of a checkpoint gets the mode a plain open gives (0644 under umask 022): safetensors writes 0600."""
+    import stat
+
+    from launch import entry
+
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path, "train.max_steps=2", "checkpoint.every_steps=1")
+    previous = os.umask(0o022)
+    try:
+        code, _, err = entry(capsys, *overrides)
+    finally:
+        os.umask(previous)
+    assert code == 0, err[-2000:]
+    files = list((tmp_path / "tiny" / "checkpoints" / "step_00000001").rglob("*"))
+    assert any(path.name == "model.safetensors" for path in files)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path.name

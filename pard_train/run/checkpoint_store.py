@@ -36,7 +36,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pard_train.base.atomic import atomic_write_text, fsync_directory, move_aside, sha256_file
+from pard_train.base.atomic import atomic_write_text, default_modes, fsync_directory, move_aside, sha256_file
 from pard_train.base.errors import CheckpointSaveError, ResumeError
 from pard_train.run.distributed import gather_all, on_main, together
 from pard_train.run.train_state import STATE_FILE, TrainState, read_state
@@ -177,6 +177,7 @@ class CheckpointStore:
         def publish(manifest: dict) -> None:
             atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
             atomic_write_text(staging / COMPLETE, f"{state.step}\n")  # last: the manifest is on disk before it
+            default_modes(staging)  # safetensors writes 0600: every file as a plain open would (0644 under umask 022)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
