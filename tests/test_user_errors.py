@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from launch import REPO, entry, env, one_error_line, records, start, tiny_overrides, wait_for
 
 from pard_train.run.checkpoint_store import CheckpointStore
@@ -84,6 +85,37 @@ def test_wandb_without_key_or_offline_mode_is_one_line(tiny_checkpoint, tmp_path
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     line = one_error_line(*entry(capsys, *args(tiny_checkpoint, tmp_path), "tracking.backend=wandb")[::2])
     assert "tracking.backend=wandb: no wandb API key" in line and "WANDB_MODE=offline" in line, line
+
+
+def test_a_full_disk_at_the_export_keeps_the_weights_and_a_rerun_exports(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """With no checkpoints asked for, the disk filling while final/ is written (safetensors raises its own error,
+    not an OSError) leaves a checkpoint of the last step; the same command then resumes there and only exports."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    import pard_train.training.train
+
+    def disk_full(*args, **kwargs):
+        reason = 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        raise SafetensorError(f"Error while serializing: {reason}")
+
+    command = args(tiny_checkpoint, tmp_path, "checkpoint.every_steps=0")
+    with monkeypatch.context() as patched:
+        patched.setattr(pard_train.training.train, "export_draft", disk_full)
+        code, _, err = entry(capsys, *command)
+    line = one_error_line(code, err)
+    assert f"could not write the trained draft to {tmp_path / 'tiny' / 'final'}: SafetensorError" in line, line
+    assert "StorageFull" in line and "MiB free" in line and "the trained weights are in checkpoint step 2" in line
+    saved = load_file(str(tmp_path / "tiny" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    code, out, err = entry(capsys, *command)
+    assert code == 0, err[-2000:]
+    assert "(step 2)" in out and (tmp_path / "tiny" / "final" / "config.json").is_file()
+    steps = [r["step"] for r in records(tmp_path / "tiny")]
+    assert steps == sorted(set(steps)) and steps[-1] == 2  # each step logged once: nothing trained twice
+    exported = load_file(str(tmp_path / "tiny" / "final" / "model.safetensors"))
+    assert all(torch.equal(exported[name], saved[name]) for name in exported if name in saved)
 
 
 def test_export_failure_after_training_is_one_line_and_unlocks(tiny_checkpoint, tmp_path, capsys, monkeypatch):

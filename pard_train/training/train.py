@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from pard_train.base.atomic import atomic_write_text
 from pard_train.base.config import AttentionBackend, Config
-from pard_train.base.errors import ExportError
+from pard_train.base.errors import CheckpointSaveError, ExportError
 from pard_train.core.attention import BLOCK, resolve_backend
 from pard_train.core.layout import DropTokenSchedule
 from pard_train.core.loss import DepthStats
@@ -38,6 +39,7 @@ from pard_train.modelio.model_identity import model_fingerprint
 from pard_train.publish.export import export_draft, training_recipe
 from pard_train.run import run_record
 from pard_train.run.checkpoint import Checkpoints
+from pard_train.run.checkpoint_store import describe_error
 from pard_train.run.distributed import (
     build_accelerator,
     check_replicas_agree,
@@ -321,17 +323,17 @@ class Trainer:
         final_dir = self.run_dir / "final"
         # Collective: ZeRO-3 gathers its shards onto rank 0 (the others get None); elsewhere it is the model's own.
         gathered = acc.get_state_dict(self.model) or {}
+        card, failure = None, None
         if acc.is_main_process:
             try:
                 card = self._export(final_dir, gathered)
                 run_record.finish(self.run_dir, self.record, config, self.state.step)
-            except OSError as error:  # a read-only or full run directory: one line, not a traceback
-                where = f" ({error.filename})" if error.filename else ""
-                raise ExportError(
-                    f"could not write the trained draft to {final_dir}: {error.strerror or error}{where}; make the "
-                    "run directory writable (or free space) and rerun the same command: it resumes from the newest "
-                    "checkpoint and exports"
-                ) from error
+            except (OSError, SafetensorError) as error:  # a read-only or full disk: safetensors raises its own
+                failure = error
+        reason = on_main(acc, lambda: None if failure is None else describe_error(failure, self.run_dir))
+        if reason is not None:
+            raise ExportError(f"could not write the trained draft to {final_dir}: {reason}; {self._keep_for_resume()}")
+        if acc.is_main_process:
             logger.info(f"exported the PARD draft to {final_dir} after {self.state.step} steps")
             if config.acceptance.after_training:
                 settings, target = config.acceptance, config.acceptance_target
@@ -340,6 +342,18 @@ class Trainer:
                 self.tracker.log(record, self.state.step)
         acc.wait_for_everyone()
         return final_dir
+
+    def _keep_for_resume(self) -> str:
+        """After a failed export: a checkpoint of the last step, unless one exists, so the export is never the only
+        copy of the run's result (collective); says where the weights are and how to finish."""
+        try:
+            self.checkpoints.save_unless_saved(self.state)
+        except CheckpointSaveError as error:
+            return f"nor could a checkpoint be saved ({error}): this run's training is lost"
+        return (
+            f"the trained weights are in checkpoint step {self.state.step}: free space (or make the run directory "
+            "writable) and rerun the same command, which resumes there and exports"
+        )
 
     def _derived_from(self) -> str | None:
         """The model a derived draft was cut from (``model.path`` with ``model.keep_layers``): its export's target."""
