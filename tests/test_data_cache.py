@@ -193,3 +193,53 @@ def test_a_killed_build_leaves_staging_that_the_next_build_removes(tmp_path, dat
     assert not cached and entry.is_dir()
     assert not dead.exists() and f"removed {dead}, left by a write that did not finish" in caplog.text
     assert live.exists() and elsewhere.exists()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    if int(handle.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc (Linux)")
+def test_tokenising_workers_die_with_a_killed_trainer(tiny_checkpoint, tmp_path):
+    """kill -9 of the trainer while its workers tokenise the data: no worker outlives it."""
+    import signal
+    import time
+
+    from launch import start, tiny_overrides, wait_for
+
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps(ROWS[i % len(ROWS)] | {"id": i}) + "\n" for i in range(60000)))
+    data = [f"data.train_files=[{big}]", "data.max_samples=null", "data.num_proc=2", f"data.cache_dir={tmp_path}/c"]
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path, *data, "train.max_steps=1")
+    trainer = start(overrides, log=tmp_path / "log.txt")
+    try:
+        wait_for(lambda: len(_children(trainer.pid)) >= 2, 240, "tokenising workers", trainer)
+        time.sleep(2)  # datasets' progress manager too
+        workers = _children(trainer.pid)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        deadline = time.monotonic() + 5  # left alone, they tokenise on for minutes (and then wait forever)
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+            time.sleep(0.2)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}/stat") and "Z" not in _state(pid)]
+        assert alive == [], (alive, (tmp_path / "log.txt").read_text()[-2000:])
+    finally:
+        trainer.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -89,6 +91,32 @@ def fingerprint(source: Source, tokenizer_fp: str, config: DataConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+_TOKENISING = False
+_forker = 0
+
+
+def _remember_forker() -> None:
+    global _forker
+    _forker = os.getpid()
+
+
+def _die_with_forker() -> None:
+    """In a process forked while the data is tokenised (datasets' workers and its progress manager): ask Linux to
+    kill it when its parent dies, so a trainer killed with -9 leaves none behind (each holds a tokenizer and data)."""
+    if not _TOKENISING:
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != _forker:  # the parent died before the request: nobody would send the signal
+        os._exit(1)
+
+
+if sys.platform.startswith("linux"):
+    os.register_at_fork(before=_remember_forker, after_in_child=_die_with_forker)
+
+
 def _tokenize_batch(batch, tokenizer, format: str, loss_on: str, max_length: int, truncation: str):
     """``datasets.map`` function: render every row of a batch; a bad row gets its reason instead of tokens."""
     specials = special_strings(tokenizer)
@@ -143,16 +171,21 @@ def _build_quietly(source: Source, tokenizer, config: DataConfig, destination: P
         "max_length": config.max_length,
         "truncation": config.truncation.value,
     }
-    mapped = raw.map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=256,
-        fn_kwargs=kwargs,
-        remove_columns=["raw"],
-        num_proc=num_proc if num_proc > 1 and len(raw) > 1 else None,
-        new_fingerprint=destination.name if destination else None,
-        desc=f"tokenise {source.label}",
-    )
+    global _TOKENISING
+    _TOKENISING = True  # the processes datasets forks now die with this one
+    try:
+        mapped = raw.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=256,
+            fn_kwargs=kwargs,
+            remove_columns=["raw"],
+            num_proc=num_proc if num_proc > 1 and len(raw) > 1 else None,
+            new_fingerprint=destination.name if destination else None,
+            desc=f"tokenise {source.label}",
+        )
+    finally:
+        _TOKENISING = False
     report = SourceReport(source=source.label, rows=len(mapped))
     for reason, detail, where in zip(mapped["bad"], mapped["detail"], mapped["where"]):
         if reason:
