@@ -122,15 +122,15 @@ def test_a_damaged_cache_is_named_moved_aside_and_rebuilt_equal(tmp_path, data_f
     assert _build(_config(data_file, cache), tokenizer)[1]  # the rebuilt cache verifies and is used
 
 
-def test_manifest_catches_damage_that_keeps_size_and_time_when_asked_in_full(tmp_path):
+def test_manifest_catches_damage_that_keeps_size_and_time(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"0123456789")
     write_manifest(tmp_path)
     assert verify(tmp_path) == ""
     stat = (tmp_path / "a.bin").stat()
     (tmp_path / "a.bin").write_bytes(b"0123456780")
     os.utime(tmp_path / "a.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as bit rot would: size and time kept
-    assert verify(tmp_path) == ""  # the cheap check trusts an untouched file
-    assert verify(tmp_path, full=True) == "a.bin does not match its sha256"
+    assert verify(tmp_path) == "a.bin does not match its xxh3"  # the content is read on every use
+    assert verify(tmp_path, full=True) == "a.bin does not match its xxh3"
     (tmp_path / "extra").write_text("x")
     assert "extra is not in the manifest" in verify(tmp_path)
 
@@ -156,7 +156,9 @@ def test_a_training_run_on_a_damaged_cache_rebuilds_it_and_ends_equal(tiny_check
     arrow = max((cache_entry / "documents").glob("*.arrow"), key=lambda p: p.stat().st_size)
     damaged = bytearray(arrow.read_bytes())
     damaged[len(damaged) // 2] ^= 0x01
+    times = arrow.stat()
     arrow.write_bytes(bytes(damaged))
+    os.utime(arrow, ns=(times.st_atime_ns, times.st_mtime_ns))  # same size, same time: only the content tells
     code, out, err = entry(capsys, *common, "run.name=rebuilt")
     assert code == 0, err[-2000:]
     assert f"data cache {cache_entry} is damaged (" in out and "rebuilding it" in out, out
@@ -165,6 +167,19 @@ def test_a_training_run_on_a_damaged_cache_rebuilds_it_and_ends_equal(tiny_check
         return hashlib.sha256((tmp_path / name / "final" / "model.safetensors").read_bytes()).hexdigest()
 
     assert weights("rebuilt") == weights("clean")
+
+
+def test_a_same_size_edit_with_its_time_restored_is_new_data(tmp_path, data_file):
+    """``cp -p`` and rsync keep a file's time: an edit that keeps the size too must still change the source."""
+    cache = tmp_path / "cache"
+    tokenizer = build_family_tokenizer("chatml", ["Question Answer"])
+    before, _ = _build(_config(data_file, cache), tokenizer)
+    times = data_file.stat()
+    data_file.write_text(data_file.read_text().replace("Answer 1.", "Answer 7."))  # same size
+    os.utime(data_file, ns=(times.st_atime_ns, times.st_mtime_ns))
+    after, cached = _build(_config(data_file, cache), tokenizer)
+    assert not cached and after.fingerprint != before.fingerprint
+    assert [r.input_ids for r in after.train] != [r.input_ids for r in before.train]
 
 
 def test_a_killed_build_leaves_staging_that_the_next_build_removes(tmp_path, data_file, caplog):

@@ -1,6 +1,6 @@
 """Files and directories that appear whole or not at all: write a sibling staging copy, flush it to disk, then
 rename it into place. Every file or model directory the package writes goes through these helpers; ``sha256_file``
-is how the manifests that prove such files whole (data cache, model identity) read them back."""
+and ``xxh3_file`` are how the manifests that prove such files whole (data cache, model identity) read them back."""
 
 from __future__ import annotations
 
@@ -127,6 +127,18 @@ def fsync_directory(path: str | Path) -> None:
 def sha256_file(path: str | Path) -> str:
     """The hex sha256 of a file, read in 4 MiB pieces (a model's weights never sit in memory whole)."""
     digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def xxh3_file(path: str | Path) -> str:
+    """The hex xxh3-128 of a file: a content check cheap enough for every start (about 10x sha256's speed; it proves
+    a file unchanged, not untampered — sha256 is for that)."""
+    import xxhash  # a dependency of datasets
+
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 22):
             digest.update(chunk)

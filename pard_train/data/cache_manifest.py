@@ -1,11 +1,11 @@
-"""A data cache proves itself: ``MANIFEST.json`` lists the size and sha256 of every file of a cache directory,
-written into the staging directory before it is renamed into place (so the cache and its manifest appear together).
+"""A data cache proves itself: ``MANIFEST.json`` lists the size, xxh3-128 and sha256 of every file of a cache
+directory, written into the staging directory before it is renamed into place (so the cache and its manifest appear
+together).
 
-Verifying on use is cheap: every file's size is compared (a truncated file is caught by ``stat`` alone), and a file
-is read and hashed only when its modification time or inode differ from the ones recorded when it was written, as
-they do after any rewrite (corrupt bytes of the same size included). A cache copied elsewhere is hashed once more.
-Damage that keeps a file's size and time (bit rot under the filesystem) is not caught without hashing everything:
-``verify(..., full=True)`` does that.
+Verifying on use reads every file and compares its xxh3-128: damage of any kind is caught, also one that keeps the
+size and the modification time (a restored time, bit rot), at a cost far below tokenising
+(``scripts/bench/integrity_cost.py``). ``verify(..., full=True)`` compares the sha256 as well. A manifest written
+before xxh3 was recorded is checked by its sha256 where a file's time differs from the recorded one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from pard_train.base import atomic
-from pard_train.base.atomic import atomic_write_text, sha256_file
+from pard_train.base.atomic import atomic_write_text, sha256_file, xxh3_file
 
 MANIFEST = "MANIFEST.json"
 
@@ -31,6 +31,7 @@ def write_manifest(directory: Path) -> None:
         stat = path.stat()
         files[str(path.relative_to(directory))] = {
             "size": stat.st_size,
+            "xxh3": xxh3_file(path),
             "sha256": sha256_file(path),
             "mtime_ns": stat.st_mtime_ns,
         }
@@ -54,11 +55,18 @@ def verify(directory: Path, full: bool = False) -> str:
             continue
         if stat.st_size != entry["size"]:
             problems.append(f"{name} has {stat.st_size} bytes, its manifest says {entry['size']}")
-        elif (full or stat.st_mtime_ns != entry.get("mtime_ns")) and sha256_file(path) != entry["sha256"]:
+        elif "xxh3" in entry and xxh3_file(path) != entry["xxh3"]:
+            problems.append(f"{name} does not match its xxh3")
+        elif _sha256_due(entry, stat, full) and sha256_file(path) != entry["sha256"]:
             problems.append(f"{name} does not match its sha256")
     extra = sorted(set(str(p.relative_to(directory)) for p in _files(directory)) - set(files))
     problems += [f"{name} is not in the manifest" for name in extra]
     return ", ".join(problems)
+
+
+def _sha256_due(entry: dict, stat: os.stat_result, full: bool) -> bool:
+    """sha256 is read when asked for in full, or for a manifest without xxh3 whose file was rewritten since."""
+    return full or ("xxh3" not in entry and stat.st_mtime_ns != entry.get("mtime_ns"))
 
 
 def move_aside(directory: Path) -> Path:
