@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pard_train.evaluate.benchmarks import Prompt, render
-from pard_train.evaluate.config import Mode
+from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.metrics import AcceptanceStats
 from pard_train.evaluate.speculative import Generation
 
@@ -53,6 +53,18 @@ class Conversation:
     fit is not decoded (PromptTooLong): the model was never trained there, and vLLM refuses such a request."""
     said: set = field(default_factory=set)
     """Skipped prompts already reported (each is said once, not once per mode and repeat)."""
+
+    @classmethod
+    def of(cls, config: EvalConfig, tokenizer, max_positions: int | None) -> Conversation:
+        """The conversation an evaluation's settings describe, for a target of ``max_positions``."""
+        return cls(
+            tokenizer,
+            config.system_prompt,
+            config.enable_thinking,
+            config.use_chat_template,
+            config.max_new_tokens,
+            max_positions,
+        )
 
     def run(self, prompt: Prompt, generate: Generate) -> list[Generation]:
         """One generation per turn; PromptTooLong for a turn the target cannot read whole."""

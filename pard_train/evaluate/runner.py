@@ -178,14 +178,8 @@ def evaluate(
             "trained — serve it only if the measured AL below says it pays"
         )
     stops = stop_token_ids(target, tokenizer)
-    conversation = Conversation(
-        tokenizer,
-        config.system_prompt,
-        config.enable_thinking,
-        config.use_chat_template,
-        config.max_new_tokens,
-        getattr(target.config.get_text_config(), "max_position_embeddings", None),
-    )
+    positions = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+    conversation = Conversation.of(config, tokenizer, positions)
     benchmarks = [load_prompts(name, config.num_prompts) for name in config.benchmarks]
     logger.info(f"target {config.target}, draft {config.draft}, K={k}, {device} {str(dtype).removeprefix('torch.')}")
 

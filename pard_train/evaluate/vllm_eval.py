@@ -81,14 +81,7 @@ def evaluate_vllm(config: EvalConfig, on_progress=None) -> EvalReport:
     tokenizer = load_tokenizer(config.target, config.trust_remote_code)
     stops = stop_token_ids(_generation_config(config.target), tokenizer)
     positions = [config.vllm_max_model_len, _max_positions(config.target)]
-    conversation = Conversation(
-        tokenizer,
-        config.system_prompt,
-        config.enable_thinking,
-        config.use_chat_template,
-        config.max_new_tokens,
-        min((p for p in positions if p is not None), default=None),
-    )
+    conversation = Conversation.of(config, tokenizer, min((p for p in positions if p is not None), default=None))
     benchmarks = [load_prompts(name, config.num_prompts) for name in config.benchmarks]
     dtype = _vllm_dtype(config)
     results: dict = {}
