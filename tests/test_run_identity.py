@@ -107,7 +107,7 @@ def test_resume_applies_logs_or_refuses_each_key(tiny_checkpoint, tmp_path, caps
     (export_staging / "model.safetensors").write_bytes(b"x" * 1000)
 
     # Applied silently (length, logging) and applied with a line (LR): resumes from step 2 at the new LR.
-    code, out, err = entry(capsys, *args, "train.max_steps=6", "train.log_every=2", "train.lr=1e-4")
+    code, out, err = entry(capsys, *args, "train.max_steps=6", "train.log_every=3", "train.lr=1e-4")
     assert code == 0, err[-3000:]
     assert "removed .step_00000099.partial, left by a save or export that did not finish" in out
     assert "removed .final.partial-99999, left by a save or export that did not finish" in out
@@ -115,7 +115,8 @@ def test_resume_applies_logs_or_refuses_each_key(tiny_checkpoint, tmp_path, caps
     assert "resume at step 2: train.lr changed from 0.003 to 0.0001; applied from step 3" in out, out
     assert "log_every" not in out and "max_steps" not in out
     rows = records(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 4, 6]  # each step once: steps 3 and 4 of the first launch are gone
+    assert [r["step"] for r in rows] == [1, 2, 3, 6]  # each step once: steps 3 and 4 of the first launch are gone
+    assert [r["steps"] for r in rows] == [1, 1, 1, 3]  # the row at step 3 covers the one step since the resume
     assert all(r["lr"] <= 1e-4 for r in rows[2:]) and rows[1]["lr"] > 1e-3, rows
     saved = (run_dir / "config.yaml").read_text()
     assert saved.startswith("# changed on resume: train.lr 0.003 -> 0.0001 at step 2") and "lr: 0.0001" in saved

@@ -152,7 +152,8 @@ class MetricsWindow:
         total = type(self.stats).from_tensor(acc.reduce(self.stats.as_tensor(), reduction="sum"))
         rows, tokens, flops = acc.reduce(self.counts.to(acc.device), reduction="sum").tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        record = {"step": step, "epoch": epoch, "lr": lr, **total.summary()}
+        # "steps": the optimizer steps this row covers (log_every, fewer for the first row after a resume and the last)
+        record = {"step": step, "steps": len(self.grad_norms), "epoch": epoch, "lr": lr, **total.summary()}
         record["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         record["labelled_tokens_per_s"] = float(total.count.sum()) / elapsed
         record["labelled_tokens"] = int(total.count.sum())
