@@ -161,7 +161,7 @@ def test_a_training_run_on_a_damaged_cache_rebuilds_it_and_ends_equal(tiny_check
     os.utime(arrow, ns=(times.st_atime_ns, times.st_mtime_ns))  # same size, same time: only the content tells
     code, out, err = entry(capsys, *common, "run.name=rebuilt")
     assert code == 0, err[-2000:]
-    assert f"data cache {cache_entry} is damaged (" in out and "rebuilding it" in out, out
+    assert f"data cache {cache_entry} is damaged (" in err and "rebuilding it" in err, err
 
     def weights(name):
         return hashlib.sha256((tmp_path / name / "final" / "model.safetensors").read_bytes()).hexdigest()

@@ -105,7 +105,7 @@ def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tm
     script.write_text(FULL_DISK)
     full = launch(str(script), *overrides)
     error = error_line(full)
-    assert f"pid {holder.pid} is not running" in full.stdout and "run lock: took over" in full.stdout
+    assert f"pid {holder.pid} is not running" in full.stderr and "run lock: took over" in full.stderr
     assert error.startswith(
         f"pard_train: error: step 9: could not save a checkpoint in {checkpoints}: No space left on device "
         f"({checkpoints / '.step_00000009.partial' / 'optimizer.bin'}); the unfinished .step_00000009.partial was "
@@ -122,7 +122,7 @@ def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tm
     weights.write_bytes(bytes(damaged))
     resumed = launch("-m", "pard_train", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "step_00000006 is damaged (model.safetensors does not match its sha256 in MANIFEST.json)" in resumed.stdout
+    assert "step_00000006 is damaged (model.safetensors does not match its sha256 in MANIFEST.json)" in resumed.stderr
     assert f"resuming from {checkpoints / 'step_00000003'} (step 3)" in resumed.stdout, resumed.stdout
     assert_bitwise_equal(final_weights(run_dir), uninterrupted)
     assert (checkpoints / "damaged" / "step_00000006").is_dir()
@@ -135,7 +135,7 @@ def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tm
     shutil.rmtree(run_dir / "final")
     resumed = launch("-m", "pard_train", *overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"model.safetensors has {size // 2} bytes, its manifest says {size}" in resumed.stdout, resumed.stdout
+    assert f"model.safetensors has {size // 2} bytes, its manifest says {size}" in resumed.stderr, resumed.stderr
     assert f"resuming from {checkpoints / 'step_00000006'} (step 6)" in resumed.stdout
     assert_bitwise_equal(final_weights(run_dir), uninterrupted)
 
@@ -316,7 +316,7 @@ def test_checkpoint_choice_is_rank_zeros(tmp_path):
     result = launch(*launcher, str(script), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 chose step_00000002 step 2" in result.stdout and "rank 1 chose step_00000002 step 2" in result.stdout
-    assert "step_00000004 is damaged (model.safetensors does not match its sha256" in result.stdout
+    assert "step_00000004 is damaged (model.safetensors does not match its sha256" in result.stderr
 
 
 def test_checkpoint_files_are_readable_by_other_users(tiny_checkpoint, tmp_path, capsys):

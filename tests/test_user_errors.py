@@ -154,7 +154,7 @@ def test_truncating_most_conversations_and_k1_warn(tiny_checkpoint, tmp_path, ca
     )
     assert code == 0, err[-2000:]
     assert "conversations (100%) are longer than data.max_length and were cut" in out, out
-    assert "warning: pard.num_draft_tokens=1 trains depth 0 only" in out, out
+    assert "warning: pard.num_draft_tokens=1 trains depth 0 only" in err and "num_draft_tokens=1" not in out, out
 
 
 @pytest.mark.parametrize("command", ["trainer", "data"])

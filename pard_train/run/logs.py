@@ -1,5 +1,5 @@
-"""One logging set-up for every entry point: the package's messages on stdout, one line each (``%(message)s``), from
-the main process only.
+"""One logging set-up for every entry point: the package's messages one line each (``%(message)s``), from the main
+process only: information on stdout, warnings on stderr.
 
 Modules log through ``logging.getLogger(__name__)``; entry points call :func:`setup_logging` once (the Hydra ones
 tell Hydra to leave the job's logging alone, ``hydra/job_logging: none``, and the set-up replaces the console handler
@@ -34,15 +34,20 @@ class MainProcessOnly(logging.Filter):
 
 
 class _Console(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stdout`` (or ``sys.stderr``) is at the time (pytest replaces them)."""
+    """A handler writing to whatever ``sys.stdout`` (or ``sys.stderr``) is at the time (pytest replaces them):
+    information to stdout, warnings and errors to stderr, where a user (and a script reading stdout) expects them."""
 
     def __init__(self, to_stderr: bool = False):
-        self.to_stderr = to_stderr
+        self.to_stderr, self._warning = to_stderr, False
         super().__init__()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._warning = record.levelno >= logging.WARNING
+        super().emit(record)
 
     @property
     def stream(self):
-        return sys.stderr if self.to_stderr else sys.stdout
+        return sys.stderr if self.to_stderr or self._warning else sys.stdout
 
     @stream.setter
     def stream(self, value):
