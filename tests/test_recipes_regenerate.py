@@ -148,8 +148,8 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, tiny_checkpoint, prompts,
 
 @pytest.mark.vllm
 def test_vllm_regenerates_what_transformers_does_and_resumes(tmp_path, tiny_checkpoint, prompts):
-    """--backend vllm (vLLM in its own environment): the same greedy answers as transformers, row for row, and a
-    rerun skips the ids already written."""
+    """--backend vllm (vLLM in its own environment): the same greedy answers as transformers, row for row, a rerun
+    skips the ids already written, and no vLLM process outlives the engine."""
     recipe = _recipe()
     reference = recipe.main(_args(tiny_checkpoint, prompts, tmp_path / "hf"))
     args = _args(tiny_checkpoint, prompts, tmp_path / "vllm", "--backend", "vllm")
@@ -165,10 +165,27 @@ def test_vllm_regenerates_what_transformers_does_and_resumes(tmp_path, tiny_chec
 
         output = recipe.main(args, generator=counted)
     finally:
+        group = vllm.engine._process.pid
         vllm.close()
+    _assert_group_ends(group)
     assert sum(calls) == 10 - 4  # the 4 finished ids were not generated again
     rows, expected = _read(output), {row["id"]: row for row in _read(reference)}
     assert len(rows) == len({row["id"] for row in rows}) == 10
     for row in rows:
         assert row["messages"] == expected[row["id"]]["messages"], row["id"]
         assert row["finish_reason"] == expected[row["id"]]["finish_reason"], row["id"]
+
+
+def _assert_group_ends(group: int) -> None:
+    """The vLLM worker's whole process group (vLLM's engine processes included) is gone after close()."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 15  # killed processes take a moment to be reaped
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"processes of the vLLM worker's group {group} still run after the engine was closed")

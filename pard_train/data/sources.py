@@ -44,8 +44,9 @@ class Source:
         Reading costs about 1/20,000 of tokenising the same bytes (``scripts/bench/integrity_cost.py``)."""
         spec = self.spec
         parts = [spec.path, spec.subset, spec.split, spec.max_samples, spec.format.value]
-        for path in self.files:
-            parts.append((str(path.resolve()), path.stat().st_size, xxh3_file(path)))
+        for path in self.files:  # a saved dataset is a directory: every file in it
+            contents = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            parts += [(str(p.resolve()), p.stat().st_size, xxh3_file(p)) for p in contents]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
