@@ -145,7 +145,9 @@ def conversation_ids(config: EvalConfig, tokenizer, turn: str) -> list[int]:
 
 
 def _report(config, results, k, trained_k, dtype, version) -> EvalReport:
-    environment = {"device": "cpu" if dtype == "float32" else "gpu", "dtype": dtype, "vllm": version}
+    import torch
+
+    environment = {"device": "cuda" if torch.cuda.is_available() else "cpu", "dtype": dtype, "vllm": version}
     report = build_report(config, results, k, environment)
     report.engine, report.trained_num_draft_tokens = "vllm", trained_k
     for name, modes in results.items():  # vLLM's own AL, which counts drafts accepted past the end
