@@ -1,11 +1,11 @@
 """The package's folders show its layers (issue 22, item 1): from the import graph of every module, imports inside
 functions counted, no module imports another in a cycle, and none imports from a layer above its own.
 
-Layers, bottom to top (README "Layout of the repository"): base < core < data < modelio, vllm_env < run, evaluate <
-methods, publish < training < the application (``pard_train.__main__``, every ``__main__``, the thin command modules
-``export``, ``derive``, ``gguf``, ``teacher_cache``). ``testing`` (tiny models) sits beside evaluate, and the tiny
-presets may import it from any layer. Imports under ``if TYPE_CHECKING:`` are annotations, not imports, and are
-left out."""
+Layers, bottom to top (docs/architecture.md, "Layout of the repository"): base < core < data < modelio, vllm_env <
+run, evaluate < methods, publish < training < the application (``pard_train.__main__``, every ``__main__``, the thin
+command modules ``export``, ``derive``, ``gguf``, ``teacher_cache``). ``testing`` (tiny models) sits beside evaluate,
+and the tiny presets may import it from any layer. Imports under ``if TYPE_CHECKING:`` are annotations, not imports,
+and are left out."""
 
 from __future__ import annotations
 
