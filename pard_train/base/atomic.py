@@ -4,6 +4,7 @@ and ``xxh3_file`` are how the manifests that prove such files whole (data cache,
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import logging
@@ -155,3 +156,25 @@ def move_aside(path: str | Path, damaged: str | Path) -> Path:
         target, number = damaged / f"{path.name}.{number}", number + 1
     os.replace(path, target)
     return target
+
+
+def describe_error(error: BaseException, directory: str | Path | None = None) -> str:
+    """One line for a failed write: the OS error and its file, or a wrapped one (torch.save reports a full disk as
+    "unexpected pos ...", safetensors as "IoError(...)"); with ``directory``, a full disk or a wrapped error also says
+    how much space is left there, so the line names the disk to free."""
+    if isinstance(error, OSError):
+        text = error.strerror or str(error)
+        text = f"{text} ({error.filename})" if error.filename else text
+        if error.errno != errno.ENOSPC:
+            return text
+    else:
+        lines = str(error).strip().splitlines()
+        text = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    if directory is not None:
+        try:
+            free = shutil.disk_usage(directory).free
+            writable = os.access(directory, os.W_OK)
+            text += f" ({free / 2**20:.1f} MiB free{'' if writable else ', not writable'} in {directory})"
+        except OSError:
+            pass
+    return text

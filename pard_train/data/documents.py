@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pard_train.base.atomic import atomic_directory, atomic_write_text
+from pard_train.base.atomic import atomic_directory, atomic_write_text, describe_error
 from pard_train.base.config import DataConfig, DataFormat, LossOn, Truncation
 from pard_train.data.cache_manifest import move_aside, verify, write_manifest
 from pard_train.data.formats import BadRow, to_messages
@@ -236,7 +236,14 @@ def load_documents(source: Source, tokenizer, config: DataConfig, tokenizer_fp: 
             report = SourceReport(**json.loads((destination / "report.json").read_text()))
             report.cached = True
             return datasets.load_from_disk(str(destination / "documents")), report
-        return _build(source, tokenizer, config, destination)
+        try:
+            return _build(source, tokenizer, config, destination)
+        except OSError as error:  # a full or read-only disk: the staging copy is gone, nothing half-written is read
+            raise DataError(
+                f"could not write the data cache {destination}: {describe_error(error, root)}; free space there, "
+                "point data.cache_dir (the data command's --cache-dir) at another disk, or turn the cache off "
+                "(data.cache=false)"
+            ) from None
 
 
 def check_bad_fraction(report: SourceReport, max_bad_fraction: float) -> None:

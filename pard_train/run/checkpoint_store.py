@@ -36,7 +36,14 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from pard_train.base.atomic import atomic_write_text, default_modes, fsync_directory, move_aside, sha256_file
+from pard_train.base.atomic import (
+    atomic_write_text,
+    default_modes,
+    describe_error,
+    fsync_directory,
+    move_aside,
+    sha256_file,
+)
 from pard_train.base.errors import CheckpointSaveError, ResumeError
 from pard_train.run.distributed import gather_all, on_main, together
 from pard_train.run.train_state import STATE_FILE, TrainState, read_state
@@ -252,24 +259,6 @@ class CheckpointStore:
 
         what = f"step {step}: could not point checkpoints/best at the new best"
         self._stage(what, temp, "the checkpoint itself is saved")(swap, main_only=True)
-
-
-def describe_error(error: BaseException, directory: Path | None = None) -> str:
-    """One line: the OS error and its file, or a wrapped one with what the filesystem says (torch.save reports a
-    full disk as "unexpected pos ...", safetensors as "IoError(...)")."""
-    if isinstance(error, OSError):
-        text = error.strerror or str(error)
-        return f"{text} ({error.filename})" if error.filename else text
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-    if directory is not None:
-        try:
-            free = shutil.disk_usage(directory).free
-            writable = os.access(directory, os.W_OK)
-            text += f" ({free / 2**20:.1f} MiB free{'' if writable else ', not writable'} in {directory})"
-        except OSError:
-            pass
-    return text
 
 
 def _files(directory: Path) -> list[str]:
