@@ -1,10 +1,12 @@
-"""The benchmark scripts run in smoke mode, so they cannot rot."""
+"""Every benchmark in scripts/bench/ runs here in smoke mode (tiny sizes, seconds), so none can rot: layout cost,
+training throughput, drop-token efficiency, harness speed, the LM-head loss and the FLOP count."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -119,3 +121,22 @@ def test_lm_head_loss_smoke(tmp_path):
     assert len(record["times_s"]["head once (after)"]) == len(record["times_s"]["checkpointed chunks (before)"]) == 2
     assert len(record["loss_only_times_s"]["head once (after)"]) == 2
     assert "| model | head (vocab x width) |" in result.stdout
+
+
+def test_flop_count_smoke(tmp_path):
+    out = tmp_path / "flop_count.json"
+    result = _run_smoke("flop_count.py", "--out", str(out))
+    payload = json.loads(out.read_text())
+    (record,) = payload["results"]
+    assert payload["meta"]["K"] == 4 and record["L"] == 128
+    # Padding and unlabelled tokens are layout tokens the count leaves out; attention adds a little on top.
+    assert record["layout_tokens"] >= record["real_tokens"] >= record["labelled"] > 0
+    assert record["flops_now"] > 0 and 0 < record["attention_share"] < 1
+    assert "| L | layout tokens (real) |" in result.stdout
+
+
+def test_every_benchmark_has_a_smoke_run():
+    """A script added to scripts/bench/ gets its smoke run here; one-off experiments are not kept there."""
+    scripts = sorted(path.name for path in (REPO / "scripts" / "bench").glob("*.py") if not path.name.startswith("_"))
+    source = Path(__file__).read_text()
+    assert [name for name in scripts if f'"{name}"' not in source and f"scripts/bench/{name}" not in source] == []

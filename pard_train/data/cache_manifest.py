@@ -3,8 +3,8 @@ directory, written into the staging directory before it is renamed into place (s
 together).
 
 Verifying on use reads every file and compares its xxh3-128: damage of any kind is caught, also one that keeps the
-size and the modification time (a restored time, bit rot), at a cost far below tokenising
-(``scripts/bench/integrity_cost.py``). ``verify(..., full=True)`` compares the sha256 as well. A manifest written
+size and the modification time (a restored time, bit rot), at a cost far below tokenising (docs/benchmarks.md,
+"Cost of the start-up integrity checks"). ``verify(..., full=True)`` compares the sha256 as well. A manifest written
 before xxh3 was recorded is checked by its sha256 where a file's time differs from the recorded one.
 """
 

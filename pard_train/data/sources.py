@@ -41,7 +41,8 @@ class Source:
     def fingerprint(self) -> str:
         """Changes when any file's content changes (read whole: an edit that keeps the size and restores the time,
         as ``cp -p`` and rsync do, changes it too), a file is added or removed, or the source settings change.
-        Reading costs about 1/20,000 of tokenising the same bytes (``scripts/bench/integrity_cost.py``)."""
+        Reading costs about 1/20,000 of tokenising the same bytes (docs/benchmarks.md, "Cost of the start-up
+        integrity checks")."""
         spec = self.spec
         parts = [spec.path, spec.subset, spec.split, spec.max_samples, spec.format.value]
         for path in self.files:  # a saved dataset is a directory: every file in it

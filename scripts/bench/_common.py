@@ -1,6 +1,5 @@
-"""Helpers shared by the benchmark scripts: run metadata, Markdown tables, atomic JSON, isolated child runs, logged
-runs of the trainer and the harness, and the dense-mask baseline (the reference implementation's approach, rebuilt
-here only to be measured against).
+"""Helpers shared by the benchmark scripts: run metadata, Markdown tables, atomic JSON, isolated child runs, and the
+dense-mask baseline (the reference implementation's approach, rebuilt here only to be measured against).
 
 Not an entry point: the scripts here import it (``python scripts/bench/NAME.py`` puts this folder on the path).
 """
@@ -24,7 +23,6 @@ from pard_train.base.atomic import atomic_write_text
 from pard_train.core.layout import PardBatch, build_row, can_attend, collate_rows
 
 GIB = 1024**3
-REPO = Path(__file__).resolve().parents[2]
 
 
 def metadata(device: torch.device | None = None, **extra) -> dict:
@@ -61,24 +59,6 @@ def write_json(path: Path, payload: dict) -> Path:
     atomic_write_text(path, json.dumps(payload, indent=2))
     print(f"\nwrote {path}", file=sys.stderr)
     return path
-
-
-def run_logged(command: list[str], log: Path) -> None:
-    """Run ``command`` from the repository root with its output in ``log``; exit naming the log if it fails."""
-    print("$", " ".join(map(str, command)), file=sys.stderr, flush=True)
-    with log.open("w") as handle:
-        code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=os.environ).returncode
-    if code != 0:
-        sys.exit(f"failed ({code}): {' '.join(map(str, command))}; see {log}")
-
-
-def harness_report(target: Path, draft: Path, out: Path, *overrides: str) -> dict:
-    """The harness (``python -m pard_train.evaluate``) for ``draft`` against ``target`` with ``overrides``, its report
-    in ``out``; a report already there is reused, so an interrupted benchmark resumes where it stopped."""
-    if not (out / "report.json").exists():
-        command = [sys.executable, "-m", "pard_train.evaluate", f"target={target}", f"draft={draft}", *overrides]
-        run_logged([*command, f"output_dir={out}"], out.with_suffix(".log"))
-    return json.loads((out / "report.json").read_text())
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

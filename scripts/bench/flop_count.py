@@ -1,4 +1,4 @@
-"""python scripts/bench/flop_count.py [--out bench_results/flop_count.json]
+"""python scripts/bench/flop_count.py [--smoke] [--out bench_results/flop_count.json]
 
 FLOPs of one training step of a Llama-3.2-1B-shaped model (built on the meta device: no weights, no time) on real
 PARD layouts (K=8, drop-token r=0.7, r_min=0.2, batch 8, padded to multiples of 128 as on a GPU), counted three ways:
@@ -34,7 +34,10 @@ def main(argv=None) -> Path:
     parser.add_argument("--num-depths", "-K", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench_results/flop_count.json"))
+    parser.add_argument("--smoke", action="store_true", help="one short length, K=4, batch 2 (CI: the script runs)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.num_depths, args.batch = [128], 4, 2
     # The shape only: parameters on the meta device cost no memory and no initialisation.
     shape = SHAPES["llama-3.2-1b"]
     model = build_model(shape, "sdpa", torch.device("meta"), torch.float32, max(args.lengths))
