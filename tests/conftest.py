@@ -54,6 +54,13 @@ def kind_of(item: pytest.Item) -> str:
     return "unit"
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers, one per core: torch's own threads would fight
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
     for item in items:

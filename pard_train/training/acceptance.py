@@ -16,8 +16,9 @@ import logging
 from pathlib import Path
 
 from pard_train.base.atomic import atomic_write_text
-from pard_train.base.config import AcceptanceConfig
+from pard_train.base.config import AcceptanceConfig, Config
 from pard_train.modelio.model import DraftSpec
+from pard_train.training.acceptance_plot import plot_before_after
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,29 @@ def measure(settings: AcceptanceConfig, target: str, run_dir: Path, draft: str |
     return report
 
 
+def before_training(config: Config, run_dir: Path, spec: DraftSpec, accelerator) -> None:
+    """With ``acceptance.before_training``: the untrained draft measured on the main process (the harness runs on one
+    device) while the other ranks wait for it. Collective."""
+    if not config.acceptance.before_training:
+        return
+    if accelerator.is_main_process:
+        target = config.acceptance_target
+        measure(config.acceptance, target, run_dir, config.model.draft_path, spec, "before")
+    accelerator.wait_for_everyone()
+
+
+def after_export(config: Config, run_dir: Path, spec: DraftSpec, final_dir: Path, card, tracker, step: int) -> None:
+    """With ``acceptance.after_training`` (main process): the exported draft measured, its model card ``card``
+    rewritten with the table (:func:`after_training`), the record sent to ``tracker`` at ``step``."""
+    from dataclasses import replace
+
+    if not config.acceptance.after_training:
+        return
+    record, table = after_training(config.acceptance, config.acceptance_target, run_dir, spec, final_dir)
+    replace(card, al_table=table).write(final_dir)
+    tracker.log(record, step)
+
+
 def after_training(
     settings: AcceptanceConfig, target: str, run_dir: Path, spec: DraftSpec, final_dir: Path
 ) -> tuple[dict[str, float], str | None]:
@@ -165,8 +189,21 @@ def before_after(before, after, output_dir: str | Path) -> str:
     markdown = "\n".join(lines) + "\n"
     atomic_write_text(output_dir / "before_after.md", markdown)
     atomic_write_text(output_dir / "before_after.json", json.dumps(rows, indent=2))
-    _plot_before_after(rows, k, output_dir / "before_after.png")
+    target = Path(str(after.config.get("target") or "the target")).name
+    title = f"PARD draft (K={k}) for {target}: acceptance before and after training"
+    plot_before_after(rows, k, output_dir / "before_after.png", title, served and served_speed(served))
     return markdown
+
+
+def served_speed(served) -> dict:
+    """vLLM's tokens/s target alone and with the draft, the median speed-up and the lossless check, for the plot."""
+    modes = served.wallclock["modes"]
+    return {
+        "target": modes["target"]["tokens_per_s"],
+        "pard": modes["pard"]["tokens_per_s"],
+        "speedup": modes["pard"]["speedup"]["median"],
+        "lossless": served.summary("pard")["mismatched_prompts"] == 0,
+    }
 
 
 def served_lines(served, parity: dict | None) -> list[str]:
@@ -185,39 +222,3 @@ def served_lines(served, parity: dict | None) -> list[str]:
         f"({speed['min']:.2f}–{speed['max']:.2f}); lossless: {'yes' if lossless == 0 else f'{lossless} differ'}; "
         f"same outputs and verify steps as the harness on {same} ({parity['pard']['prompts'] if parity else 0}).",
     ]
-
-
-def _plot_before_after(rows: dict, k: int, path: Path) -> None:
-    import matplotlib
-
-    from pard_train.evaluate.report import save_png
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(rows)
-    keys = ["before", "after", *(["after_vllm"] if "after_vllm" in rows["all"] else [])]
-    width = 0.8 / len(keys)
-    labels = {"before": "before training", "after": "after (harness)", "after_vllm": "after (served by vLLM)"}
-    for index, key in enumerate(keys):
-        offset = (index - (len(keys) - 1) / 2) * width
-        values = [rows[n][key] or 0 for n in names]
-        bars = left.bar([i + offset for i in range(len(names))], values, width, label=labels[key])
-        left.bar_label(bars, fmt="%.2f", fontsize=7)
-    left.set_xticks(range(len(names)), names)
-    left.set_ylabel("acceptance length (tokens per target forward)")
-    left.set_title("PARD acceptance length")
-    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(keys), fontsize=8)
-    positions = range(1, k + 1)
-    for key in ("before_by_position", "after_by_position"):
-        values = [v if v is not None else float("nan") for v in rows["all"][key]]
-        right.plot(positions, values, marker="o", label=key.split("_")[0])
-    right.set_xticks(list(positions))
-    right.set_ylim(0, 1)
-    right.set_xlabel("draft position")
-    right.set_ylabel("conditional acceptance")
-    right.set_title("Acceptance per draft position (all benchmarks)")
-    right.legend()
-    figure.tight_layout()
-    save_png(figure, path)
