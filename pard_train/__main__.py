@@ -15,9 +15,9 @@ register_configs()
 
 @hydra.main(config_path="../configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
+    setup_logging()  # first: the training stack imports DeepSpeed
     from pard_train.training.train import train
 
-    setup_logging()
     with user_errors("pard_train"):
         config = to_config(cfg)
         config.run.name = job_run_name(config.run)

@@ -86,3 +86,31 @@ def test_setup_replaces_a_plain_console_handler_so_no_line_is_printed_twice(caps
     logging.getLogger("pard_train.x").info("once")
     captured = capsys.readouterr()
     assert (captured.out + captured.err).count("once") == 1
+
+
+def test_deepspeeds_no_gpu_notice_is_dropped_only_without_a_gpu(monkeypatch):
+    """The trainer's first output line was DeepSpeed's import-time "Setting accelerator to CPU" warning; the set-up
+    drops it at its logger when torch sees no GPU, and keeps DeepSpeed's other warnings."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from pard_train.run.logs import NoGpuNotice
+
+    notice = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to CPU. If", None, None)
+    other = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, "ZeRO offload is slow", None, None)
+    assert NoGpuNotice().filter(other)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert NoGpuNotice().filter(notice)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not NoGpuNotice().filter(notice)
+    # Through DeepSpeed's real import in a fresh process on this CPU: without the set-up it warns, with it it does not.
+    code = "from pard_train.run.logs import setup_logging; {} import deepspeed"
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES")}
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: DeepSpeed does not warn")
+    for setup, warned in (("", True), ("setup_logging();", False)):
+        done = subprocess.run([sys.executable, "-c", code.format(setup)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert ("Setting accelerator to CPU" in done.stdout + done.stderr) is warned, done.stdout + done.stderr

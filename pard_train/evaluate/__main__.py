@@ -27,6 +27,7 @@ register_configs()
 
 @hydra.main(config_path="../../configs", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
+    setup_logging()  # first: the harness's imports bring DeepSpeed
     from pard_train.evaluate.config import is_sweep, to_config
     from pard_train.evaluate.engines import measure
     from pard_train.evaluate.partial import PartialReportWriter, partial_cell_writer
@@ -35,7 +36,6 @@ def main(cfg: DictConfig) -> None:
     from pard_train.evaluate.sweep import run_sweep
     from pard_train.evaluate.sweep_report import write_sweep_report
 
-    setup_logging()
     with user_errors("pard_train.evaluate"):
         config = to_config(cfg)
         check_before_measuring(config)  # output_dir writable, tokenizers shared: before any measurement

@@ -54,11 +54,27 @@ class _Console(logging.StreamHandler):
         pass
 
 
+class NoGpuNotice(logging.Filter):
+    """DeepSpeed warns at import, on every machine without a GPU, that it chose the CPU, before any of its code runs:
+    nothing a user can act on, and the first line of every command's output. Dropped only when torch indeed sees no
+    CUDA or ROCm device (with one visible, a failed detection is worth the warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Setting accelerator to CPU."):
+            return True
+        import torch  # imported already: DeepSpeed's detection ran on it
+
+        return torch.cuda.is_available()
+
+
 def setup_logging(level: int = logging.INFO, to_stderr: bool = False) -> None:
     """Send log records at ``level`` and above to stdout (scripts whose stdout is a table: stderr) as bare lines, the
     package's from rank 0 only. Plain console handlers already on the root logger (Hydra's, which would print every
     line again, on every rank) are replaced; other handlers (files, pytest's capture) stay. Idempotent: a second call
-    (an entry point run twice in one process) adds no second handler."""
+    (an entry point run twice in one process) adds no second handler. Call it before DeepSpeed is imported."""
+    deepspeed = logging.getLogger("DeepSpeed")  # its logger, before its import: DeepSpeed keeps a logger's filters
+    if not any(isinstance(f, NoGpuNotice) for f in deepspeed.filters):
+        deepspeed.addFilter(NoGpuNotice())
     root = logging.getLogger()
     for handler in [h for h in root.handlers if type(h) is logging.StreamHandler]:
         root.removeHandler(handler)
