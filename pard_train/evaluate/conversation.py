@@ -5,8 +5,11 @@ differ only in the ``generate(ids) -> Generation`` they pass in, so both see the
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
 
 from pard_train.evaluate.benchmarks import Prompt, render
 from pard_train.evaluate.config import EvalConfig, Mode
@@ -103,10 +106,14 @@ class ModeResult:
     """Prompts not decoded because the target cannot read them whole: ``{"id", "turn", "prompt_tokens"}``."""
 
 
-def run_benchmark(result: ModeResult, prompts, conversation: Conversation, generate: Generate) -> ModeResult:
+def run_benchmark(
+    result: ModeResult, prompts, conversation: Conversation, generate: Generate, bar: tqdm | None = None
+) -> ModeResult:
     """Every prompt of one benchmark in one mode, added to ``result``; a prompt the target cannot read whole is
-    skipped, with a line, and listed in ``result.skipped``."""
+    skipped, with a line, and listed in ``result.skipped``. ``bar`` advances by one per prompt."""
     for prompt in prompts:
+        if bar is not None:
+            bar.update(1)
         try:
             generations = conversation.run(prompt, generate)
         except PromptTooLong as error:
@@ -157,22 +164,51 @@ def interleaved_runs(
     results = {} if results is None else results
     totals: dict[str, list[tuple[int, float]]] = {mode.value: [] for mode in generators}
     order = list(generators)
-    for repeat in range(repeats):
-        for mode in order[repeat % len(order) :] + order[: repeat % len(order)]:
-            tokens, seconds = 0, 0.0
-            for name, prompts in benchmarks:
-                if repeat == 0:
-                    result = results.setdefault(name, {}).setdefault(mode, ModeResult())
-                    run_benchmark(result, prompts, conversation, generators[mode])
-                    stats = result.stats
-                    logger.info(
-                        f"{name:>10} {label}{mode.value:>6}: AL {stats.acceptance_length:.3f}, "
-                        f"{stats.generated_tokens / stats.wall_seconds:.1f} tok/s, {stats.generated_tokens} tokens"
-                    )
-                    finished(name, mode)
-                else:
-                    result = run_benchmark(ModeResult(), prompts, conversation, generators[mode])
-                tokens += result.stats.generated_tokens
-                seconds += result.stats.wall_seconds
-            totals[mode.value].append((tokens, seconds))
+    passes = repeats * len(order)
+    bar = tqdm(
+        total=passes * sum(len(prompts) for _, prompts in benchmarks),
+        desc=f"{label or 'harness '}decoding ({', '.join(mode.value for mode in order)}; {repeats} repeat(s))",
+        unit="prompt",
+        leave=False,
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    try:  # closed (and so cleared) on an error too: no bar stays above an error line
+        for repeat in range(repeats):
+            for mode in order[repeat % len(order) :] + order[: repeat % len(order)]:
+                first = results if repeat == 0 else None
+                passed = _decode_pass(benchmarks, conversation, generators[mode], mode, first, finished, bar, label)
+                totals[mode.value].append(passed)
+    finally:
+        bar.close()
+    prompts = sum(len(prompts) for _, prompts in benchmarks)
+    logger.info(f"{label or 'harness '}decoding: {prompts} prompts x {passes} pass(es) in {_duration(started)}")
     return results, totals
+
+
+def _decode_pass(benchmarks, conversation, generate, mode, results, finished, bar, label) -> tuple[int, float]:
+    """One mode over every benchmark: (generated tokens, seconds). With ``results`` (the first repeat) it records
+    each benchmark there and says its line; a later repeat is timed only."""
+    tokens, seconds = 0, 0.0
+    for name, prompts in benchmarks:
+        if results is None:
+            result = run_benchmark(ModeResult(), prompts, conversation, generate, bar)
+        else:
+            result = run_benchmark(
+                results.setdefault(name, {}).setdefault(mode, ModeResult()), prompts, conversation, generate, bar
+            )
+            stats = result.stats
+            with bar.external_write_mode():  # the line above the bar, not through it
+                logger.info(
+                    f"{name:>10} {label}{mode.value:>6}: AL {stats.acceptance_length:.3f}, "
+                    f"{stats.generated_tokens / stats.wall_seconds:.1f} tok/s, {stats.generated_tokens} tokens"
+                )
+            finished(name, mode)
+        tokens += result.stats.generated_tokens
+        seconds += result.stats.wall_seconds
+    return tokens, seconds
+
+
+def _duration(started: float) -> str:
+    seconds = round(time.perf_counter() - started)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
