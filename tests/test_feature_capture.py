@@ -16,7 +16,7 @@ from pard_train.core.layout import IGNORE_INDEX, build_row, collate_rows, dense_
 from pard_train.evaluate.feature_capture import FeatureCapture, final_norm_input, target_features
 from pard_train.evaluate.pard2_drafter import Pard2Drafter, load_pard2_drafter
 from pard_train.evaluate.speculative import speculative_generate
-from pard_train.methods.pard2 import anchor_features
+from pard_train.methods.pard2_loss import anchor_features
 from pard_train.methods.teacher import Teacher
 from pard_train.modelio import draft_format
 from pard_train.modelio.draft_format import DraftFormat, Pard2Fields

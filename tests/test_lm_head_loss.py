@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from launch import REPO
 
 from pard_train.core.lm_head_loss import chunked_head_loss, project_logits
-from pard_train.methods.pard2 import _kd
+from pard_train.methods.pard2_loss import _kd
 from pard_train.testing.tiny import build_tiny_model
 
 VOCAB, WIDTH, TOKENS = 96, 64, 53

@@ -23,7 +23,7 @@ from pard_train.core.layout import (
     dense_attention_mask,
 )
 from pard_train.methods.pard import pard_loss
-from pard_train.methods.pard2 import (
+from pard_train.methods.pard2_loss import (
     Pard2Inputs,
     anchor_features,
     cat_weights,

@@ -17,7 +17,7 @@ from pard_train.base.config import AttentionBackend, MethodConfig, MethodName
 from pard_train.base.errors import ConfigError
 from pard_train.core.layout import DropTokenSchedule, build_row, collate_rows
 from pard_train.data.packing import PackedRow
-from pard_train.methods.pard2 import Pard2Inputs, cat_weights, pard2_loss
+from pard_train.methods.pard2_loss import Pard2Inputs, cat_weights, pard2_loss
 from pard_train.methods.teacher import Teacher, TeacherSignals
 from pard_train.methods.teacher_cache import MANIFEST, TeacherCache, top_k_kd
 from pard_train.methods.teacher_cache_builder import build, worker_from_environment

@@ -1,5 +1,5 @@
 """PARD-2's target-dependent (TD) mode in the harness: the PARD drafter whose inputs also carry the target's hidden
-states, aligned exactly as in training (``pard_train.methods.pard2``): a real token at position j gets
+states, aligned exactly as in training (``pard_train.methods.pard2_loss``): a real token at position j gets
 ``f(j) = h_T(j - 1)`` (zero at position 0), each mask gets ``f(n)`` of the newest real token n, i.e. ``h_T(n - 1)``,
 the newest target state when drafting. Features enter as ``Emb(id) + s * W f``.
 

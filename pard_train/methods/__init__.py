@@ -4,7 +4,7 @@ through :class:`Method`; they know nothing else about it (not even where its obj
 - ``pard`` (:mod:`pard_train.methods.pard`): cross-entropy on every labelled depth token; the weight is the
   labelled-token count.
 - ``pard2`` (:mod:`pard_train.methods.pard2`): a frozen target runs first (CAT weights, distillation logits,
-  features); the weight is the CAT weight sum.
+  features); the weight is the CAT weight sum. Its loss is ``pard2_loss``, its target ``pard2_target``.
 - ``teacher`` (the frozen target's signals), ``teacher_cache`` and ``teacher_cache_builder`` (those signals computed
   once, read back for top-k distillation), ``confidence_cache``.
 
