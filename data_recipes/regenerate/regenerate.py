@@ -23,8 +23,11 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from pard_train.base.config import DataFormat, DataSource
 from pard_train.base.errors import PardTrainError
@@ -256,8 +259,9 @@ def main(argv=None, generator=None) -> Path:
     try:
         generator = generator or make_generator(args)
         todo.sort(key=lambda p: len(json.dumps(p[1])))  # similar lengths together: less padding
-        finished = Counter()
-        with output.open("a", encoding="utf-8") as handle:
+        finished, started = Counter(), time.perf_counter()
+        bar = tqdm(total=len(todo), desc="regenerate", unit="answer", dynamic_ncols=True, leave=False)
+        with bar, output.open("a", encoding="utf-8") as handle:
             for begin in range(0, len(todo), args.batch_size):
                 batch = todo[begin : begin + args.batch_size]
                 answers = generator([p[1] for p in batch], args.max_new_tokens, args.temperature)
@@ -270,13 +274,14 @@ def main(argv=None, generator=None) -> Path:
                 handle.write("\n".join(lines) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
-                print(f"regenerate: {begin + len(batch)}/{len(todo)} written", flush=True)
+                bar.update(len(batch))
     except PardTrainError as error:  # no vLLM environment, or vLLM failed; the rows written so far are kept
         fail(str(error))
     finally:
         if owned and hasattr(generator, "close"):
             generator.close()
-    print(f"regenerate: wrote {sum(finished.values())} rows to {output} ({dict(finished)})")
+    seconds = round(time.perf_counter() - started)
+    print(f"regenerate: wrote {sum(finished.values())} rows to {output} ({dict(finished)}) in {seconds} s")
     return output
 
 
