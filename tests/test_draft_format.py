@@ -19,11 +19,12 @@ from transformers import AutoModelForCausalLM
 
 from pard_train.base.config import FeatureCapture, to_config
 from pard_train.core.mask_token import choose_mask_token
+from pard_train.export import main as export_main
 from pard_train.modelio import draft_format
 from pard_train.modelio.draft_format import DraftFormat, DraftFormatError, Pard2Fields
 from pard_train.modelio.model import DraftSpec
-from pard_train.publish.export import export_draft, training_recipe
-from pard_train.publish.export import main as export_main
+from pard_train.publish.export import export_draft
+from pard_train.publish.model_card import training_recipe
 from pard_train.publish.serving_check import check_serving
 from pard_train.testing.tiny import build_tiny_model
 from pard_train.testing.tiny_pair import build_pair

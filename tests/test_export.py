@@ -112,7 +112,7 @@ def test_cli_exports_a_checkpoint(tmp_path):
 def test_overwrite_replaces_only_a_previous_export(tmp_path, capsys):
     """``export --overwrite`` replaces an earlier export; a directory of the user's own files, a run directory (even
     exporting its own final/ onto it) or a file is refused in one line, and left as it was."""
-    from pard_train.publish.export import main as export_main
+    from pard_train.export import main as export_main
 
     target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft", num_draft_tokens=K)
     mine, run, a_file = tmp_path / "mine", tmp_path / "run", tmp_path / "notes.txt"

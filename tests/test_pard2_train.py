@@ -82,7 +82,7 @@ def test_pard2_trains_exports_and_reloads(tiny_checkpoint, tmp_path):
         assert len(report.overall[mode]["conditional_acceptance"]) == 4
 
     # Re-exported by the CLI, W and the PARD-2 fields come along.
-    from pard_train.publish.export import main as export_main
+    from pard_train.export import main as export_main
 
     assert export_main(["--checkpoint", str(final), "--output", str(tmp_path / "exported")]) == 0
     again = json.loads((tmp_path / "exported" / "config.json").read_text())

@@ -127,7 +127,8 @@ def test_the_qwen3_schedule_decays_to_ten_percent_after_a_three_percent_warm_up(
 def test_a_k_sweep_overrides_the_served_k_up_to_the_trained_k():
     """``export --k-sweep``: the card serves the sweep's K (over the K=16 -> 15 default too), never one above the
     trained K; the table and every command in the card say the same K."""
-    from pard_train.publish.export import DraftSpec, ModelCard
+    from pard_train.modelio.model import DraftSpec
+    from pard_train.publish.model_card import ModelCard
 
     td = DraftFormat(16, 5, Pard2Fields((-1, -8, -16, -24), 4 * 4096, 0.02))
     cases = [(DraftFormat(4, 5), 3, 3), (DraftFormat(4, 5), 6, 4), (td, None, 15), (td, 16, 16), (td, 12, 12)]

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pard_train.base.config import FeatureCapture
+from pard_train.export import main as export_main
 from pard_train.modelio import draft_format
 from pard_train.modelio.draft_format import Pard2Fields
 from pard_train.modelio.model import DraftSpec
 from pard_train.publish.export import export_draft
-from pard_train.publish.export import main as export_main
 from pard_train.publish.serving_check import ServingCheckError, check_serving, resolve_layer_ids, resolve_mask_token
 from pard_train.testing.tiny_pair import build_pair
 

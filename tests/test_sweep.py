@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from pard_train.evaluate.compare import main as compare_main
+from pard_train.evaluate.compare.__main__ import main as compare_main
 from pard_train.evaluate.config import EvalConfig, Mode
 from pard_train.evaluate.sweep import expected_speedup, run_sweep
 from pard_train.evaluate.sweep_report import write_sweep_report
@@ -159,7 +159,7 @@ def test_cli_runs_a_family_sweep(tmp_path):
 
 
 def test_export_puts_the_recommended_k_and_its_command_in_the_card(sweep, tmp_path):
-    from pard_train.publish.export import main as export_main
+    from pard_train.export import main as export_main
 
     report, _, out = sweep
     exported = tmp_path / "exported"

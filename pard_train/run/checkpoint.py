@@ -35,6 +35,16 @@ class Checkpoints:
     def path_for(self, step: int) -> Path:
         return self.store.path_for(step)
 
+    def start(
+        self, state: TrainState, resume: bool, deepspeed: bool, recorded_defaults: Callable[[dict], dict] | None = None
+    ) -> TrainState:
+        """The state this launch starts from: the leftovers of saves and exports that did not finish are removed (main
+        process), then, with ``resume``, the newest valid checkpoint is restored (:meth:`resume`)."""
+        if self.store.accelerator.is_main_process:
+            for name in self.store.remove_leftovers():
+                logger.info(f"removed {name}, left by a save or export that did not finish")
+        return self.resume(state, deepspeed, recorded_defaults) if resume else state
+
     def resume(
         self, state: TrainState, deepspeed: bool, recorded_defaults: Callable[[dict], dict] | None = None
     ) -> TrainState:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from omegaconf import OmegaConf
 from pard_train.base.atomic import atomic_write_text
 from pard_train.base.config import Config
 from pard_train.base.errors import ResumeError
+
+logger = logging.getLogger(__name__)
 
 RECORD = "run.json"
 
@@ -199,6 +202,19 @@ def claim(run_dir: Path, config: Config, model: str) -> tuple[RunRecord, str]:
     return record, "retrain" if done else "continue"
 
 
+def claim_run(config: Config, accelerator) -> tuple[RunRecord, str, str]:
+    """:func:`claim` on the main process, before anything is loaded, with the model identified by the content of its
+    files (digests remembered in ``<run.output_root>/cache/model_hashes.json``). Collective: every rank gets
+    ``(record, status, model fingerprint)``, or the same refusal."""
+    from pard_train.modelio.model_identity import model_fingerprint
+    from pard_train.run.distributed import on_main
+
+    hashes = Path(config.run.output_root) / "cache" / "model_hashes.json"
+    model = on_main(accelerator, lambda: model_fingerprint(config.model.path, hashes))
+    record, status = on_main(accelerator, lambda: claim(Path(config.run.path), config, model))
+    return record, status, model
+
+
 def check_data(run_dir: Path, record: RunRecord, fingerprint: str) -> RunRecord:
     """The data's rows are part of the identity: recorded the first time, refused when they differ later."""
     if record.data is not None and record.data != fingerprint and holds_work(run_dir):
@@ -244,3 +260,33 @@ def logged_changes(before: dict, config: Config) -> dict:
 def describe_changes(changes: list) -> str:
     """``train.lr 0.003 -> 0.0001 at step 20`` for the config header and the model card."""
     return "; ".join(f"{c['key']} {c['before']} -> {c['after']} at step {c['step']}" for c in changes)
+
+
+def apply_logged_changes(record: RunRecord, config: Config, saved_config: Path, step: int, scheduler, accelerator):
+    """On a resume at ``step``: the logged settings (LR, schedule, warm-up, clipping) that differ from the checkpoint's
+    ``saved_config`` are applied with a line each and recorded in ``run.json``. The checkpoint restored its own base
+    LR into the optimizer and scheduler; the new schedule's value at this step replaces it. Collective."""
+    from pard_train.run.distributed import on_main
+    from pard_train.run.lr_schedule import continue_with_peak_lr
+
+    before = on_main(
+        accelerator, lambda: OmegaConf.to_container(OmegaConf.load(saved_config)) if saved_config.exists() else {}
+    )
+    changes = logged_changes(before, config)
+    if not changes:
+        return
+    continue_with_peak_lr(scheduler, config.train.lr, step)
+    for key, (old, new) in changes.items():
+        logger.info(f"resume at step {step}: {key} changed from {old} to {new}; applied from step {step + 1}")
+        record.changes.append({"step": step, "key": key, "before": old, "after": new})
+    if accelerator.is_main_process:
+        record.write(Path(config.run.path))
+
+
+def config_text(config: Config, record: RunRecord | None = None) -> str:
+    """What the run's ``config.yaml`` holds: the resolved config, headed by the settings that changed on a resume
+    (what ran); without ``record``, the config alone (what a checkpoint records)."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(config))
+    if record is None or not record.changes:
+        return text
+    return f"# changed on resume: {describe_changes(record.changes)}\n{text}"

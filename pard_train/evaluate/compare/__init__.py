@@ -1,15 +1,11 @@
 """Several evaluation runs side by side, as one Markdown table (AL and speed-up per benchmark and mode); a sweep
-report contributes one column per cell (target, K, thinking).
-
-python -m pard_train.evaluate.compare runs/evaluate/draft_a runs/evaluate/draft_b [...]
+report contributes one column per cell (target, K, thinking). The command, ``python -m pard_train.evaluate.compare
+RUN_DIR...``, is this package's ``__main__``.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from pard_train.evaluate.eval_report import EvalReport, load_report
+from pard_train.evaluate.eval_report import EvalReport
 from pard_train.evaluate.report import MODE_ORDER, fmt
 from pard_train.evaluate.sweep_report import cell_label
 
@@ -53,24 +49,3 @@ def expand_sweeps(reports: dict[str, dict]) -> dict[str, EvalReport]:
         else:
             out[name] = EvalReport.from_json(report)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m pard_train.evaluate.compare RUN_DIR [RUN_DIR ...]", file=sys.stderr)
-        return 2
-    try:
-        reports = {Path(p).name if Path(p).suffix != ".json" else Path(p).parent.name: load_report(p) for p in paths}
-    except FileNotFoundError as error:
-        print(f"pard_train.evaluate.compare: error: {error}", file=sys.stderr)
-        return 2
-    if len(reports) < len(paths):  # two runs with the same folder name: label them by full path
-        reports = {p: load_report(p) for p in paths}
-    reports = expand_sweeps(reports)
-    sys.stdout.write(compare_table(reports))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
