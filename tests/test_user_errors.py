@@ -118,6 +118,40 @@ def test_a_full_disk_at_the_export_keeps_the_weights_and_a_rerun_exports(
     assert all(torch.equal(exported[name], saved[name]) for name in exported if name in saved)
 
 
+def test_a_full_disk_at_the_data_cache_is_one_line_and_a_killed_writers_staging_goes(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """The disk filling while the tokenised data is cached: one line naming the cache and the free space, no staging
+    left behind. A staging copy left by a killed writer is removed, with a line, by the next start, which trains."""
+    import os
+    import socket
+
+    import datasets
+
+    cache = tmp_path / "cache"
+    command = args(tiny_checkpoint, tmp_path, f"data.cache_dir={cache}", "train.max_steps=1")
+    save_to_disk = datasets.Dataset.save_to_disk
+
+    def disk_full(self, path, **kwargs):  # as a full disk does: the Arrow file written in part, then ENOSPC
+        save_to_disk(self, path, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "data-00000-of-00001.arrow"))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(datasets.Dataset, "save_to_disk", disk_full)
+        line = one_error_line(*entry(capsys, *command)[::2])
+    assert f"could not write the data cache {cache}/" in line and "No space left on device" in line, line
+    assert f"MiB free in {cache})" in line and "data.cache=false" in line, line
+    assert [p.name for p in cache.iterdir() if ".partial-" in p.name] == []
+    destination = line.split("could not write the data cache ")[1].split(":")[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = cache / f".{os.path.basename(destination)}.partial-{socket.gethostname()}-{int(dead.stdout)}"
+    (killed / "documents").mkdir(parents=True)
+    code, out, err = entry(capsys, *command)
+    assert code == 0, err[-3000:]
+    assert f"removed {killed}, left by a write that did not finish" in out + err
+    assert not killed.exists() and os.path.isdir(destination)
+
+
 def test_export_failure_after_training_is_one_line_and_unlocks(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     import pard_train.publish.final_export
 
