@@ -1,6 +1,6 @@
 """The reference presets equal the reference's own training configs (github.com/AMD-AGI/PARD, read at commits
 8a0d2bd (PARD) and 4cd44e5/4d87bd9 (PARD-2)), value by value; each row names the reference file it comes from. Where
-we deliberately differ (labels on every assistant turn, global normalisation, packing) README "PARD-2" says so."""
+we deliberately differ (labels on every assistant turn, global normalisation, packing) docs/pard2.md says so."""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ class MethodName(str, Enum):
 
 class TeacherSource(str, Enum):
     """Where PARD-2's distillation and confidences come from: the target run in every step (``online``), or the
-    teacher cache built once by ``python -m pard_train.teacher_cache`` (``cache``; README "Teacher cache")."""
+    teacher cache built once by ``python -m pard_train.teacher_cache`` (``cache``; docs/pard2.md, "Teacher cache")."""
 
     online = "online"
     cache = "cache"
@@ -172,9 +172,10 @@ class MethodConfig:
     """Which states of ``feature_layers`` W trains on: ``vllm`` (default), what vLLM's PARD-2 serving feeds, where
     layer -1 is the last layer's output BEFORE the final norm; or ``training``, HF ``hidden_states``, layer -1 after
     it (the reference's choice). vLLM is the server, and no fixed W undoes the final norm (a per-token rescale: the -1
-    block's RMS is ~20x larger as served, docs/benchmarks.md "Issue 20"), so a draft served by vLLM trains on what
-    vLLM feeds. Without -1 (or the last layer's index) in ``feature_layers`` the two are the same states. Recorded
-    in the exported draft (``pard2_feature_capture``): the harness measures with it, the preflight reports it."""
+    block's RMS is ~20x larger as served; docs/benchmarks.md, "Which target state vLLM feeds a PARD-2 draft"), so a
+    draft served by vLLM trains on what vLLM feeds. Without -1 (or the last layer's index) in ``feature_layers`` the
+    two are the same states. Recorded in the exported draft (``pard2_feature_capture``): the harness measures with
+    it, the preflight reports it."""
     feature_scale: float = 0.02
     """s: the projected features enter the embedding as ``s * W f``."""
     feature_drop: float = 0.1

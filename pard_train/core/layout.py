@@ -1,6 +1,7 @@
 """The PARD training layout: K depth copies of each sequence, drop-token chains, labels and the attention rule.
 
-Pure tensor code; nothing here imports a model. The specification is docs/method.md (from the PARD paper):
+Pure tensor code; nothing here imports a model. The specification is the PARD paper (docs/training.md, "The
+training layout and drop-token"):
 
 - a depth-d token at position p of a document has input id ``x_p`` (d = 0) or the mask id (d >= 1), position id p,
   and is trained to predict ``x_{p+1}``;

@@ -10,7 +10,7 @@ head's gradient (fp32, vocabulary x width) is held from the forward to the backw
 weight stays gathered for the objective's whole forward and backward (:func:`gather_head_with`).
 
 Used by PARD's cross-entropy (:func:`pard_train.methods.pard.pard_loss`), PARD-2's weighted CE + KD
-(:func:`pard_train.methods.pard2.pard2_loss`) and the teacher's confidences (:mod:`pard_train.methods.teacher`, no
+(:func:`pard_train.methods.pard2_loss.pard2_loss`) and the teacher's confidences (:mod:`pard_train.methods.teacher`, no
 gradient).
 """
 

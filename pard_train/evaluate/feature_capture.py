@@ -11,7 +11,7 @@ vLLM's PARD-2 serving feeds them (the harness's ``feature_capture`` setting).
   final norm. Blocks stay in ``pard2_target_layers`` order (the order W's columns were trained in).
 
 So the two captures differ only in the ``-1`` block, by the final RMSNorm (a per-token rescale and a per-channel
-gain), which no fixed W can undo. README "PARD-2" records what is known and what is not.
+gain), which no fixed W can undo. docs/pard2.md records what is known and what is not.
 """
 
 from __future__ import annotations

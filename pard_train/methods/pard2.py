@@ -1,4 +1,4 @@
-"""PARD-2 as a training method (arXiv 2605.08632; README "PARD-2"): the PARD layout trained for the acceptance length
+"""PARD-2 as a training method (arXiv 2605.08632; docs/pard2.md): the PARD layout trained for the acceptance length
 under a frozen target. :class:`Pard2Method` holds the target (or its teacher cache) and the feature projection W,
 prepares each micro-batch's teacher signals, CAT weights and feature switches, and says what a checkpoint records and
 what the export writes. The loss itself is :mod:`pard_train.methods.pard2_loss`; loading the target is

@@ -1,4 +1,4 @@
-"""PARD-2's loss on a layout batch (arXiv 2605.08632; README "PARD-2"), pure tensor code given the teacher's signals.
+"""PARD-2's loss on a layout batch (arXiv 2605.08632; docs/pard2.md), pure tensor code given the teacher's signals.
 
 Per labelled layout token (depth d, position p, anchor a = p - d):
 

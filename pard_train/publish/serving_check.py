@@ -210,7 +210,7 @@ def _capture_lines(pard2, ids, last_id: int) -> list[str]:
     return [
         f"warning: trained on the training capture ({key}: {capture.value}, layer -1 after the final norm), but vLLM "
         "feeds layer -1 before the final norm: served features differ from trained ones; retrain with "
-        "method.feature_capture=vllm (README 'PARD-2')"
+        "method.feature_capture=vllm (docs/pard2.md)"
     ]
 
 
