@@ -9,11 +9,13 @@ the same command resumes there and only exports.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
+from pard_train.base.atomic import describe_error
 from pard_train.base.config import Config
 from pard_train.base.errors import CheckpointSaveError, ExportError
 from pard_train.modelio.model import DraftSpec
@@ -21,7 +23,6 @@ from pard_train.publish.export import export_draft
 from pard_train.publish.model_card import ModelCard, training_recipe
 from pard_train.run import run_record
 from pard_train.run.checkpoint import Checkpoints
-from pard_train.run.checkpoint_store import describe_error
 from pard_train.run.distributed import check_replicas_agree, mixed_precision_for, on_main
 from pard_train.run.run_record import RunRecord
 from pard_train.run.train_state import TrainState
@@ -57,7 +58,7 @@ class FinalExport:
         """Export ``method``'s draft from the prepared ``model`` after ``state.step`` steps and record the run as
         finished; returns the model card on the main process (None on the others). ``method``: a
         :class:`pard_train.methods.Method` (its ``export_state`` and ``draft``). Collective."""
-        acc = self.accelerator
+        acc, started = self.accelerator, time.perf_counter()
         check_replicas_agree(acc, model)
         # Collective: ZeRO-3 gathers its shards onto rank 0 (the others get None); elsewhere it is the model's own.
         gathered = acc.get_state_dict(model) or {}
@@ -73,7 +74,8 @@ class FinalExport:
             where = self.final_dir
             raise ExportError(f"could not write the trained draft to {where}: {reason}; {self._keep_for_resume(state)}")
         if acc.is_main_process:
-            logger.info(f"exported the PARD draft to {self.final_dir} after {state.step} steps")
+            seconds = time.perf_counter() - started
+            logger.info(f"exported the PARD draft to {self.final_dir} after {state.step} steps ({seconds:.0f} s)")
         return card
 
     def _export(self, method, objective_state: dict, step: int, record: RunRecord) -> ModelCard:

@@ -189,6 +189,8 @@ class Trainer:
             self.state = run_due(
                 self.evaluators, self.model, self.state, self.last_step, self.checkpoints, self.tracker
             )
+        progress.close()  # training ends here: the export and the measurements after it say their own times
+        logger.info(f"trained to step {self.state.step} in {tqdm.format_interval(progress.format_dict['elapsed'])}")
         return self.finish()
 
     def _prepare(self, batch: StepBatch) -> tuple[list, float]:
