@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pard_train.base.errors import ConfigError
+from pard_train.base.errors import PardTrainError
 from pard_train.modelio.derive import ensure_derived
 
 USAGE = "usage: python -m pard_train.derive SOURCE OUTPUT KEEP   (KEEP: a count N, or indices 0,9,19,29)"
@@ -28,7 +28,7 @@ def main() -> None:
         sys.exit(USAGE)
     try:
         print(ensure_derived(sys.argv[1], sys.argv[2], parse_keep(sys.argv[3])))
-    except (ConfigError, ValueError) as error:
+    except (PardTrainError, ValueError) as error:  # a missing model, a bad KEEP: one line
         print(f"pard_train.derive: error: {error}", file=sys.stderr)
         sys.exit(2)
 

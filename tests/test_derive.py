@@ -128,3 +128,21 @@ def test_a_derived_drafts_export_is_checked_against_the_model_it_was_cut_from(ti
     # Without keep_layers the draft is the model itself: there is no target to check against.
     plain = train(to_config(compose("+config=tiny", *overrides, "run.name=plain")))
     assert "NOT checked" in (plain / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["/nonexistent/model", "OUT", "4"], "model '/nonexistent/model' is not a local directory"),
+        (["SOURCE", "OUT", "four"], "invalid literal for int()"),
+    ],
+)
+def test_the_derive_command_says_a_mistake_in_one_line(tmp_path, argv, expected):
+    import subprocess
+    import sys
+
+    argv = [str(tmp_path / a) if a in ("OUT", "SOURCE") else a for a in argv]
+    done = subprocess.run([sys.executable, "-m", "pard_train.derive", *argv], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("pard_train.derive: error: ") and expected in line, line
