@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from launch import REPO
 
+import pard_train.core.lm_head_loss as lm_head_loss
 from pard_train.core.lm_head_loss import chunked_head_loss, project_logits
 from pard_train.methods.pard2_loss import _kd
 from pard_train.testing.tiny import build_tiny_model
@@ -159,6 +160,33 @@ def test_bf16_autocast_follows_the_direct_computation():
     # bf16 rounds the direct path's one big matmul and the chunks' small ones differently: compare as a whole.
     for got, want in ((model.get_output_embeddings().weight.grad, expected), (noise.grad, expected_noise)):
         assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_head_without_native_bf16_matmul_follows_autocast(monkeypatch, bias):
+    """Where the CPU has no bf16 matrix support the head's products run in fp32 on bf16-rounded operands (torch's
+    fallback is 10-90x slower): autocast's dtypes, and its loss and gradients up to summation order."""
+    runs = []
+    for native in (True, False):
+        monkeypatch.setattr(lm_head_loss, "_native_bf16_matmul", lambda native=native: native)
+        model = _model(False, bias)
+        ids, labels, _, _, noise = _inputs()
+        head = model.get_output_embeddings()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lm_head_loss.head_linear(noise, head.weight, head.bias).dtype == torch.bfloat16
+            loss, (token_loss, _) = chunked_head_loss(model, _hidden(model, ids, noise), _ce_terms(labels), 40.0, 16)
+        loss.backward()
+        grads = [noise.grad, head.weight.grad] + ([head.bias.grad] if bias else [])
+        assert all(grad.dtype == torch.float32 for grad in grads)
+        runs.append((loss.detach(), token_loss, grads))
+    (loss, token_loss, grads), (fast_loss, fast_token_loss, fast_grads) = runs
+    assert fast_loss.item() == pytest.approx(loss.item(), rel=1e-3)
+    torch.testing.assert_close(fast_token_loss, token_loss, rtol=2e-2, atol=2e-2)
+    for got, want in zip(fast_grads, grads):
+        assert float((got - want).norm() / want.norm()) < 1e-2
+    # Outside autocast it is F.linear itself, whatever the CPU.
+    hidden, weight = torch.randn(5, WIDTH), torch.randn(VOCAB, WIDTH)
+    assert torch.equal(lm_head_loss.head_linear(hidden, weight), F.linear(hidden, weight))
 
 
 _PEAK = textwrap.dedent(

@@ -12,10 +12,17 @@ weight stays gathered for the objective's whole forward and backward (:func:`gat
 Used by PARD's cross-entropy (:func:`pard_train.methods.pard.pard_loss`), PARD-2's weighted CE + KD
 (:func:`pard_train.methods.pard2_loss.pard2_loss`) and the teacher's confidences (:mod:`pard_train.methods.teacher`, no
 gradient).
+
+Under bf16 autocast on a CPU without bf16 matrix support (no oneDNN bf16: AVX2-only x86, for instance), torch's bf16
+matrix product falls back to plain loops that run 10-90x slower than fp32 and, for the head's backward
+(``[tokens, vocabulary] @ [vocabulary, width]``), took 60% of a training step. There the head's three products run in
+fp32 on the bf16-rounded operands and are rounded to bf16 afterwards (:func:`head_linear`): the same inputs and output
+dtype as autocast's, and the fallback also accumulates in fp32, so results differ only in summation order.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -56,6 +63,65 @@ def postprocess_logits(model, logits: Tensor) -> Tensor:
 def project_logits(model, hidden: Tensor) -> Tensor:
     """The model's own logits for ``hidden``: its LM head module, then :func:`postprocess_logits`."""
     return postprocess_logits(model, model.get_output_embeddings()(hidden))
+
+
+@functools.cache
+def _native_bf16_matmul() -> bool:
+    """Whether this CPU's bf16 matrix products run in oneDNN (what ``torch.mm`` picks when it can), rather than in
+    torch's slow fallback loops."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: leave autocast alone
+        return True
+
+
+def head_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(hidden, weight, bias)`` (``hidden``: ``[N, H]``) as autocast computes it, faster where the CPU has
+    no bf16 matrix support.
+
+    There, under bf16 autocast, the product and its two backward products run in fp32 on operands rounded to bf16,
+    and each result is rounded to bf16 (:class:`_Bf16LinearInFp32`): autocast's dtypes, gradients included.
+    Elsewhere it is ``F.linear`` itself.
+    """
+    device = hidden.device.type
+    if (
+        device != "cpu"
+        or not torch.is_autocast_enabled(device)
+        or torch.get_autocast_dtype(device) != torch.bfloat16
+        or _native_bf16_matmul()
+    ):
+        return F.linear(hidden, weight, bias)
+    return _Bf16LinearInFp32.apply(hidden, weight, bias)
+
+
+class _Bf16LinearInFp32(torch.autograd.Function):
+    """A bf16 linear layer computed in fp32: operands rounded to bf16, products in fp32 with autocast off (autograd's
+    backward runs under the caller's autocast, which would turn a plain fp32 backward product into bf16 again), every
+    result rounded to bf16 and handed back in its input's dtype, as autocast's casts do."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        low = [None if tensor is None else tensor.to(torch.bfloat16) for tensor in (hidden, weight, bias)]
+        ctx.save_for_backward(low[0], low[1])
+        ctx.dtypes = [None if tensor is None else tensor.dtype for tensor in (hidden, weight, bias)]
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(*(None if tensor is None else tensor.float() for tensor in low)).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        hidden, weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad
+        grads = [None, None, None]
+        with torch.autocast("cpu", enabled=False):
+            grad = grad_output.float()
+            if wants_hidden:
+                grads[0] = (grad @ weight.float()).to(torch.bfloat16).to(hidden_dtype)
+            if wants_weight:
+                grads[1] = (grad.t() @ hidden.float()).to(torch.bfloat16).to(weight_dtype)
+            if wants_bias and bias_dtype is not None:
+                grads[2] = grad.sum(0).to(torch.bfloat16).to(bias_dtype)
+        return tuple(grads)
 
 
 def head_parameters(model) -> list[torch.nn.Parameter]:
@@ -121,7 +187,7 @@ def chunked_head_loss(
             with torch.no_grad():
                 # A frozen model's head is called as a module (a ZeRO-3 inference engine's hooks gather its weight);
                 # a trained one's weight is read directly, held whole by gather_head_with under ZeRO-3.
-                head = project_logits(model, hidden[part]) if frozen else F.linear(hidden[part], *params)
+                head = project_logits(model, hidden[part]) if frozen else head_linear(hidden[part], *params)
                 objective, values = token_terms(head if frozen else postprocess_logits(model, head), part)
             total += objective.float().sum()
             outputs.append(values)
@@ -132,7 +198,7 @@ def chunked_head_loss(
         for leaf, source in zip(leaves, inputs):
             leaf.requires_grad_(source.requires_grad)
         with torch.enable_grad():
-            objective, values = token_terms(postprocess_logits(model, F.linear(*leaves)), part)
+            objective, values = token_terms(postprocess_logits(model, head_linear(*leaves)), part)
             chunk_sum = objective.float().sum()
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
             grads = iter(torch.autograd.grad(chunk_sum, wanted))
