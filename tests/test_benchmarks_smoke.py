@@ -46,12 +46,14 @@ def _run_smoke(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "throughput.json"
-    result = _run_smoke("train_throughput.py", "--out", str(out))
+    result = _run_smoke("train_throughput.py", "--profile", "3", "--out", str(out))
     payload = json.loads(out.read_text())
     results = {(r["variant"], r["layout"]): r for r in payload["results"]}
     assert set(results) == {("ours", "full"), ("dense", "full"), ("ours", "drop"), ("dense", "drop")}
     for (variant, _), r in results.items():
         assert r["status"] == "ok", r
+        # --profile: one extra step under torch.profiler, its phases and top operators.
+        assert len(r["profile"]["top"]) == 3 and {p["name"] for p in r["profile"]["phases"]} >= {"forward+loss"}
         assert r["attention"] == ("sdpa" if variant == "ours" else "eager")  # CPU: SDPA vs eager + float mask
         assert r["labelled_tokens_per_s"] > 0 and r["step_s"] > 0
         assert r["peak_rss_bytes"] >= r["setup_rss_bytes"] > 0
@@ -66,7 +68,7 @@ def test_train_throughput_smoke(tmp_path):
     # Drop-token keeps all of depth 0 and fewer deeper tokens.
     assert results[("ours", "full")]["tokens_per_row"] > results[("ours", "drop")]["tokens_per_row"] > 64
     assert payload["meta"]["torch"] and payload["meta"]["date"]
-    assert "| variant | layout |" in result.stdout
+    assert "| variant | layout |" in result.stdout and "| operator |" in result.stdout
 
 
 @pytest.mark.slow

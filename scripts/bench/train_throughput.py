@@ -1,4 +1,4 @@
-"""python scripts/bench/train_throughput.py [--smoke] [--out bench_results/train_throughput.json]
+"""python scripts/bench/train_throughput.py [--smoke] [--as-run] [--baseline reference] [--profile N] [--out FILE]
 
 Training throughput (labelled tokens/s) and peak memory per step of the PARD layout, side by side in one run on one
 device with one random model and the same data:
@@ -24,11 +24,16 @@ K=8, L=512, batch 1. On CUDA (selected automatically): a Llama-3.2-1B-shaped ran
 gradient checkpointing: how both train), FlexAttention for ours, plus MFU (useful FLOPs from pard_train/core/flops.py,
 the
 trainer's count, over the device's datasheet bf16 peak) and a search for the longest L at K=16 (--no-search skips it).
+
+``--profile N``: each variant runs one more step under ``torch.profiler`` after the measured ones (not counted in
+its times) and the N operators with the most self CPU time are printed per variant, with the step's phases
+(``collate``, ``forward+loss``, ``backward``, ``optimizer``) as labelled ranges.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -138,32 +143,42 @@ def measure(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     collate_s, step_s, labelled, layout_tokens, flops = [], [], [], [], []
-    for step in range(args.warmup + args.steps):
+    profile = None
+    measured = args.warmup + args.steps
+    for step in range(measured + (1 if args.profile else 0)):
         rows = make_rows(step, args.batch, args.length, shape.vocab)
         _sync(device)
-        start = time.perf_counter()
-        host_batch = collate(rows, mask_id, args.num_depths, drop, step, 128 if ours and on_gpu else 1)
-        if args.variant == "reference":  # its collator: the full layout's float32 (K*L)^2 mask, then gathered
-            mask = reference_collator_mask(rows, host_batch, mask_id, args.num_depths)
-        else:
-            mask = None if ours else dense_additive_mask(host_batch, dtype)
-        collated = time.perf_counter()
-        batch = host_batch.to(device)
-        normalizer = max(batch.num_labels, 1)
-        with autocast:
-            if ours:
-                loss, _ = pard_loss(model, batch, backend, args.num_depths, normalizer)
-            elif args.variant == "reference":
-                loss = reference_loss(model, batch, mask.to(device), normalizer)
-            else:
-                loss = dense_loss(model, batch, mask.to(device), normalizer)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        profiling = step == measured  # one more step, under the profiler, not counted in the times
+        profiler = _profiler(device) if profiling else contextlib.nullcontext()
+        with profiler:
+            start = time.perf_counter()
+            with torch.profiler.record_function("collate"):
+                host_batch = collate(rows, mask_id, args.num_depths, drop, step, 128 if ours and on_gpu else 1)
+                if args.variant == "reference":  # its collator: the full layout's float32 (K*L)^2 mask, gathered
+                    mask = reference_collator_mask(rows, host_batch, mask_id, args.num_depths)
+                else:
+                    mask = None if ours else dense_additive_mask(host_batch, dtype)
+            collated = time.perf_counter()
+            batch = host_batch.to(device)
+            normalizer = max(batch.num_labels, 1)
+            with torch.profiler.record_function("forward+loss"), autocast:
+                if ours:
+                    loss, _ = pard_loss(model, batch, backend, args.num_depths, normalizer)
+                elif args.variant == "reference":
+                    loss = reference_loss(model, batch, mask.to(device), normalizer)
+                else:
+                    loss = dense_loss(model, batch, mask.to(device), normalizer)
+            with torch.profiler.record_function("backward"):
+                loss.backward()
+            with torch.profiler.record_function("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            _sync(device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{args.variant}/{args.layout}: loss is {float(loss)} at step {step}")
-        if step >= args.warmup:
+        if profiling:
+            profile = _top_operators(profiler, device, time.perf_counter() - start, args.profile)
+        elif step >= args.warmup:
             collate_s.append(collated - start)
             step_s.append(time.perf_counter() - start)
             labelled.append(batch.num_labels)
@@ -195,6 +210,8 @@ def measure(args) -> dict:
         "setup_rss_bytes": setup_rss,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if profile is not None:
+        result["profile"] = profile
     if on_gpu:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         peak = peak_flops(torch.cuda.get_device_name(device))
@@ -202,6 +219,39 @@ def measure(args) -> dict:
         # variant.
         result["mfu"] = result["useful_tflops_per_s"] * 1e12 / peak if peak else None
     return result
+
+
+def _profiler(device: torch.device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def _top_operators(profiler, device: torch.device, step_s: float, rows: int) -> dict:
+    """The profiled step: its wall time, its phases and the ``rows`` operators with the most self time."""
+    events = profiler.key_averages()
+    on_gpu = device.type == "cuda"
+
+    def self_s(event) -> float:
+        return (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1e6
+
+    def row(event) -> dict:
+        return {
+            "name": event.key,
+            "self_s": self_s(event),
+            "total_s": (event.device_time_total if on_gpu else event.cpu_time_total) / 1e6,
+            "calls": event.count,
+        }
+
+    phases = {"collate", "forward+loss", "backward", "optimizer"}
+    operators = sorted((e for e in events if e.key not in phases), key=self_s, reverse=True)
+    return {
+        "step_s": step_s,
+        "time": "self CUDA time" if on_gpu else "self CPU time",
+        "phases": [row(e) for e in events if e.key in phases],
+        "top": [row(e) for e in operators[:rows]],
+    }
 
 
 def child_main(args) -> None:
@@ -234,6 +284,7 @@ def child_args(args, variant, layout, length, num_depths, batch, steps, warmup) 
         f"--steps={steps}",
         f"--warmup={warmup}",
         "--as-run" if args.as_run else "--no-as-run",
+        f"--profile={args.profile}",
     ]
 
 
@@ -317,6 +368,24 @@ def table(results: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
+def profile_tables(results: list[dict]) -> str:
+    """Per variant: the profiled step's phases, then its operators with the most self time."""
+    parts = []
+    for r in results:
+        profile = r.get("profile")
+        if not profile:
+            continue
+        step = profile["step_s"]
+        phases = ", ".join(f"{p['name']} {p['total_s']:.2f} s" for p in profile["phases"])
+        parts.append(f"{r['variant']} {r['layout']}: profiled step {step:.2f} s ({phases})\n")
+        rows = [
+            [f"`{p['name']}`", f"{p['self_s']:.3f} s", f"{100 * p['self_s'] / step:.1f}%", p["calls"]]
+            for p in profile["top"]
+        ]
+        parts.append(markdown_table(["operator", profile["time"], "of the step", "calls"], rows) + "\n")
+    return "\n".join(parts)
+
+
 def search_table(found: list[dict]) -> str:
     rows = []
     for f in found:
@@ -356,6 +425,13 @@ def main(argv=None) -> Path:
         help="fp32 weights + bf16 autocast + gradient checkpointing for every variant, as both train in practice "
         "(default on a GPU; off on the CPU, where the weights are fp32 and nothing is recomputed)",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run one more step per variant under torch.profiler and print its N operators with the most self time",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results/train_throughput.json"))
     # Internal: run one variant in this process and print its JSON (what the parent starts).
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -390,6 +466,9 @@ def main(argv=None) -> Path:
     results = compare(args)
     print(f"\nK={args.num_depths}, L={args.length}, batch {args.batch}, {args.shape}, {device.type}\n")
     print(table(results))
+    if args.profile:
+        print("\nOne step under torch.profiler per variant (after the measured steps):\n")
+        print(profile_tables(results))
     found = None
     if on_gpu and not args.no_search and not args.smoke:
         found = search_longest(args)
