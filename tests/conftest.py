@@ -54,6 +54,23 @@ def kind_of(item: pytest.Item) -> str:
     return "unit"
 
 
+# The slowest files (CI's --durations), longest first: with make test's two workers taking whole files in collection
+# order (--dist loadfile), starting these first keeps one worker from running the longest file alone at the end.
+SLOWEST_FIRST = (
+    "test_demo.py",
+    "test_gpu_check.py",
+    "test_distributed.py",
+    "test_vllm.py",
+    "test_run_integrity.py",
+    "test_slurm.py",
+    "test_speculative.py",
+    "test_resume.py",
+    "test_recipes_regenerate.py",
+    "test_sweep.py",
+    "test_user_errors.py",
+)
+
+
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers, one per core: torch's own threads would fight
         import torch
@@ -62,6 +79,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
     for item in items:
         item.add_marker(kind_of(item))

@@ -114,6 +114,9 @@ def test_process_group_timeout_is_passed(monkeypatch, tiny_checkpoint):
     from pard_train.base.config import to_config
 
     seen = {}
+    # As under a launcher: a world of one would set the rendezvous in this process's environment for good.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(distributed, "Accelerator", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr(distributed, "DeepSpeedPlugin", lambda **kwargs: kwargs)
     for preset in ("deepspeed=none", "deepspeed=zero3"):

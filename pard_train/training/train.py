@@ -55,10 +55,9 @@ def train(config: Config) -> Path | None:
         return Trainer(config, teardown).train()
 
 
-def _close_bar(progress, failed: bool) -> None:
-    """Close the training bar; on an error clear it, so that the error's line is the last thing on the terminal."""
-    if failed:
-        progress.leave = False
+def _close_bar(progress) -> None:
+    """Close and clear the training bar: the line that follows (the training time, or an error) is what stays."""
+    progress.leave = False
     progress.close()
 
 
@@ -164,7 +163,7 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        self.teardown.push(lambda kind, error, trace: _close_bar(progress, failed=kind is not None))
+        self.teardown.push(lambda kind, error, trace: _close_bar(progress))
         tracker = self.tracker
         for batch in loader:
             inputs, weight = self._prepare(batch)
@@ -189,7 +188,7 @@ class Trainer:
             self.state = run_due(
                 self.evaluators, self.model, self.state, self.last_step, self.checkpoints, self.tracker
             )
-        progress.close()  # training ends here: the export and the measurements after it say their own times
+        _close_bar(progress)  # training ends here: the export and the measurements after it say their own times
         logger.info(f"trained to step {self.state.step} in {tqdm.format_interval(progress.format_dict['elapsed'])}")
         return self.finish()
 
