@@ -72,7 +72,10 @@ SLOWEST_FIRST = (
 
 
 def pytest_configure(config):
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers, one per core: torch's own threads would fight
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # make test's workers, one per core: a process with two OpenMP threads beside a busy core waits at every
+        # parallel region for its descheduled thread (the harness ran 10x slower so). One thread each, children too.
+        os.environ["OMP_NUM_THREADS"] = "1"
         import torch
 
         torch.set_num_threads(1)
