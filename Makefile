@@ -10,8 +10,8 @@ DEMO ?= demo
 # Where it writes, how many prompts the target answers (each fits 15 min on 2 cores), extra trainer overrides. Each
 # demo regenerates into its own data directory, so their sizes never mix.
 DEMO_ROOT ?= runs
-DEMO_PROMPTS ?= $(if $(filter demo,$(DEMO)),160,64)
-DEMO_NEW_TOKENS ?= $(if $(filter demo,$(DEMO)),128,96)
+DEMO_PROMPTS ?= $(if $(filter demo,$(DEMO)),128,64)
+DEMO_NEW_TOKENS ?= 96
 DEMO_ARGS ?=
 # How the target answers the demo's prompts: auto (vLLM when make vllm has installed it, else transformers).
 DEMO_BACKEND ?= auto
