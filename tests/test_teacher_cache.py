@@ -20,7 +20,7 @@ from pard_train.data.packing import PackedRow
 from pard_train.methods.pard2_loss import Pard2Inputs, cat_weights, pard2_loss
 from pard_train.methods.teacher import Teacher, TeacherSignals
 from pard_train.methods.teacher_cache import MANIFEST, TeacherCache, top_k_kd
-from pard_train.methods.teacher_cache_builder import build, worker_from_environment
+from pard_train.methods.teacher_cache_builder import TransformersScorer, build, worker_from_environment
 from pard_train.testing.tiny import build_tiny_model
 
 K, VOCAB, MASK = 4, 128, 127
@@ -50,7 +50,8 @@ def _settings(**overrides) -> MethodConfig:
 
 
 def _build(rows, settings, root, target_model, **kwargs):
-    return build(rows, TARGET, settings, root, lambda: (target_model, SDPA, torch.device("cpu")), **kwargs)
+    scorer = TransformersScorer(target_model, SDPA, torch.device("cpu"))
+    return build(rows, TARGET, settings, root, lambda: scorer, **kwargs)
 
 
 def _layout(rows: list[PackedRow], seed: int = 0):

@@ -136,6 +136,16 @@ class TeacherSource(str, Enum):
     cache = "cache"
 
 
+class CacheEngine(str, Enum):
+    """What runs the target while the teacher cache is built (pard_train/methods/teacher_cache_builder.py)."""
+
+    transformers = "transformers"
+    """One whole target per worker process, in this environment."""
+    vllm = "vllm"
+    """vLLM's engine (``make vllm``, or vLLM's Python named by PARD_VLLM_PYTHON), with tensor parallelism: for
+    targets no single GPU holds. Temperature 1 only (docs/pard2.md, "Teacher cache from vLLM")."""
+
+
 class FeatureCapture(str, Enum):
     """Which target hidden states a target-dependent PARD-2 draft reads (pard_train/evaluate/feature_capture.py
     computes both; training and the harness share it)."""
@@ -193,11 +203,16 @@ class MethodConfig:
     """Teacher cache: storage of the top-k log-probabilities, ``float16`` (2 bytes) or ``float32`` (exact)."""
     cache_shard_rows: int = 256
     """Teacher cache: packed rows per shard, the most a preempted build loses."""
+    cache_engine: CacheEngine = CacheEngine.transformers
+    """Teacher cache: what runs the target, ``transformers`` or ``vllm``; the same cache either way."""
+    cache_tensor_parallel_size: int = 1
+    """Teacher cache with ``cache_engine=vllm``: GPUs one vLLM engine spreads the target over."""
 
     def __post_init__(self):
         require(self.top_k >= 1, "method.top_k", f"must be >= 1, got {self.top_k}")
         require(self.top_k_dtype in ("float16", "float32"), "method.top_k_dtype", "float16 or float32")
         require(self.cache_shard_rows >= 1, "method.cache_shard_rows", "must be >= 1")
+        require(self.cache_tensor_parallel_size >= 1, "method.cache_tensor_parallel_size", "must be >= 1")
         require(self.ce_weight >= 0 and self.kd_weight >= 0, "method.ce_weight/kd_weight", "must be >= 0")
         require(self.ce_weight + self.kd_weight > 0, "method.ce_weight", "ce_weight + kd_weight must be > 0")
         require(self.kd_temperature > 0, "method.kd_temperature", f"must be > 0, got {self.kd_temperature}")
@@ -211,6 +226,13 @@ class MethodConfig:
         if self.confidence_cache:
             offline = self.cat and self.kd_weight == 0 and not self.features
             require(offline, "method.confidence_cache", "needs cat=true, kd_weight=0 and features=false")
+        require(
+            self.cache_engine != CacheEngine.vllm or self.kd_temperature == 1.0,
+            "method.cache_engine",
+            f"vllm gives the target's log-probabilities at temperature 1 only, not at method.kd_temperature="
+            f"{self.kd_temperature} (it scores prompt tokens without sampling parameters, and the top-k at 1 does not "
+            "give the normaliser at another temperature): use method.cache_engine=transformers or kd_temperature=1",
+        )
         if self.teacher == TeacherSource.cache:
             require(self.name == MethodName.pard2, "method.teacher", "cache needs method=pard2")
             require(not self.confidence_cache, "method.teacher", "cache already holds g(u): drop confidence_cache")

@@ -106,6 +106,24 @@ def row_signals(model, backend, rows: list[PackedRow], top_k: int, temperature: 
     return out
 
 
+class TransformersScorer:
+    """The target in transformers, whole in this process: batches of rows up to ``TOKENS_PER_FORWARD`` real tokens,
+    each one forward (:func:`row_signals`)."""
+
+    def __init__(self, model, backend, device):
+        self.model, self.backend, self.device = model, backend, device
+        self.vocabulary = model.get_output_embeddings().weight.shape[0]
+
+    def signals(self, rows: list[PackedRow], top_k: int, temperature: float) -> list[tuple[Tensor, Tensor, Tensor]]:
+        out = []
+        for batch in _batches(rows):
+            out += row_signals(self.model, self.backend, batch, top_k, temperature, self.device)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 def shard_tensors(signals: list[tuple[Tensor, Tensor, Tensor]], vocabulary: int, dtype: str) -> dict[str, Tensor]:
     """One shard's rows concatenated, with offsets: ids as uint16 when the vocabulary fits, else int32."""
     id_dtype = torch.uint16 if vocabulary <= 2**16 else torch.int32
@@ -137,14 +155,16 @@ def build(
     target: str,
     settings,
     root: Path,
-    load_target: Callable[[], tuple[object, object, torch.device]],
+    open_scorer: Callable[[], TransformersScorer],
     rank: int = 0,
     world: int = 1,
     after_shard: Callable[[Shard], None] | None = None,
 ) -> tuple[Path, bool]:
-    """Compute this worker's missing shards; write the manifest if every shard is then present. ``load_target``
-    returns ``(model, attention backend, device)`` and is called only if there is work. Returns the cache directory
-    and whether it is complete. ``after_shard`` is called after each written shard (progress; tests kill there)."""
+    """Compute this worker's missing shards; write the manifest if every shard is then present. ``open_scorer``
+    starts the target (a :class:`TransformersScorer`, or :class:`~pard_train.methods.teacher_cache_vllm.VllmScorer`:
+    ``vocabulary``, ``signals(rows, top_k, temperature)``, ``close()``) and is called only if there is work. Returns
+    the cache directory and whether it is complete. ``after_shard`` is called after each written shard (progress;
+    tests kill there)."""
     key = cache_key(rows, target, settings.top_k, settings.kd_temperature, settings.top_k_dtype)
     directory = cache_directory(root, key)
     if (directory / MANIFEST).exists():
@@ -154,24 +174,28 @@ def build(
     mine = [shard for shard in shards[rank::world] if not (directory / shard.name).exists()]
     logger.info(f"teacher cache {directory}: worker {rank} of {world}, {len(mine)} of its shards to compute")
     if mine:
-        model, backend, device = load_target()
-        vocabulary = model.get_output_embeddings().weight.shape[0]
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "vocabulary.json", json.dumps({"vocabulary": int(vocabulary)}))
-        for number, shard in enumerate(mine, 1):
-            start = time.perf_counter()
-            part = rows[shard.split][shard.begin : shard.end]
-            signals = []
-            for batch in _batches(part):
-                signals += row_signals(model, backend, batch, settings.top_k, settings.kd_temperature, device)
-            buffer = io.BytesIO()
-            torch.save(shard_tensors(signals, vocabulary, settings.top_k_dtype), buffer)
-            atomic_write_bytes(directory / shard.name, buffer.getvalue())
-            tokens = sum(len(row.input_ids) for row in part)
-            took = time.perf_counter() - start
-            logger.info(f"shard {shard.name} ({number}/{len(mine)}): {tokens} tokens in {took:.1f} s")
-            if after_shard is not None:
-                after_shard(shard)
+        scorer = open_scorer()
+        try:
+            vocabulary = scorer.vocabulary
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(directory / "vocabulary.json", json.dumps({"vocabulary": int(vocabulary)}))
+            for number, shard in enumerate(mine, 1):
+                start = time.perf_counter()
+                part = rows[shard.split][shard.begin : shard.end]
+                signals = scorer.signals(part, settings.top_k, settings.kd_temperature)
+                buffer = io.BytesIO()
+                torch.save(shard_tensors(signals, vocabulary, settings.top_k_dtype), buffer)
+                atomic_write_bytes(directory / shard.name, buffer.getvalue())
+                tokens = sum(len(row.input_ids) for row in part)
+                took = time.perf_counter() - start
+                logger.info(
+                    f"shard {shard.name} ({number}/{len(mine)}): {tokens} tokens in {took:.1f} s "
+                    f"({tokens / took:.0f} tokens/s)"
+                )
+                if after_shard is not None:
+                    after_shard(shard)
+        finally:
+            scorer.close()
     return directory, write_manifest_if_complete(directory, key, shards)
 
 
@@ -218,10 +242,12 @@ def build_for_config(config, after_shard=None) -> tuple[Path, bool]:
     """Build (or finish) the teacher cache of a training config; return its directory and whether it is complete."""
     import torch
 
+    from pard_train.base.config import CacheEngine
     from pard_train.base.errors import ConfigError
     from pard_train.core.attention import resolve_backend
     from pard_train.data import build_data
     from pard_train.data.documents import default_cache_dir
+    from pard_train.methods.teacher_cache_vllm import VllmScorer
     from pard_train.modelio.model import load_causal_lm, load_tokenizer
     from pard_train.modelio.model_files import prepare_model_files
 
@@ -237,11 +263,14 @@ def build_for_config(config, after_shard=None) -> tuple[Path, bool]:
     data = build_data(config.data, tokenizer, is_main=rank == 0)
     root = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
 
-    def load_target():
-        backend = resolve_backend(config.model.attention, device)
+    def open_scorer():
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the online teacher runs
+        if settings.cache_engine == CacheEngine.vllm:
+            log = root / f"vllm-teacher-cache-{rank}.log"
+            return VllmScorer.start(settings.target, settings, config.data.max_length, str(dtype).split(".")[1], log)
+        backend = resolve_backend(config.model.attention, device)
         model = load_causal_lm(settings.target, backend, dtype=dtype).to(device).eval()
-        return model, backend, device
+        return TransformersScorer(model, backend, device)
 
     rows = {"train": data.train, "validation": data.validation}
-    return build(rows, settings.target, settings, root, load_target, rank, world, after_shard)
+    return build(rows, settings.target, settings, root, open_scorer, rank, world, after_shard)

@@ -11,6 +11,7 @@ outlives the caller.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -21,6 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from pard_train.vllm_env.locate import INSTALL_HINT, VllmUnavailable, find_vllm_python, worker_environment
 from pard_train.vllm_env.serving import speculative_config
@@ -53,6 +56,17 @@ class VllmResult:
     """Wall-clock time of ``LLM.generate`` in the worker (not the JSON round trip)."""
 
 
+@dataclass
+class PromptLogprobs:
+    """One prompt scored by the target, per position ``u = 1 .. n-1`` (row ``u - 1``): ``token_log_p[u - 1]`` is
+    ``log p(x_u | x_<u)``, ``top_ids``/``top_log_p`` ``[n - 1, k]`` the k most likely ids there, most likely first."""
+
+    token_ids: np.ndarray
+    token_log_p: np.ndarray
+    top_ids: np.ndarray
+    top_log_p: np.ndarray
+
+
 class VllmEngine:
     """One ``vllm.LLM`` (the target, with the draft as parallel drafter when ``draft`` is given), in a worker."""
 
@@ -68,9 +82,11 @@ class VllmEngine:
         log_path: str | Path | None = None,
         python: str | None = None,
         timeout: float = START_TIMEOUT,
+        **engine_args,
     ):
+        """``engine_args``: further ``vllm.LLM`` arguments (``tensor_parallel_size``, ``max_logprobs``, ...)."""
         self.python = find_vllm_python(python)
-        settings = {"model": str(model), "dtype": dtype, "max_model_len": max_model_len, "seed": seed}
+        settings = {"model": str(model), "dtype": dtype, "max_model_len": max_model_len, "seed": seed} | engine_args
         if draft is not None:
             settings["speculative_config"] = speculative_config(str(draft), num_speculative_tokens)
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
@@ -81,7 +97,7 @@ class VllmEngine:
         except BaseException:
             self.close()
             raise
-        self.version, self.start_seconds = ready["vllm"], ready["start_seconds"]
+        self.version, self.start_seconds, self.vocab_size = ready["vllm"], ready["start_seconds"], ready["vocab_size"]
 
     def generate(
         self,
@@ -113,6 +129,19 @@ class VllmEngine:
             for o in answer["outputs"]
         ]
         return VllmResult(outputs, answer["seconds"])
+
+    def prompt_logprobs(self, prompts: list[list[int]], top_k: int) -> tuple[list[PromptLogprobs], float]:
+        """The target's log-probabilities over each prompt (vLLM's ``SamplingParams(prompt_logprobs=top_k)``, in the
+        engine's ``logprobs_mode``) and the seconds ``LLM.generate`` took. Needs an engine ``max_logprobs >= top_k``."""
+        request = {"prompts": [list(map(int, ids)) for ids in prompts], "prompt_logprobs": int(top_k)}
+        answer = self._ask(request, None, what="score the prompts")
+        scored = []
+        for prompt, part in zip(prompts, answer["scored"], strict=True):
+            shape = (len(prompt) - 1, top_k + 1)
+            ids = np.frombuffer(base64.b64decode(part["ids"]), dtype="<i4").reshape(shape)
+            values = np.frombuffer(base64.b64decode(part["logprobs"]), dtype="<f4").reshape(shape)
+            scored.append(PromptLogprobs(ids[:, 0], values[:, 0], ids[:, 1:], values[:, 1:]))
+        return scored, answer["seconds"]
 
     def _ask(self, message: dict, timeout: float | None, what: str) -> dict:
         process = self._process

@@ -6,11 +6,13 @@ own logs go to stderr, which the client keeps in a log file.
 
 ``serve``: the first stdin line is the engine's settings (``model``, ``dtype``, ``max_model_len``, ``seed`` and,
 for speculative decoding, ``speculative_config``); the worker builds one ``vllm.LLM`` and answers
-``{"ready": true, "vllm": VERSION, "start_seconds": S}``. Each further line is a request
+``{"ready": true, "vllm": VERSION, "start_seconds": S, "vocab_size": V}``. Each further line is a request
 ``{"prompts": [[ids], ...], "max_tokens": N, "stop_token_ids": [...], "temperature": T, "seed": S}``, answered with
 ``{"outputs": [{"token_ids", "finish_reason", "spec"}], "seconds": S}``: ``spec`` is vLLM's per-request record of
 each verify step (``per_step_drafted``, ``per_step_accepted``; null without a draft) and ``seconds`` the wall-clock
-time of ``LLM.generate`` alone. End of input (or ``{"quit": true}``) shuts the engine down.
+time of ``LLM.generate`` alone. A request ``{"prompts": [[ids], ...], "prompt_logprobs": k}`` scores the prompts
+instead (:func:`_score`): ``{"scored": [{"ids", "logprobs"}], "seconds": S}``. End of input (or ``{"quit": true}``)
+shuts the engine down.
 
 ``validate``: stdin is a JSON list of ``{"name", "model", "speculative_config"}``; for each, vLLM builds its engine
 config (``EngineArgs.create_engine_config``: model and draft configs, the speculative checks) and resolves the draft's
@@ -73,11 +75,15 @@ def serve(stream) -> None:
     if settings.get("speculative_config"):
         settings["per_request_spec_decode_metrics"] = "detailed"
     llm = LLM(enforce_eager=True, disable_log_stats=False, **settings)
-    _send(stream, {"ready": True, "vllm": version, "start_seconds": time.perf_counter() - started})
+    ready = {"ready": True, "vllm": version, "start_seconds": time.perf_counter() - started}
+    _send(stream, ready | {"vocab_size": llm.model_config.get_vocab_size()})
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("quit"):
             break
+        if "prompt_logprobs" in request:
+            _send(stream, _score(llm, request, SamplingParams, TokensPrompt))
+            continue
         try:
             params = SamplingParams(
                 temperature=request.get("temperature", 0.0),
@@ -102,6 +108,38 @@ def serve(stream) -> None:
             for result in results
         ]
         _send(stream, {"outputs": outputs, "seconds": seconds})
+
+
+def _score(llm, request: dict, SamplingParams, TokensPrompt) -> dict:  # noqa: N803 — vLLM's classes, passed in
+    """The target's log-probabilities over each prompt: per position after the first, the prompt token's own and the
+    top ``prompt_logprobs`` ids and values (``flat_logprobs``: vLLM's lists, without a dict per position). Sent as
+    base64 of little-endian arrays ``[positions, 1 + k]``: int32 ids and float32 log-probabilities, column 0 the
+    prompt token's, as vLLM's sampler gathers them (``Sampler.gather_logprobs``)."""
+    import base64
+
+    import numpy as np
+
+    k = int(request["prompt_logprobs"])
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
+        begin = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - begin
+    except Exception as error:  # noqa: BLE001 — one bad request is answered, the engine keeps serving
+        return {"error": reason(error)}
+    scored = []
+    for result in results:
+        flat = result.prompt_logprobs  # position 0 holds nothing (no prediction precedes the first token)
+        ids = np.asarray(flat.token_ids, dtype="<i4").reshape(-1, k + 1)
+        values = np.asarray(flat.logprobs, dtype="<f4").reshape(-1, k + 1)
+        scored.append(
+            {
+                "ids": base64.b64encode(ids.tobytes()).decode(),
+                "logprobs": base64.b64encode(values.tobytes()).decode(),
+            }
+        )
+    return {"scored": scored, "seconds": seconds}
 
 
 def validate(stream) -> None:

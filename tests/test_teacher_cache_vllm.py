@@ -1,0 +1,149 @@
+"""The teacher cache built by vLLM (method.cache_engine=vllm) is the transformers-built cache: on the tiny pair, with
+float32 storage, the same top-k ids, log-probabilities and rest-of-mass buckets within 1e-4, and training from either
+gives the same losses step by step. The mapping from vLLM's prompt log-probabilities to the cache is checked first
+without vLLM, against a stand-in engine that scores each document with the target in transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pard_train.base.config import AttentionBackend, CacheEngine, MethodConfig, MethodName
+from pard_train.base.errors import ConfigError
+from pard_train.data.packing import PackedRow
+from pard_train.methods.teacher_cache import MANIFEST
+from pard_train.methods.teacher_cache_builder import TransformersScorer
+from pard_train.methods.teacher_cache_vllm import VllmScorer, documents
+from pard_train.testing.tiny import build_tiny_model
+from pard_train.vllm_env.client import PromptLogprobs
+
+VOCAB = 96
+
+
+class TransformersAsVllm:
+    """What vLLM's ``prompt_logprobs`` returns, computed per prompt by a transformers model: rows ``u - 1`` for
+    ``u = 1 .. n-1``, the prompt token's log-probability and the top-k, most likely first."""
+
+    def __init__(self, model):
+        self.model, self.vocab_size = model, model.get_output_embeddings().weight.shape[0]
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompts, top_k):
+        scored = []
+        for ids in prompts:
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            log_p = logits.log_softmax(-1)
+            token = torch.tensor(ids[1:])
+            values, top = log_p.topk(top_k, dim=-1)
+            chosen = log_p.gather(-1, token[:, None]).squeeze(-1)
+            scored.append(PromptLogprobs(token.numpy(), chosen.numpy(), top.int().numpy(), values.numpy()))
+        return scored, 0.0
+
+
+def _rows() -> list[PackedRow]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for lengths in ([7, 1, 12], [20], [3, 2, 1, 9]):  # one-token documents too
+        ids, document, supervised = [], [], []
+        for index, length in enumerate(lengths):
+            ids += torch.randint(4, VOCAB, (length,), generator=generator).tolist()
+            document += [index] * length
+            supervised += (torch.rand(length, generator=generator) > 0.3).tolist()
+        rows.append(PackedRow(ids, document, supervised))
+    return rows
+
+
+def test_documents_are_the_spans_of_equal_ids():
+    assert documents(PackedRow([5] * 6, [0, 0, 1, 2, 2, 2], [True] * 6)) == [(0, 2), (2, 3), (3, 6)]
+    assert documents(PackedRow([5], [0], [True])) == [(0, 1)]
+
+
+def test_prompt_logprobs_per_document_give_the_transformers_builders_signals():
+    torch.manual_seed(0)
+    model = build_tiny_model(vocab_size=VOCAB, hidden_size=32, num_layers=2).eval()
+    rows = _rows()
+    expected = TransformersScorer(model, AttentionBackend.sdpa, torch.device("cpu")).signals(rows, 8, 1.0)
+    got = VllmScorer(TransformersAsVllm(model)).signals(rows, 8, 1.0)
+    for (log_g, ids, log_p), (want_log_g, want_ids, want_log_p) in zip(got, expected, strict=True):
+        assert log_g.shape == want_log_g.shape and ids.shape == want_ids.shape
+        torch.testing.assert_close(log_g, want_log_g, atol=1e-5, rtol=0)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(log_p, want_log_p, atol=1e-5, rtol=0)
+    assert sum(ids.shape[0] for _, ids, _ in got) > 20  # labelled positions in every row: the check has content
+
+
+def test_vllm_refuses_a_temperature_it_cannot_give_in_one_line():
+    settings = dict(name=MethodName.pard2, target="t", teacher="cache", cache_engine=CacheEngine.vllm)
+    MethodConfig(**settings)  # temperature 1: built
+    with pytest.raises(ConfigError, match=r"^method.cache_engine: vllm gives .* temperature 1 only") as caught:
+        MethodConfig(**settings, kd_temperature=2.0)
+    assert "\n" not in str(caught.value) and "method.cache_engine=transformers" in str(caught.value)
+
+
+def _shards(directory):
+    manifest = json.loads((directory / MANIFEST).read_text())
+    return manifest, [torch.load(directory / entry["name"], weights_only=True) for entry in manifest["shards"]]
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+def test_a_cache_built_by_vllm_equals_the_transformers_cache_and_trains_the_same(tiny_checkpoint, tmp_path):
+    from conftest import compose
+
+    from pard_train.base.config import to_config
+    from pard_train.methods.teacher_cache_builder import build_for_config
+    from pard_train.training.train import train
+
+    settings = [
+        "+config=pard2_tiny",
+        f"model.path={tiny_checkpoint}",
+        "data.max_samples=48",
+        "data.max_length=96",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        "train.max_steps=3",
+        "train.schedule=constant",
+        "train.warmup_steps=0",
+        "checkpoint.every_steps=0",
+        "method.features=false",
+        "method.top_k=8",
+        "method.top_k_dtype=float32",
+        "method.cache_shard_rows=8",
+    ]
+
+    def config(engine, *extra):
+        cache = f"data.cache_dir={tmp_path / engine / 'cache'}"
+        root = f"run.output_root={tmp_path / engine}"
+        return to_config(compose(*settings, cache, root, f"method.cache_engine={engine}", *extra))
+
+    caches = {}
+    for engine in ("transformers", "vllm"):
+        directory, complete = build_for_config(config(engine))
+        assert complete
+        caches[engine] = _shards(directory)
+    (manifest, hf), (vllm_manifest, served) = caches["transformers"], caches["vllm"]
+    assert vllm_manifest["key"] == manifest["key"] and vllm_manifest["labelled_tokens"] == manifest["labelled_tokens"]
+    assert manifest["labelled_tokens"] > 500 and len(hf) > 1  # several shards, hundreds of positions compared
+    for a, b in zip(hf, served, strict=True):
+        for name in ("real_offsets", "label_offsets"):
+            assert torch.equal(a[name], b[name])
+        assert torch.equal(a["top_ids"], b["top_ids"])
+        assert (a["top_log_p"] - b["top_log_p"]).abs().max() <= 1e-4
+        assert (a["log_g"] - b["log_g"]).abs().max() <= 1e-4
+        buckets = [1 - shard["top_log_p"].double().exp().sum(-1) for shard in (a, b)]
+        assert (buckets[0] - buckets[1]).abs().max() <= 1e-4
+        assert buckets[0].min() > 0.01  # k < vocabulary: the bucket holds real mass, so the check has content
+    assert np.isfinite(served[0]["top_log_p"].numpy()).all()
+
+    losses = {}
+    for engine in ("transformers", "vllm"):
+        final = train(config(engine, "method.teacher=cache"))
+        losses[engine] = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses["vllm"]] == [r["step"] for r in losses["transformers"]] == [1, 2, 3]
+    for a, b in zip(losses["transformers"], losses["vllm"], strict=True):
+        assert a["kd"] > 0
+        for key in ("loss", "kd", "cat_weight/depth_2"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
