@@ -64,6 +64,8 @@ SLOWEST_FIRST = (
     "test_run_integrity.py",
     "test_slurm.py",
     "test_speculative.py",
+    "test_teacher_cache.py",
+    "test_teacher_cache_vllm.py",
     "test_resume.py",
     "test_recipes_regenerate.py",
     "test_sweep.py",
