@@ -150,6 +150,7 @@ def test_a_changed_dataset_target_or_k_refuses_the_stale_cache(tmp_path):
         (changed_rows, TARGET, settings, "the training rows"),
         (rows, "another-target", settings, "the target"),
         (rows, TARGET, _settings(top_k=16), "method.top_k"),
+        (rows, TARGET, _settings(top_k=8, features=True), "method.features"),  # this cache holds no features
     ]
     for case_rows, case_target, case_settings, named in cases:
         with pytest.raises(ConfigError) as error:
@@ -263,12 +264,13 @@ def test_training_from_a_stale_cache_is_one_line_and_exit_2(tiny_checkpoint, tmp
 
 @pytest.mark.slow
 def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny_checkpoint, tmp_path, monkeypatch):
-    """The trainer end to end, dual mode (features still come from the target): with k >= the vocabulary and float32
-    storage, every step's loss, KD term and CAT weight equal the online teacher's; the cached run never puts the
-    target's states through its LM head (the cache already holds what that would give)."""
+    """The trainer end to end, dual mode, the features from the cache too: with k >= the vocabulary and float32
+    storage, every step's loss, KD term and CAT weight equal the online teacher's (W starts at zero, so steps 2 and 3
+    read the features); the cached run never loads the target."""
     from conftest import compose
 
     from pard_train.base.config import to_config
+    from pard_train.methods import pard2
     from pard_train.methods.teacher import Teacher
     from pard_train.methods.teacher_cache_builder import build_for_config
     from pard_train.training.train import train
@@ -288,11 +290,14 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
         "method.feature_drop=0",
         "method.top_k=100000",
         "method.top_k_dtype=float32",
+        "method.feature_cache_dtype=float32",
     ]
 
-    head_passes = []
+    head_passes, loads = [], []
     log_confidence = Teacher._log_confidence
     monkeypatch.setattr(Teacher, "_log_confidence", lambda *a: head_passes.append(1) or log_confidence(*a))
+    load_target = pard2.load_target
+    monkeypatch.setattr(pard2, "load_target", lambda *a: loads.append(1) or load_target(*a))
 
     def records(name, *extra):
         config = to_config(compose(*settings, f"run.output_root={tmp_path / name}", *extra))
@@ -300,12 +305,16 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
         return [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
 
     directory, complete = build_for_config(to_config(compose(*settings, f"run.output_root={tmp_path}")))
-    assert complete and json.loads((directory / MANIFEST).read_text())["top_k"] > 500  # the whole vocabulary
+    manifest = json.loads((directory / MANIFEST).read_text())
+    assert complete and manifest["top_k"] > 500  # the whole vocabulary
+    # Three layers of the tiny target's hidden states, float32, per real token.
+    assert manifest["feature_bytes_per_real_token"] == manifest["feature_width"] * 4 == 3 * 64 * 4
     online = records("online")
-    assert head_passes, "the online teacher computes its confidences"
+    assert head_passes and loads, "the online teacher loads the target and computes its confidences"
     head_passes.clear()
+    loads.clear()
     cached = records("cached", "method.teacher=cache")
-    assert not head_passes, "the cached run discarded a target LM-head pass"
+    assert not loads and not head_passes, "the cached run loaded the target"
     assert [r["step"] for r in online] == [r["step"] for r in cached] == [1, 2, 3]
     for a, b in zip(online, cached, strict=True):
         assert a["kd"] > 0
@@ -313,6 +322,12 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     with pytest.raises(ConfigError, match="stale"):  # the cached run really read the cache: another k has none
         records("k4", "method.teacher=cache", "method.top_k=4")
+    # And the features the losses depend on are the cache's: zeroed, the later steps' losses change.
+    features = TeacherCache.features
+    monkeypatch.setattr(TeacherCache, "features", lambda *a: features(*a).zero_())
+    zeroed = records("zeroed", "method.teacher=cache")
+    assert zeroed[0]["loss"] == pytest.approx(cached[0]["loss"], rel=1e-6)  # W starts at zero
+    assert abs(zeroed[-1]["loss"] - cached[-1]["loss"]) > 1e-4 * abs(cached[-1]["loss"]), (zeroed, cached)
 
 
 def test_the_cache_settings_are_checked_when_the_config_is_built():

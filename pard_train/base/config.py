@@ -195,12 +195,16 @@ class MethodConfig:
     cached beside the data cache (one float per token); needs kd_weight=0 and features=false."""
 
     teacher: TeacherSource = TeacherSource.online
-    """``cache``: KD over the target's top-``top_k`` log-probabilities and the confidences g(u), read from the teacher
-    cache (``python -m pard_train.teacher_cache``): the step never loads the target, unless ``features`` needs it."""
+    """``cache``: KD over the target's top-``top_k`` log-probabilities and the confidences g(u) and, with
+    ``features``, the target's features, read from the teacher cache (``python -m pard_train.teacher_cache``): the
+    step never loads the target."""
     top_k: int = 32
     """Teacher cache: log-probabilities kept per labelled token (the rest of the mass is one bucket)."""
     top_k_dtype: str = "float16"
     """Teacher cache: storage of the top-k log-probabilities, ``float16`` (2 bytes) or ``float32`` (exact)."""
+    feature_cache_dtype: str = "bfloat16"
+    """Teacher cache with ``features``: storage of the features, ``bfloat16`` (the target's dtype on GPUs, 2 bytes a
+    value) or ``float32`` (exact against a float32 target, as on CPUs)."""
     cache_shard_rows: int = 256
     """Teacher cache: packed rows per shard, the most a preempted build loses."""
     cache_engine: CacheEngine = CacheEngine.transformers
@@ -211,6 +215,8 @@ class MethodConfig:
     def __post_init__(self):
         require(self.top_k >= 1, "method.top_k", f"must be >= 1, got {self.top_k}")
         require(self.top_k_dtype in ("float16", "float32"), "method.top_k_dtype", "float16 or float32")
+        stored = self.feature_cache_dtype in ("bfloat16", "float32")
+        require(stored, "method.feature_cache_dtype", "bfloat16 or float32")
         require(self.cache_shard_rows >= 1, "method.cache_shard_rows", "must be >= 1")
         require(self.cache_tensor_parallel_size >= 1, "method.cache_tensor_parallel_size", "must be >= 1")
         require(self.ce_weight >= 0 and self.kd_weight >= 0, "method.ce_weight/kd_weight", "must be >= 0")
@@ -232,6 +238,14 @@ class MethodConfig:
             f"vllm gives the target's log-probabilities at temperature 1 only, not at method.kd_temperature="
             f"{self.kd_temperature} (it scores prompt tokens without sampling parameters, and the top-k at 1 does not "
             "give the normaliser at another temperature): use method.cache_engine=transformers or kd_temperature=1",
+        )
+        vllm_features = self.features and self.cache_engine == CacheEngine.vllm
+        require(
+            not vllm_features or self.feature_capture != FeatureCapture.training,
+            "method.feature_capture",
+            "training (HF hidden_states, layer -1 after the final norm) cannot come from method.cache_engine=vllm, "
+            "which captures the final norm's input: use method.feature_capture=vllm or "
+            "method.cache_engine=transformers",
         )
         if self.teacher == TeacherSource.cache:
             require(self.name == MethodName.pard2, "method.teacher", "cache needs method=pard2")

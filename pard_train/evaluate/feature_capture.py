@@ -23,8 +23,20 @@ import torch
 from torch import Tensor
 
 from pard_train.base.config import FeatureCapture
+from pard_train.base.errors import ConfigError
 
-__all__ = ["FeatureCapture", "final_norm_input", "target_features"]
+__all__ = ["FeatureCapture", "aux_ids", "final_norm_input", "target_features"]
+
+
+def aux_ids(layers: Sequence[int], num_layers: int) -> list[int]:
+    """vLLM's aux id of each of ``layers`` (``output_hidden_states`` indexing) for a target of ``num_layers`` decoder
+    layers: ``l % (num_layers + 1)``, so always non-negative (vLLM matches a negative id to no layer and fills its
+    block with another's, silently). A layer outside the ``num_layers + 1`` hidden states is refused, not wrapped."""
+    depth = num_layers + 1
+    outside = [layer for layer in layers if not -depth <= layer < depth]
+    if outside:
+        raise ConfigError(f"method.feature_layers: {outside} outside the target's {depth} hidden states")
+    return [layer % depth for layer in layers]
 
 
 @contextmanager
@@ -50,8 +62,5 @@ def target_features(
     if capture == FeatureCapture.training:
         return torch.cat([hidden_states[layer] for layer in layers], dim=-1)
     depth = len(hidden_states) - 1  # embeddings + one entry per decoder layer
-    blocks = []
-    for layer in layers:
-        aux_id = layer % (depth + 1)
-        blocks.append(pre_norm if aux_id == depth else hidden_states[aux_id])
+    blocks = [pre_norm if aux_id == depth else hidden_states[aux_id] for aux_id in aux_ids(layers, depth)]
     return torch.cat(blocks, dim=-1)

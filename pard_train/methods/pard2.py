@@ -47,8 +47,8 @@ def recorded_defaults(recorded: dict) -> dict:
 
 class Pard2Method:
     """Loads the target once (frozen, bf16 on GPUs; sharded across ranks under ZeRO-3), checks it shares the draft's
-    vocabulary, and builds W. With ``method.teacher=cache`` it opens the teacher cache instead, and loads the target
-    only when features need it."""
+    vocabulary, and builds W. With ``method.teacher=cache`` it opens the teacher cache instead, which holds the
+    features too when ``method.features`` is on: the target is never loaded."""
 
     def __init__(
         self,
@@ -66,15 +66,16 @@ class Pard2Method:
         self.target_engine = self.cache = None
         if settings.teacher == "cache":
             self.cache = open_teacher_cache(settings, cache_dir, draft, data)
-        target = None  # with the cache and no features every signal the step needs is in the cache: no target at all
-        if self.cache is None or settings.features:
+        target = None  # with the cache every signal the step needs, features included, is in it: no target at all
+        if self.cache is None:
             target, self.target_engine = load_target(settings, draft, backend, accelerator)
         layers = list(settings.feature_layers) if settings.features else None
         self.teacher = Teacher(target, backend, layers, settings.feature_capture) if target is not None else None
         projection = None
         if layers is not None:
             draft_width = draft.config.get_text_config().hidden_size
-            projection = torch.nn.Linear(len(layers) * self.teacher.hidden_size, draft_width, bias=False)
+            width = self.cache.feature_width if self.cache is not None else len(layers) * self.teacher.hidden_size
+            projection = torch.nn.Linear(width, draft_width, bias=False)
             # Zero, not nn.Linear's default (the reference's): the untrained TD draft is then exactly the PARD draft it
             # started as, and no random W f(a) perturbs the inputs while the draft learns. Measured on the derived
             # SmolLM2 pair (docs/benchmarks.md, "W initialised to zero"): TI AL 1.059 vs 1.017, TD 1.066 vs 1.042.
@@ -116,10 +117,11 @@ class Pard2Method:
         return inputs, inputs.weight_sum
 
     def _cached_signals(self, batch: PardBatch, row_ids, split: str) -> TeacherSignals:
-        """Confidences and top-k from the cache; with features the target runs for them alone."""
+        """Confidences, top-k and, in dual mode, the features, all from the cache."""
         length = int(((batch.depth == 0) & (batch.document >= 0)).sum(1).max())
-        log_g, top_ids, top_log_p = self.cache.signals(split, row_ids, length, batch.depth.device)
-        features = self.teacher.features(batch) if self.settings.features else None
+        device = batch.depth.device
+        log_g, top_ids, top_log_p = self.cache.signals(split, row_ids, length, device)
+        features = self.cache.features(split, row_ids, length, device) if self.settings.features else None
         return TeacherSignals(log_g, None, features, top_ids, top_log_p)
 
     def zero_stats(self, num_depths: int, device) -> Pard2Stats:

@@ -1,6 +1,7 @@
 """PARD-2's frozen target, loaded once for the run: bf16 on GPUs, partitioned across ranks under ZeRO-3, checked
-against the draft's vocabulary and the feature layers; or the teacher cache that stands in for its logits
-(``method.teacher=cache``). Used by :class:`pard_train.methods.pard2.Pard2Method`.
+against the draft's vocabulary and the feature layers; or the teacher cache that stands in for it
+(``method.teacher=cache``: its confidences, top-k log-probabilities and, in dual mode, features). Used by
+:class:`pard_train.methods.pard2.Pard2Method`.
 """
 
 from __future__ import annotations

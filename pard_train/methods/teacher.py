@@ -77,23 +77,19 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, batch: PardBatch) -> TeacherSignals:
         real = self._real(batch)
-        hidden, features = self._forward(real)
+        hidden, features = self.states(real)
         return TeacherSignals(self._log_confidence(real, hidden), hidden, features)
-
-    @torch.no_grad()
-    def features(self, batch: PardBatch) -> Tensor:
-        """Only the features (dual mode with the teacher cache): the confidences and distillation logits come from
-        the cache, so the LM head never runs over the target's states."""
-        return self._forward(self._real(batch))[1]
 
     def _real(self, batch: PardBatch) -> PardBatch:
         # FlexAttention compiles per shape: lengths in multiples of its block size keep the number of shapes small.
         return real_tokens(batch, BLOCK if self.backend == AttentionBackend.flex else 1)
 
-    def _forward(self, real: PardBatch) -> tuple[Tensor, Tensor | None]:
-        """The final hidden state and the features, captured as ``self.capture`` says: the same
-        :func:`~pard_train.evaluate.feature_capture.target_features` the harness's verification loop calls, so a draft
-        is trained and measured on the same states."""
+    @torch.no_grad()
+    def states(self, real: PardBatch) -> tuple[Tensor, Tensor | None]:
+        """One forward over a batch of real tokens (:func:`real_tokens`): the final hidden state and the features,
+        captured as ``self.capture`` says: the same :func:`~pard_train.evaluate.feature_capture.target_features` the
+        harness's verification loop calls, so a draft is trained and measured on the same states (and the teacher
+        cache's builder calls this too, so a cached feature is the online teacher's)."""
         capture = self.capture if self.feature_layers is not None else FeatureCapture.training
         # vllm: the final norm's input is layer -1 as vLLM captures it (HF hidden_states only hold its output).
         hook = final_norm_input(self.model) if capture == FeatureCapture.vllm else nullcontext({})

@@ -3,9 +3,12 @@
 
 Per packed row: ``log g(u)`` for every real token (float32; 0 at a document's first token) and, at every position
 ``p`` whose next token is a label (the positions the loss uses at any depth), the target's top-k token ids and their
-log-probabilities at the KD temperature. A directory ``teacher-<fingerprint>`` beside the data cache holds one file
-per shard of rows and ``manifest.json``, written last; the fingerprint covers each split's rows (tokens, documents,
-loss mask), the target's files, k, the temperature and the storage dtype, so anything else is another directory and a
+log-probabilities at the KD temperature; with ``method.features``, also the target's features ``[real tokens,
+n * H]`` at ``method.feature_layers`` as ``method.feature_capture`` says (``method.feature_cache_dtype``: bfloat16,
+the target's dtype on GPUs, or float32), so dual mode trains without the target too. A directory
+``teacher-<fingerprint>`` beside the data cache holds one file per shard of rows and ``manifest.json``, written last;
+the fingerprint covers each split's rows (tokens, documents, loss mask), the target's files, k, the temperature and
+the storage dtype (with features: their layers, capture and dtype), so anything else is another directory and a
 stale cache is never read.
 
 KD over the top-k keeps **the remaining mass as one bucket**: the teacher's distribution is ``q_1..q_k`` plus
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pard_train.base.config import FeatureCapture
 from pard_train.base.errors import ConfigError
 from pard_train.data.packing import PackedRow
 
@@ -59,18 +63,24 @@ def target_fingerprint(target: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def cache_key(rows: dict[str, list[PackedRow]], target: str, top_k: int, temperature: float, dtype: str) -> dict:
-    """What the cache's content depends on, part by part (so a refusal can name the part that changed)."""
+def cache_key(rows: dict[str, list[PackedRow]], target: str, settings) -> dict:
+    """What the cache's content depends on, part by part (so a refusal can name the part that changed); the feature
+    parts only with ``settings.features``, so a cache without features keeps the key it always had."""
     from pard_train.data.dataset import rows_fingerprint  # here: the loss imports this module, not the data stack
 
-    return {
+    key = {
         "format": FORMAT,
         **{f"rows.{split}": rows_fingerprint(split_rows) for split, split_rows in rows.items()},
         "target": target_fingerprint(target),
-        "top_k": top_k,
-        "kd_temperature": temperature,
-        "top_k_dtype": dtype,
+        "top_k": settings.top_k,
+        "kd_temperature": settings.kd_temperature,
+        "top_k_dtype": settings.top_k_dtype,
     }
+    if settings.features:
+        key["feature_layers"] = list(settings.feature_layers)
+        key["feature_capture"] = FeatureCapture(settings.feature_capture).value
+        key["feature_cache_dtype"] = settings.feature_cache_dtype
+    return key
 
 
 def cache_directory(root: Path, key: dict) -> Path:
@@ -99,8 +109,10 @@ def plan_shards(rows: dict[str, list[PackedRow]], shard_rows: int) -> list[Shard
 
 def _describe_difference(found: dict, wanted: dict) -> str:
     names = {"rows.train": "the training rows", "rows.validation": "the validation rows", "target": "the target"}
-    changed = [names.get(key, f"method.{key}") for key in wanted if found.get(key) != wanted[key]]
-    return ", ".join(changed) or "nothing recorded"
+    if ("feature_layers" in found) != ("feature_layers" in wanted):  # one with features, the other without
+        names |= {key: "method.features" for key in ("feature_layers", "feature_capture", "feature_cache_dtype")}
+    changed = [names.get(key, f"method.{key}") for key in {**found, **wanted} if found.get(key) != wanted.get(key)]
+    return ", ".join(dict.fromkeys(changed)) or "nothing recorded"
 
 
 def top_k_kd(student_logits: Tensor, top_ids: Tensor, top_log_p: Tensor, tau: float) -> Tensor:
@@ -178,6 +190,8 @@ class TeacherCache:
         self.directory, self.manifest, self.rows = directory, manifest, rows
         self.top_k = int(manifest["top_k"])
         self.vocabulary = int(manifest["vocabulary"])
+        self.feature_width = manifest.get("feature_width")
+        """``n * H`` of the target's features, when the cache holds them (its key then names their layers)."""
         self.shards: dict[str, list[tuple[int, dict]]] = {}
         for entry in manifest["shards"]:
             # mmap: only the pages of the rows a step reads come into memory; a cache larger than RAM still works.
@@ -190,7 +204,7 @@ class TeacherCache:
     def open(cls, root: Path, rows: dict[str, list[PackedRow]], target: str, settings) -> TeacherCache:
         """The cache for these rows and settings, or a one-line ConfigError saying what differs from the caches
         that exist and how to build the right one."""
-        key = cache_key(rows, target, settings.top_k, settings.kd_temperature, settings.top_k_dtype)
+        key = cache_key(rows, target, settings)
         directory = cache_directory(root, key)
         build = "build it with `python -m pard_train.teacher_cache` and the same config and overrides as training"
         try:
@@ -218,12 +232,15 @@ class TeacherCache:
                 )
         return cls(directory, manifest, rows)
 
-    def _row(self, split: str, row: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _part(self, split: str, row: int) -> tuple[dict, list[int], list[int]]:
+        """The shard holding ``row``, and the row's spans of real and of labelled tokens in it."""
         parts = self.shards[split]
         begin, data = parts[bisect.bisect_right([b for b, _ in parts], row) - 1]
         local = row - begin
-        real = data["real_offsets"][local : local + 2].tolist()
-        labelled = data["label_offsets"][local : local + 2].tolist()
+        return data, data["real_offsets"][local : local + 2].tolist(), data["label_offsets"][local : local + 2].tolist()
+
+    def _row(self, split: str, row: int) -> tuple[Tensor, Tensor, Tensor]:
+        data, real, labelled = self._part(split, row)
         return (
             data["log_g"][real[0] : real[1]],
             data["top_ids"][labelled[0] : labelled[1]],
@@ -246,3 +263,14 @@ class TeacherCache:
             ids[i, positions[keep]] = row_ids_k[keep].long()
             log_p[i, positions[keep]] = row_log_p[keep].float()
         return log_g.to(device), ids.to(device), log_p.to(device)
+
+    def features(self, split: str, row_ids: list[int], length: int, device) -> Tensor:
+        """``[B, length, n * H]``: the target's features at the rows' real tokens, in the stored dtype (the loss casts
+        them to the draft's), zeros past a row's end; f(a) is ``features[a - 1]``, as the online teacher gives it."""
+        first = self._part(split, row_ids[0])[0]["features"]
+        out = torch.zeros(len(row_ids), length, first.shape[-1], dtype=first.dtype)
+        for i, row in enumerate(row_ids):
+            data, real, _ = self._part(split, row)
+            n = min(real[1] - real[0], length)
+            out[i, :n] = data["features"][real[0] : real[0] + n]
+        return out.to(device)

@@ -6,9 +6,11 @@ rank + world, ...`` that are not on disk yet, each written atomically, so any nu
 loses at most the shard it was computing. Whoever finds every shard present writes the manifest (atomically; the
 same content whoever writes it), which is what makes the cache usable.
 
-Per batch of rows: the decoder over the real tokens, then the LM head in chunks over the positions that have a next
-token in their document: ``log_softmax`` gives ``log g`` of that next token and, at labelled positions, the top-k at
-the KD temperature. No ``[tokens, vocabulary]`` tensor beyond one chunk exists.
+Per batch of rows: the decoder over the real tokens (the online teacher's own forward,
+:meth:`~pard_train.methods.teacher.Teacher.states`, which with ``method.features`` also gives the features), then the
+LM head in chunks over the positions that have a next token in their document: ``log_softmax`` gives ``log g`` of that
+next token and, at labelled positions, the top-k at the KD temperature. No ``[tokens, vocabulary]`` tensor beyond one
+chunk exists.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import torch
 from torch import Tensor
 
 from pard_train.base.atomic import atomic_write_bytes, atomic_write_text
+from pard_train.base.config import FeatureCapture
 from pard_train.core import lm_head_loss
-from pard_train.core.attention import attention_mask_for
 from pard_train.core.layout import build_row, collate_rows
 from pard_train.core.lm_head_loss import project_logits
 from pard_train.data.packing import PackedRow
-from pard_train.methods.teacher import real_tokens
+from pard_train.methods.teacher import Teacher, real_tokens
 from pard_train.methods.teacher_cache import (
     MANIFEST,
     Shard,
@@ -56,17 +58,18 @@ def worker_from_environment(environ=os.environ) -> tuple[int, int]:
     return 0, 1
 
 
+RowSignals = tuple[Tensor, Tensor, Tensor, Tensor | None]
+"""One row's part of a shard: ``log g`` ``[L]`` float32, the top-k ids and log-probabilities ``[labelled, k]`` and
+the features ``[L, n * H]`` (None without ``method.features``)."""
+
+
 @torch.no_grad()
-def row_signals(model, backend, rows: list[PackedRow], top_k: int, temperature: float, device):
-    """Per row: ``log g`` ``[L]`` float32 and the top-k ids and log-probabilities ``[labelled, k]``."""
+def row_signals(teacher: Teacher, rows: list[PackedRow], top_k: int, temperature: float, device) -> list[RowSignals]:
+    """Per row, its :data:`RowSignals`, from one forward of ``teacher`` (its feature layers and capture)."""
+    model = teacher.model
     layout = [build_row(torch.tensor(r.input_ids), 0, 1, document=torch.tensor(r.document)) for r in rows]
     real = real_tokens(collate_rows(layout, pad_token_id=0).to(device))
-    hidden = model.get_decoder()(
-        input_ids=real.input_ids,
-        position_ids=real.position_ids,
-        attention_mask=attention_mask_for(real, backend),
-        use_cache=False,
-    ).last_hidden_state
+    hidden, features = teacher.states(real)
     # Positions p with a next token in their document: the logits at p give log g(p + 1); labelled ones the top-k.
     has_next = torch.zeros_like(real.input_ids, dtype=torch.bool)
     has_next[:, :-1] = (real.document[:, 1:] == real.document[:, :-1]) & (real.document[:, :-1] >= 0)
@@ -102,40 +105,48 @@ def row_signals(model, backend, rows: list[PackedRow], top_k: int, temperature: 
     out = []
     for i, row in enumerate(rows):
         mine = top_rows == i  # the chunks kept row-major order, so a row's labelled positions stay in order
-        out.append((log_g[i, : len(row.input_ids)].cpu(), top_ids[mine].cpu(), top_log_p[mine].cpu()))
+        length = len(row.input_ids)
+        row_features = None if features is None else features[i, :length].cpu()
+        out.append((log_g[i, :length].cpu(), top_ids[mine].cpu(), top_log_p[mine].cpu(), row_features))
     return out
 
 
 class TransformersScorer:
     """The target in transformers, whole in this process: batches of rows up to ``TOKENS_PER_FORWARD`` real tokens,
-    each one forward (:func:`row_signals`)."""
+    each one forward (:func:`row_signals`); with ``feature_layers``, the features captured as ``capture`` says."""
 
-    def __init__(self, model, backend, device):
-        self.model, self.backend, self.device = model, backend, device
+    def __init__(self, model, backend, device, feature_layers=None, capture: FeatureCapture = FeatureCapture.vllm):
+        self.teacher, self.device = Teacher(model, backend, feature_layers, capture), device
         self.vocabulary = model.get_output_embeddings().weight.shape[0]
 
-    def signals(self, rows: list[PackedRow], top_k: int, temperature: float) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def signals(self, rows: list[PackedRow], top_k: int, temperature: float) -> list[RowSignals]:
         out = []
         for batch in _batches(rows):
-            out += row_signals(self.model, self.backend, batch, top_k, temperature, self.device)
+            out += row_signals(self.teacher, batch, top_k, temperature, self.device)
         return out
 
     def close(self) -> None:
         pass
 
 
-def shard_tensors(signals: list[tuple[Tensor, Tensor, Tensor]], vocabulary: int, dtype: str) -> dict[str, Tensor]:
-    """One shard's rows concatenated, with offsets: ids as uint16 when the vocabulary fits, else int32."""
+def shard_tensors(
+    signals: list[RowSignals], vocabulary: int, dtype: str, feature_dtype: str = "bfloat16"
+) -> dict[str, Tensor]:
+    """One shard's rows concatenated, with offsets: ids as uint16 when the vocabulary fits, else int32; the features
+    (when the rows have them) in ``feature_dtype``, one row per real token, at ``real_offsets`` like ``log g``."""
     id_dtype = torch.uint16 if vocabulary <= 2**16 else torch.int32
-    lengths = torch.tensor([0] + [log_g.numel() for log_g, _, _ in signals])
-    counts = torch.tensor([0] + [ids.shape[0] for _, ids, _ in signals])
-    return {
-        "log_g": torch.cat([log_g for log_g, _, _ in signals]),
-        "top_ids": torch.cat([ids for _, ids, _ in signals]).to(torch.int32).to(id_dtype),
-        "top_log_p": torch.cat([log_p for _, _, log_p in signals]).to(getattr(torch, dtype)),
+    lengths = torch.tensor([0] + [log_g.numel() for log_g, *_ in signals])
+    counts = torch.tensor([0] + [ids.shape[0] for _, ids, *_ in signals])
+    tensors = {
+        "log_g": torch.cat([log_g for log_g, *_ in signals]),
+        "top_ids": torch.cat([ids for _, ids, *_ in signals]).to(torch.int32).to(id_dtype),
+        "top_log_p": torch.cat([log_p for _, _, log_p, _ in signals]).to(getattr(torch, dtype)),
         "real_offsets": lengths.cumsum(0),
         "label_offsets": counts.cumsum(0),
     }
+    if signals and signals[0][3] is not None:
+        tensors["features"] = torch.cat([features.to(getattr(torch, feature_dtype)) for *_, features in signals])
+    return tensors
 
 
 def _batches(rows: list[PackedRow]) -> list[list[PackedRow]]:
@@ -165,7 +176,7 @@ def build(
     ``vocabulary``, ``signals(rows, top_k, temperature)``, ``close()``) and is called only if there is work. Returns
     the cache directory and whether it is complete. ``after_shard`` is called after each written shard (progress;
     tests kill there)."""
-    key = cache_key(rows, target, settings.top_k, settings.kd_temperature, settings.top_k_dtype)
+    key = cache_key(rows, target, settings)
     directory = cache_directory(root, key)
     if (directory / MANIFEST).exists():
         logger.info(f"teacher cache {directory} is complete: nothing to do")
@@ -184,7 +195,8 @@ def build(
                 part = rows[shard.split][shard.begin : shard.end]
                 signals = scorer.signals(part, settings.top_k, settings.kd_temperature)
                 buffer = io.BytesIO()
-                torch.save(shard_tensors(signals, vocabulary, settings.top_k_dtype), buffer)
+                tensors = shard_tensors(signals, vocabulary, settings.top_k_dtype, settings.feature_cache_dtype)
+                torch.save(tensors, buffer)
                 atomic_write_bytes(directory / shard.name, buffer.getvalue())
                 tokens = sum(len(row.input_ids) for row in part)
                 took = time.perf_counter() - start
@@ -208,12 +220,16 @@ def write_manifest_if_complete(directory: Path, key: dict, shards: list[Shard]) 
         )
         return False
     vocabulary = json.loads((directory / "vocabulary.json").read_text())["vocabulary"]
-    entries, labelled, real, total, payload = [], 0, 0, 0, 0
+    entries, labelled, real, total, payload, feature_bytes, feature_width = [], 0, 0, 0, 0, 0, None
     for shard in shards:
         path = directory / shard.name
         data = torch.load(path, mmap=True, weights_only=True)
         count = int(data["label_offsets"][-1])
         labelled, real, total = labelled + count, real + int(data["real_offsets"][-1]), total + path.stat().st_size
+        features = data.pop("features", None)
+        if features is not None:
+            feature_bytes += features.numel() * features.element_size()
+            feature_width = features.shape[-1]
         payload += sum(tensor.numel() * tensor.element_size() for tensor in data.values())
         entries.append(
             {"name": shard.name, "split": shard.split, "begin": shard.begin, "end": shard.end}
@@ -231,6 +247,8 @@ def write_manifest_if_complete(directory: Path, key: dict, shards: list[Shard]) 
         "payload_bytes_per_labelled_token": payload / max(labelled, 1),
         "shards": entries,
     }
+    if feature_width is not None:  # the features are per real token, not per labelled one, and counted apart
+        manifest |= {"feature_width": feature_width, "feature_bytes_per_real_token": feature_bytes / max(real, 1)}
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
     logger.info(
         f"teacher cache {directory} complete: {labelled} labelled tokens, {total / max(labelled, 1):.1f} bytes each"
@@ -247,6 +265,7 @@ def build_for_config(config, after_shard=None) -> tuple[Path, bool]:
     from pard_train.core.attention import resolve_backend
     from pard_train.data import build_data
     from pard_train.data.documents import default_cache_dir
+    from pard_train.evaluate.feature_capture import aux_ids
     from pard_train.methods.teacher_cache_vllm import VllmScorer
     from pard_train.modelio.model import load_causal_lm, load_tokenizer
     from pard_train.modelio.model_files import prepare_model_files
@@ -266,11 +285,15 @@ def build_for_config(config, after_shard=None) -> tuple[Path, bool]:
     def open_scorer():
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the online teacher runs
         if settings.cache_engine == CacheEngine.vllm:
-            log = root / f"vllm-teacher-cache-{rank}.log"
-            return VllmScorer.start(settings.target, settings, config.data.max_length, str(dtype).split(".")[1], log)
+            log, states = root / f"vllm-teacher-cache-{rank}.log", root / f"vllm-hidden-states-{rank}"
+            dtype_name = str(dtype).split(".")[1]
+            return VllmScorer.start(settings.target, settings, config.data.max_length, dtype_name, log, states)
         backend = resolve_backend(config.model.attention, device)
         model = load_causal_lm(settings.target, backend, dtype=dtype).to(device).eval()
-        return TransformersScorer(model, backend, device)
+        if not settings.features:
+            return TransformersScorer(model, backend, device)
+        aux_ids(settings.feature_layers, model.config.get_text_config().num_hidden_layers)  # refuses a layer outside
+        return TransformersScorer(model, backend, device, list(settings.feature_layers), settings.feature_capture)
 
     rows = {"train": data.train, "validation": data.validation}
     return build(rows, settings.target, settings, root, open_scorer, rank, world, after_shard)

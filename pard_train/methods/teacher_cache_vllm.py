@@ -11,18 +11,28 @@ Temperature 1 only: vLLM scores prompt tokens with a plain ``log_softmax`` of th
 parameters or ``logprobs_mode`` say (``vllm/v1/worker/gpu_model_runner.py``, ``_get_prompt_logprobs_dict``: "prompt
 tokens skip sampling processors"), and the top-k at temperature 1 does not give the normaliser at another one. The
 config refuses ``method.kd_temperature != 1`` with this engine (:class:`pard_train.base.config.MethodConfig`).
+
+Features (``method.features``): the same requests capture the target's residual stream with vLLM's
+``extract_hidden_states`` method (the worker's ``hidden_states`` setting), which is exactly our ``vllm`` capture: aux
+id ``i < L`` is ``output_hidden_states[i]``, id ``L`` the final norm's input. Each layer goes as its non-negative id
+``l % (L + 1)`` (vLLM matches a negative id to no layer and silently fills its block with another's), each id once;
+the file of each document holds them ascending, so its blocks are put back in ``method.feature_layers`` order, as
+:func:`~pard_train.evaluate.feature_capture.target_features` concatenates them, and the file is deleted once read.
+``method.feature_capture=training`` (the final norm's output) is refused by the config with this engine.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from pard_train.data.packing import PackedRow
+from pard_train.evaluate.feature_capture import aux_ids
 from pard_train.methods.teacher_cache import labelled_positions
-from pard_train.vllm_env.client import VllmEngine
+from pard_train.vllm_env.client import PromptLogprobs, VllmEngine
 
 
 def documents(row: PackedRow) -> list[tuple[int, int]]:
@@ -40,12 +50,28 @@ class VllmScorer:
     log-probabilities one shard at a time: every document of the shard in one ``generate`` call, which vLLM batches
     and schedules itself."""
 
-    def __init__(self, engine: VllmEngine):
-        self.engine, self.vocabulary = engine, engine.vocab_size
+    def __init__(self, engine: VllmEngine, blocks: list[int] | None = None):
+        """``blocks``: with features, the slot of each of ``method.feature_layers`` in the engine's files."""
+        self.engine, self.vocabulary, self.blocks = engine, engine.vocab_size, blocks
 
     @classmethod
-    def start(cls, target: str, settings, max_length: int, dtype: str, log_path: Path) -> VllmScorer:
-        """The target in a vLLM engine sized for documents of at most ``max_length`` tokens and ``method.top_k``."""
+    def start(
+        cls, target: str, settings, max_length: int, dtype: str, log_path: Path, states_dir: Path | None = None
+    ) -> VllmScorer:
+        """The target in a vLLM engine sized for documents of at most ``max_length`` tokens and ``method.top_k``;
+        with ``method.features`` it also writes each document's states to ``states_dir``."""
+        capture, blocks = {}, None
+        if settings.features:
+            from transformers import AutoConfig
+
+            num_layers = AutoConfig.from_pretrained(target).get_text_config().num_hidden_layers
+            ids = aux_ids(settings.feature_layers, num_layers)
+            captured = sorted(set(ids))  # the order vLLM stores them in, each once
+            blocks = [captured.index(i) for i in ids]
+            Path(states_dir).mkdir(parents=True, exist_ok=True)
+            for stale in Path(states_dir).glob("*.safetensors*"):  # a killed build's: request ids start again at 0
+                stale.unlink()
+            capture["hidden_states"] = {"layer_ids": captured, "directory": str(states_dir)}
         engine = VllmEngine(
             target,
             dtype=dtype,
@@ -53,13 +79,27 @@ class VllmScorer:
             log_path=log_path,
             max_logprobs=settings.top_k,
             tensor_parallel_size=settings.cache_tensor_parallel_size,
+            **capture,
         )
-        return cls(engine)
+        return cls(engine, blocks)
 
-    def signals(self, rows: list[PackedRow], top_k: int, temperature: float) -> list[tuple[Tensor, Tensor, Tensor]]:
+    def _features(self, document: PromptLogprobs, prompt: list[int]) -> Tensor:
+        """``[n, len(feature_layers) * H]``: the document's states from its file, in ``feature_layers`` order; the
+        file is deleted."""
+        from safetensors.torch import load_file
+
+        path = document.hidden_states_path
+        data = load_file(path)
+        os.remove(path)
+        if data["token_ids"].tolist() != list(prompt):  # the file is the request's: a mix-up would train silently
+            raise RuntimeError(f"vLLM's hidden states in {path} are not of the prompt scored")
+        states = data["hidden_states"]
+        return states[:, self.blocks].reshape(states.shape[0], -1)
+
+    def signals(self, rows: list[PackedRow], top_k: int, temperature: float) -> list:
         """Per row, as :func:`~pard_train.methods.teacher_cache_builder.row_signals` gives them: ``log g`` ``[L]``
-        float32 (0 at each document's first token) and the top-k ids and log-probabilities at its labelled positions,
-        in order."""
+        float32 (0 at each document's first token), the top-k ids and log-probabilities at its labelled positions,
+        in order, and the features ``[L, n * H]`` (None without ``method.features``)."""
         assert temperature == 1.0, "the config refuses other temperatures with cache_engine=vllm"
         k = min(top_k, self.vocabulary)
         spans = [documents(row) for row in rows]
@@ -71,8 +111,14 @@ class VllmScorer:
             log_g = torch.zeros(length, dtype=torch.float32)
             top_ids = torch.zeros(length, k, dtype=torch.long)
             top_log_p = torch.zeros(length, k, dtype=torch.float32)
+            features = None
             for begin, end in row_spans:
                 document = next(scored)
+                if self.blocks is not None:
+                    states = self._features(document, row.input_ids[begin:end])
+                    if features is None:
+                        features = states.new_zeros(length, states.shape[-1])
+                    features[begin:end] = states
                 if end - begin < 2:
                     continue  # one token: nothing predicts it, and it predicts nothing within its document
                 # Row j of a document's scores is the prediction of its token j + 1, made at position j.
@@ -80,7 +126,7 @@ class VllmScorer:
                 top_ids[begin : end - 1] = torch.from_numpy(document.top_ids.astype("int64"))
                 top_log_p[begin : end - 1] = torch.from_numpy(document.top_log_p.copy())
             labelled = labelled_positions(row)
-            out.append((log_g, top_ids[labelled], top_log_p[labelled]))
+            out.append((log_g, top_ids[labelled], top_log_p[labelled], features))
         return out
 
     def close(self) -> None:

