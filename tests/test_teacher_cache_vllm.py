@@ -164,6 +164,8 @@ def test_a_cache_built_by_vllm_equals_the_transformers_cache_and_trains_the_same
         assert complete
         caches[engine] = _shards(directory)
     (manifest, hf), (vllm_manifest, served) = caches["transformers"], caches["vllm"]
+    states = tmp_path / "vllm" / "cache" / "vllm-hidden-states-0"
+    assert states.is_dir() and not list(states.iterdir())  # every document's file and lock read and removed
     assert vllm_manifest["key"] == manifest["key"] and vllm_manifest["labelled_tokens"] == manifest["labelled_tokens"]
     assert manifest["key"]["feature_layers"] == [-1, -2, -3]
     assert manifest["labelled_tokens"] > 500 and len(hf) > 1  # several shards, hundreds of positions compared
