@@ -46,6 +46,8 @@ def test_tiny_run_measures_acceptance_before_after_and_periodically(tmp_path, ti
     card = (final / "README.md").read_text()  # written once more, whole, with the measured comparison in place
     assert card.count("## Measured acceptance length") == 1 and "Not measured" not in card
     assert (run / "acceptance" / "before_after.md").read_text().strip() in card
+    # Measured against its own base model, the draft's vocabulary is checked against that target, not left unchecked.
+    assert "tokenizers identical" in card and "NOT checked" not in card
 
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
     assert [e["step"] for e in evals] == [3, 6]

@@ -32,9 +32,12 @@ logger = logging.getLogger(__name__)
 
 def export_target(config: Config) -> str | None:
     """Whose vocabulary the export is padded to and checked against: the acceptance target, else PARD-2's target,
-    else, for a derived draft (``model.keep_layers``), the model it was cut from."""
+    else, for a derived draft (``model.keep_layers``), the model it was cut from, else, when acceptance is measured,
+    the model it is measured against (a self-draft's own base)."""
     derived_from = config.model.path if config.model.keep_layers is not None else None
-    return config.acceptance.target or config.method.target or derived_from
+    settings = config.acceptance
+    measured = settings.before_training or settings.after_training or settings.every_steps > 0
+    return settings.target or config.method.target or derived_from or (config.acceptance_target if measured else None)
 
 
 def final_recipe(config: Config, step: int, record: RunRecord) -> dict:
