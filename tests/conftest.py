@@ -55,21 +55,27 @@ def kind_of(item: pytest.Item) -> str:
 
 
 # The slowest files (CI's --durations), longest first: with make test's two workers taking whole files in collection
-# order (--dist loadfile), starting these first keeps one worker from running the longest file alone at the end.
+# order (--dist loadfile --no-loadscope-reorder: xdist would otherwise order files by their number of tests, and
+# the few-test shortened demo started last), starting these first keeps one worker from running the longest file
+# alone at the end.
 SLOWEST_FIRST = (
     "test_demo.py",
+    "test_vllm.py",
     "test_gpu_check.py",
     "test_distributed.py",
-    "test_vllm.py",
-    "test_run_integrity.py",
+    "test_gpu_paths.py",
     "test_slurm.py",
-    "test_speculative.py",
-    "test_teacher_cache.py",
+    "test_pard2_train.py",
     "test_teacher_cache_vllm.py",
+    "test_benchmarks_smoke.py",
     "test_resume.py",
+    "test_run_integrity.py",
     "test_recipes_regenerate.py",
-    "test_sweep.py",
+    "test_evaluate.py",
+    "test_teacher_cache.py",
+    "test_speculative.py",
     "test_user_errors.py",
+    "test_sweep.py",
 )
 
 

@@ -20,7 +20,7 @@ def test_make_demo_is_the_self_draft_served_by_vllm():
     dry = subprocess.run(["make", "-n", "demo", "DEMO_ROOT=/x"], cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert "+config=demo run.output_root=/x" in dry.stdout and "/x/cache/demo-data" in dry.stdout
-    assert "--limit 160 --max-new-tokens 128" in dry.stdout and "--backend auto" in dry.stdout
+    assert "--limit 128 --max-new-tokens 96" in dry.stdout and "--backend auto" in dry.stdout
     served = subprocess.run(["make", "-n", "-p", "demo"], cwd=REPO, capture_output=True, text=True).stdout
     assert "\ndemo: demo-deps vllm" in served
 
