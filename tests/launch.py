@@ -39,6 +39,23 @@ def tiny_overrides(tiny_checkpoint: Path, root: Path, *extra: str) -> list[str]:
 RESUME_STEPS = ["train.max_steps=10", "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
 
 
+def pard2_tiny_steps(tiny_checkpoint: Path) -> list[str]:
+    """PARD-2 on the tiny pair, three logged steps at a constant rate from step 1 and no checkpoints: what the
+    step-by-step comparisons of teacher sources run."""
+    return [
+        "+config=pard2_tiny",
+        f"model.path={tiny_checkpoint}",
+        "data.max_samples=48",
+        "data.max_length=96",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        "train.max_steps=3",
+        "train.schedule=constant",
+        "train.warmup_steps=0",
+        "checkpoint.every_steps=0",
+    ]
+
+
 def env() -> dict[str, str]:
     # One process per core at most; DeepSpeed's comm op is JIT-built once into the default shared extensions cache.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}

@@ -268,6 +268,7 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
     storage, every step's loss, KD term and CAT weight equal the online teacher's (W starts at zero, so steps 2 and 3
     read the features); the cached run never loads the target."""
     from conftest import compose
+    from launch import pard2_tiny_steps
 
     from pard_train.base.config import to_config
     from pard_train.methods import pard2
@@ -276,17 +277,8 @@ def test_training_from_a_full_cache_equals_the_online_teacher_with_features(tiny
     from pard_train.training.train import train
 
     settings = [
-        "+config=pard2_tiny",
-        f"model.path={tiny_checkpoint}",
+        *pard2_tiny_steps(tiny_checkpoint),
         f"data.cache_dir={tmp_path}/cache",
-        "data.max_samples=48",
-        "data.max_length=96",
-        "train.micro_batch_size=2",
-        "train.log_every=1",
-        "train.max_steps=3",
-        "train.schedule=constant",
-        "train.warmup_steps=0",
-        "checkpoint.every_steps=0",
         "method.feature_drop=0",
         "method.top_k=100000",
         "method.top_k_dtype=float32",

@@ -131,22 +131,14 @@ def _shards(directory):
 @pytest.mark.integration
 def test_a_cache_built_by_vllm_equals_the_transformers_cache_and_trains_the_same(tiny_checkpoint, tmp_path):
     from conftest import compose
+    from launch import pard2_tiny_steps
 
     from pard_train.base.config import to_config
     from pard_train.methods.teacher_cache_builder import build_for_config
     from pard_train.training.train import train
 
     settings = [
-        "+config=pard2_tiny",
-        f"model.path={tiny_checkpoint}",
-        "data.max_samples=48",
-        "data.max_length=96",
-        "train.micro_batch_size=2",
-        "train.log_every=1",
-        "train.max_steps=3",
-        "train.schedule=constant",
-        "train.warmup_steps=0",
-        "checkpoint.every_steps=0",
+        *pard2_tiny_steps(tiny_checkpoint),
         "method.top_k=8",
         "method.top_k_dtype=float32",
         "method.feature_cache_dtype=float32",  # features on (pard2_tiny: layers -1, -2, -3, captured as vLLM does)
