@@ -13,6 +13,7 @@ import torch
 
 from pard_train.base.config import AttentionBackend, MethodConfig
 from pard_train.base.errors import ConfigError
+from pard_train.evaluate.feature_capture import aux_ids
 from pard_train.modelio.model import embedding_rows, load_causal_lm
 from pard_train.run.distributed import gather_all
 
@@ -79,10 +80,7 @@ def load_target(settings: MethodConfig, draft, backend: AttentionBackend, accele
             f"{embedding_rows(draft)}; PARD-2 distils over one shared vocabulary: pick a target of its family"
         )
     if settings.features:
-        depth = target.config.get_text_config().num_hidden_layers + 1  # hidden_states: embeddings + each layer
-        bad = [layer for layer in settings.feature_layers if not -depth <= layer < depth]
-        if bad:
-            raise ConfigError(f"method.feature_layers: {bad} outside the target's {depth} hidden states")
+        aux_ids(settings.feature_layers, target.config.get_text_config().num_hidden_layers)  # refuses a layer outside
     return target, engine
 
 

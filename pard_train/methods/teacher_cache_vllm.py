@@ -23,7 +23,6 @@ the file of each document holds them ascending, so its blocks are put back in ``
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -91,9 +90,7 @@ class VllmScorer:
 
         path = document.hidden_states_path
         data = load_file(path)
-        os.remove(path)
-        with contextlib.suppress(FileNotFoundError):  # the connector's empty lock file, one per request
-            os.remove(path + ".lock")
+        os.remove(path)  # its lock file went when the worker saw it whole (vllm_env/worker.py, _wait_written)
         if data["token_ids"].tolist() != list(prompt):  # the file is the request's: a mix-up would train silently
             raise RuntimeError(f"vLLM's hidden states in {path} are not of the prompt scored")
         states = data["hidden_states"]
