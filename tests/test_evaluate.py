@@ -4,8 +4,6 @@ PARD-mode measurement the trainer calls."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -89,7 +87,11 @@ def test_measure_acceptance_in_pard_mode():
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_writes_reports_and_compare(tmp_path):
+def test_cli_end_to_end_writes_reports_and_compare(tmp_path, capsys, monkeypatch):
+    """The evaluate, compare and export entry points as ``python -m`` runs them, in this process (imports once)."""
+    from launch import entry
+
+    monkeypatch.chdir(tmp_path)
     target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft")
     runs = []
     for name, draft in (("random", draft_dir), ("self", target_dir)):
@@ -97,21 +99,10 @@ def test_cli_end_to_end_writes_reports_and_compare(tmp_path):
         overrides = [f"target={target_dir}", f"draft={draft}", f"output_dir={out}", "benchmarks=[gsm8k,mt_bench]"]
         if name == "self":  # the target as its own draft: every AR draft accepted
             overrides += ["modes=[target,ar]", "num_draft_tokens=3"]
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pard_train.evaluate",
-                "+evaluate=tiny",
-                "num_prompts=2",
-                "max_new_tokens=9",
-                *overrides,
-            ],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
+        code, _, err = entry(
+            capsys, "+evaluate=tiny", "num_prompts=2", "max_new_tokens=9", *overrides, prog="pard_train.evaluate"
         )
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert code == 0, err[-3000:]
         for file in ("report.json", "report.md", "acceptance_length.png", "acceptance_by_position.png"):
             assert (out / file).stat().st_size > 0, file
         runs.append(out)
@@ -120,8 +111,8 @@ def test_cli_end_to_end_writes_reports_and_compare(tmp_path):
     assert report["config"]["draft"] == str(draft_dir) and report["num_draft_tokens"] == 4
     gsm8k, mt_bench = report["benchmarks"]["gsm8k"], report["benchmarks"]["mt_bench"]
     assert set(gsm8k) == {"target", "ar", "pard"}
-    for entry in (gsm8k, mt_bench):
-        for mode, summary in entry.items():
+    for benchmark in (gsm8k, mt_bench):
+        for mode, summary in benchmark.items():
             assert summary["mismatched_prompts"] == 0, mode
             assert 1.0 <= summary["acceptance_length"] <= 5.0
             assert summary["tokens_per_s"] > 0 and summary["speedup"] > 0
@@ -137,53 +128,27 @@ def test_cli_end_to_end_writes_reports_and_compare(tmp_path):
     ar = self_report["overall"]["ar"]
     assert ar["accepted_tokens"] == ar["drafted_tokens"] and ar["conditional_acceptance"] == [1.0, 1.0, 1.0]
 
-    compare = subprocess.run(
-        [sys.executable, "-m", "pard_train.evaluate.compare", *map(str, runs)], capture_output=True, text=True
-    )
-    assert compare.returncode == 0, compare.stderr
-    assert "random: AL (speed-up)" in compare.stdout and "self: AL (speed-up)" in compare.stdout
-    assert "| gsm8k | pard |" in compare.stdout and "| mt_bench | ar |" in compare.stdout
+    code, out, err = entry(capsys, *map(str, runs), prog="pard_train.evaluate.compare")
+    assert code == 0, err
+    assert "random: AL (speed-up)" in out and "self: AL (speed-up)" in out
+    assert "| gsm8k | pard |" in out and "| mt_bench | ar |" in out
 
     # The report feeds the exported model card.
     exported = tmp_path / "exported"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pard_train.export",
-            "--checkpoint",
-            str(draft_dir),
-            "--output",
-            str(exported),
-            "--al-table",
-            str(runs[0] / "report.json"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    argv = ["--checkpoint", str(draft_dir), "--output", str(exported), "--al-table", str(runs[0] / "report.json")]
+    code, _, err = entry(capsys, *argv, prog="pard_train.export")
+    assert code == 0, err
     assert "| gsm8k | pard |" in (exported / "README.md").read_text()
 
 
-def test_cli_refuses_a_draft_without_mask_token(tmp_path):
+def test_cli_refuses_a_draft_without_mask_token(tmp_path, capsys):
+    from launch import entry, one_error_line
+
     target_dir, _ = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pard_train.evaluate",
-            f"target={target_dir}",
-            f"draft={target_dir}",
-            "modes=[pard]",
-            "benchmarks=[gsm8k]",
-            "num_prompts=1",
-            "max_new_tokens=2",
-            f"output_dir={tmp_path / 'out'}",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 2 and "records no mask token" in done.stderr and "Traceback" not in done.stderr
+    argv = [f"target={target_dir}", f"draft={target_dir}", "modes=[pard]", "benchmarks=[gsm8k]", "num_prompts=1"]
+    argv += ["max_new_tokens=2", f"output_dir={tmp_path / 'out'}"]
+    code, _, err = entry(capsys, *argv, prog="pard_train.evaluate")
+    assert "records no mask token" in one_error_line(code, err)
 
 
 def test_half_precision_mismatches_point_to_fp32():

@@ -147,41 +147,43 @@ import os, sys, torch, deepspeed
 from conftest import compose
 from pard_train.base.config import to_config
 from pard_train.run.distributed import deepspeed_config
-stage, offload = int(sys.argv[1]), sys.argv[2] == "offload"
-overrides = ["+config=tiny", f"deepspeed=zero{stage}", "train.grad_accum_steps=2", "train.micro_batch_size=2"]
-if offload:
-    overrides.append("deepspeed.offload_optimizer=true")
-composed = to_config(compose(*overrides))
-config = deepspeed_config(composed.deepspeed, composed.train, "bf16")
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
 deepspeed.init_distributed(dist_backend="gloo")
-engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-before = [p.detach().float().clone() for p in engine.parameters()]
-for _ in range(2):
-    x = torch.randn(2, 8, dtype=torch.bfloat16)
-    loss = engine(x).float().square().mean()
-    engine.backward(loss)
-    engine.step()
-model_dtype, accum_dtype = engine.get_data_types()
-inner = getattr(optimizer, "optimizer", optimizer)
-changed = any(not torch.equal(a, b.detach().float()) for a, b in zip(before, engine.parameters()))
-print("RESULT", model_dtype, accum_dtype, engine.communication_data_type, type(inner).__name__, changed)
+for setting in sys.argv[1:]:  # one engine after the other in this process: the imports are most of the time
+    stage, offload = int(setting.split("-")[0]), setting.endswith("-offload")
+    overrides = ["+config=tiny", f"deepspeed=zero{stage}", "train.grad_accum_steps=2", "train.micro_batch_size=2"]
+    if offload:
+        overrides.append("deepspeed.offload_optimizer=true")
+    composed = to_config(compose(*overrides))
+    config = deepspeed_config(composed.deepspeed, composed.train, "bf16")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    before = [p.detach().float().clone() for p in engine.parameters()]
+    for _ in range(2):
+        x = torch.randn(2, 8, dtype=torch.bfloat16)
+        loss = engine(x).float().square().mean()
+        engine.backward(loss)
+        engine.step()
+    model_dtype, accum_dtype = engine.get_data_types()
+    inner = getattr(optimizer, "optimizer", optimizer)
+    changed = any(not torch.equal(a, b.detach().float()) for a, b in zip(before, engine.parameters()))
+    print("RESULT", setting, model_dtype, accum_dtype, engine.communication_data_type, type(inner).__name__, changed)
+    engine.destroy()
 """
+ENGINE_SETTINGS = ["1-", "2-", "2-offload", "3-"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage, offload", [(1, ""), (2, ""), (2, "offload"), (3, "")])
-def test_deepspeed_bf16_engine_steps_with_fp32_gradients(stage, offload, tmp_path):
-    """A real DeepSpeed 0.19.8 engine on CPU (gloo, one process) accepts the keys and steps with them."""
+@pytest.fixture(scope="module")
+def engine_results(tmp_path_factory) -> dict[str, str]:
+    """A real DeepSpeed 0.19.8 engine on CPU (gloo, one process) per ZeRO setting, built and stepped in one process."""
     from launch import free_port
 
-    script = tmp_path / "engine.py"
+    script = tmp_path_factory.mktemp("engine") / "engine.py"
     script.write_text(ENGINE_SCRIPT)
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
     result = subprocess.run(
-        [sys.executable, str(script), str(stage), offload],
+        [sys.executable, str(script), *ENGINE_SETTINGS],
         cwd=REPO,
         # This checkout's pard_train first (a shared venv may hold an editable install of another one), then conftest.
         env={**env(), **rendezvous, "LOCAL_RANK": "0", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
@@ -189,9 +191,17 @@ def test_deepspeed_bf16_engine_steps_with_fp32_gradients(stage, offload, tmp_pat
         text=True,
         timeout=400,
     )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    _, model_dtype, accum_dtype, communication, optimizer, changed = line.split()
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("RESULT")}
+    return {setting: lines.get(setting) or (result.stdout + result.stderr)[-4000:] for setting in ENGINE_SETTINGS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ENGINE_SETTINGS)
+def test_deepspeed_bf16_engine_steps_with_fp32_gradients(setting, engine_results):
+    """The engine accepts our DeepSpeed JSON's keys under bf16 and steps with them."""
+    line = engine_results[setting]
+    assert line.startswith("RESULT"), line  # otherwise: the script's output, where it failed
+    _, _, model_dtype, accum_dtype, communication, optimizer, changed = line.split()
     assert (model_dtype, accum_dtype, communication) == ("torch.bfloat16", "torch.float32", "torch.float32")
     assert optimizer == "AdamW" and changed == "True", line  # torch's AdamW, even with offload: nothing compiled
 
@@ -220,8 +230,9 @@ def _node_command(nproc: int, nodes: int = 1, launcher: str = "accelerate") -> s
 def test_node_sh_accelerate_multi_gpu_only_with_several_processes():
     one = _node_command(1)
     assert "--multi_gpu" not in one and "--num_processes 1 " in one
-    assert "--multi_gpu" in _node_command(2) and "--num_processes 2 " in _node_command(2)
-    assert "--multi_gpu" in _node_command(1, nodes=2) and "--num_processes 2 " in _node_command(1, nodes=2)
+    two, two_nodes = _node_command(2), _node_command(1, nodes=2)  # each a Python start: once each
+    assert "--multi_gpu" in two and "--num_processes 2 " in two
+    assert "--multi_gpu" in two_nodes and "--num_processes 2 " in two_nodes
     assert "--nproc_per_node 1 " in _node_command(1, launcher="torchrun")
 
 

@@ -6,8 +6,6 @@ without recomputing it and ends with the same cache."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -214,8 +212,9 @@ def test_worker_comes_from_torchrun_or_a_slurm_array():
 
 
 @pytest.mark.slow
-def test_training_from_a_stale_cache_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
-    from launch import REPO, env
+def test_training_from_a_stale_cache_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, capsys):
+    """Through the real entry points, in this process (as ``python -m`` runs them, without three interpreters)."""
+    from launch import entry, one_error_line
 
     common = [
         "+config=pard2_tiny",
@@ -227,37 +226,14 @@ def test_training_from_a_stale_cache_is_one_line_and_exit_2(tiny_checkpoint, tmp
         "method.features=false",
         "train.max_steps=2",
     ]
-    built = subprocess.run(
-        [sys.executable, "-m", "pard_train.teacher_cache", *common, "method.top_k=8"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert built.returncode == 0, built.stderr[-2000:]
-    assert "complete" in built.stdout
-    stale = subprocess.run(
-        [sys.executable, "-m", "pard_train", *common, "method.teacher=cache", "method.top_k=16"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert stale.returncode == 2
-    lines = [line for line in stale.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("pard_train: error: method.teacher=cache:") and "method.top_k" in lines[-1], lines
-    assert sum("error" in line for line in lines) == 1
-    trained = subprocess.run(
-        [sys.executable, "-m", "pard_train", *common, "method.teacher=cache", "method.top_k=8"],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    code, out, err = entry(capsys, *common, "method.top_k=8", prog="pard_train.teacher_cache")
+    assert code == 0, err[-2000:]
+    assert "complete" in out + err
+    code, _, err = entry(capsys, *common, "method.teacher=cache", "method.top_k=16")
+    line = one_error_line(code, err)
+    assert line.startswith("pard_train: error: method.teacher=cache:") and "method.top_k" in line, err[-2000:]
+    code, _, err = entry(capsys, *common, "method.teacher=cache", "method.top_k=8")
+    assert code == 0, err[-2000:]
     records = [json.loads(line) for line in (tmp_path / "pard2_tiny" / "metrics.jsonl").read_text().splitlines()]
     assert records and records[0]["kd"] > 0
 

@@ -22,6 +22,8 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$("$python" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
 export PYTHONUNBUFFERED=1
+# A rank killed by a fatal signal (an abort or a segfault in a C++ library) prints every thread's Python stack first.
+export PYTHONFAULTHANDLER=${PYTHONFAULTHANDLER:-1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${PARD_SHUTDOWN_TIMEOUT:-600}
 launch=()
 [ "${PARD_DRY_RUN:-0}" = 1 ] && launch=(echo)
