@@ -1,4 +1,4 @@
-"""Evaluate writes its report's parts as they finish (issue 21, item 4): after each (benchmark, mode),
+"""Evaluate writes its report's parts as they finish: after each (benchmark, mode),
 report.partial.json in output_dir holds what was measured so far, so a crash late in a long evaluation keeps the
 finished parts; a complete run replaces it with report.json and leaves no partial file."""
 

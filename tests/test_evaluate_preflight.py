@@ -1,4 +1,4 @@
-"""Evaluate checks what export checks, before measuring (issue 21, item 4): a draft whose tokenizer maps tokens to
+"""Evaluate checks what export checks, before measuring: a draft whose tokenizer maps tokens to
 other ids than the target's is refused in one line even when the row counts match; an output_dir that cannot be
 written is refused before any model is loaded; a report that cannot be written at the end is printed, not lost."""
 

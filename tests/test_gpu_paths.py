@@ -1,4 +1,4 @@
-"""The GPU and multi-node paths of issue 14, reproduced on CPU: what the code would do on a cluster is decided by
+"""The GPU and multi-node paths, reproduced on CPU: what the code would do on a cluster is decided by
 environment variables, device names, DeepSpeed's JSON and signal handlers, all of which can be faked here."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pard_train.run.tracking import peak_flops
 NODE_SH = REPO / "scripts" / "slurm" / "node.sh"
 
 
-# Item 5: emulated bf16 (V100, T4) must not choose bf16.
+# Emulated bf16 (V100, T4) must not choose bf16.
 def test_auto_precision_ignores_emulated_bf16(monkeypatch):
     calls = []
 
@@ -45,7 +45,7 @@ def test_auto_precision_ignores_emulated_bf16(monkeypatch):
     assert mixed_precision_for(Precision.auto) == "bf16"
 
 
-# Item 6: peaks per torch device; the SXM, PCIe and NVL H100s differ; an MI250X device is one GCD.
+# Peaks per torch device; the SXM, PCIe and NVL H100s differ; an MI250X device is one GCD.
 @pytest.mark.parametrize(
     "name, flops",
     [
@@ -64,7 +64,7 @@ def test_peak_flops_per_device(name, flops):
     assert peak_flops(name) == flops
 
 
-# Item 10: GPUs allocated but none visible (ROCm partial node, CPU-only torch) is refused in one line.
+# GPUs allocated but none visible (ROCm partial node, CPU-only torch) is refused in one line.
 @pytest.mark.parametrize(
     "environ",
     [
@@ -107,7 +107,7 @@ def test_trainer_refuses_allocated_gpus_it_cannot_see(tiny_checkpoint, tmp_path)
     assert not (tmp_path / "tiny" / "checkpoints").exists()
 
 
-# Item 9: a long process-group timeout reaches accelerate (which passes it to torch.distributed and DeepSpeed).
+# A long process-group timeout reaches accelerate (which passes it to torch.distributed and DeepSpeed).
 def test_process_group_timeout_is_passed(monkeypatch, tiny_checkpoint):
     from conftest import compose
 
@@ -128,7 +128,7 @@ def test_process_group_timeout_is_passed(monkeypatch, tiny_checkpoint):
         assert kwargs.get("backend") == ("gloo" if preset == "deepspeed=zero3" else None)
 
 
-# Items 4 and 12: the DeepSpeed JSON keeps torch's AdamW with offload and accumulates/reduces in fp32 under bf16.
+# The DeepSpeed JSON keeps torch's AdamW with offload and accumulates/reduces in fp32 under bf16.
 def test_deepspeed_json_fp32_gradients_and_torch_adamw():
     from conftest import compose
 
@@ -206,7 +206,7 @@ def test_deepspeed_bf16_engine_steps_with_fp32_gradients(setting, engine_results
     assert optimizer == "AdamW" and changed == "True", line  # torch's AdamW, even with offload: nothing compiled
 
 
-# Item 3 (and 8): the command node.sh builds, for one and two processes in total.
+# The command node.sh builds, for one and two processes in total.
 def _node_command(nproc: int, nodes: int = 1, launcher: str = "accelerate") -> str:
     result = subprocess.run(
         ["bash", str(NODE_SH), "+config=tiny"],
@@ -275,7 +275,7 @@ def test_node_sh_raises_torchrun_shutdown_timeout(tmp_path, monkeypatch):
         assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1).shutdown_timeout == int(expected)
 
 
-# Item 11: submitit's preemption handler is chained after the save, not replaced and not run mid-step.
+# Submitit's preemption handler is chained after the save, not replaced and not run mid-step.
 class FakeSubmitit:
     def __init__(self):
         self.calls = []
@@ -350,7 +350,7 @@ def test_submitit_requeue_exits_after_the_save(monkeypatch):
         signal.signal(signal.SIGUSR2, previous)
 
 
-# Item 13: the draft decodes through SDPA during the measurement and trains with its own attention afterwards.
+# The draft decodes through SDPA during the measurement and trains with its own attention afterwards.
 def test_measured_acceptance_decodes_with_sdpa(tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
@@ -389,7 +389,7 @@ def test_measured_acceptance_target_in_bf16_on_gpu(monkeypatch):
     assert loaded == [("sdpa", torch.bfloat16)]
 
 
-# Item 15: the harness run from training checks losslessness in fp32, measures AL alone in the default dtype.
+# The harness run from training checks losslessness in fp32, measures AL alone in the default dtype.
 def test_lossless_check_runs_in_fp32(tmp_path):
     from conftest import compose
 
@@ -407,7 +407,7 @@ def test_lossless_check_runs_in_fp32(tmp_path):
     assert _harness_config(plain.acceptance, "t", Path("d"), spec, tmp_path).dtype == DType.auto
 
 
-# Item 2: held-out evaluation with a validation split that does not divide evenly: every rank runs the same number
+# Held-out evaluation with a validation split that does not divide evenly: every rank runs the same number
 # of forwards (a rank short of rows scores a filler batch and drops it). Under ZeRO-3 each forward all-gathers the
 # parameters, so a rank with one forward fewer would leave the other waiting forever (the timeout turns it into a
 # failure); the scores must equal a single process's, so the filler batch counts nowhere.

@@ -1,4 +1,4 @@
-"""The package's folders show its layers (issue 22, item 1): from the import graph of every module, imports inside
+"""The package's folders show its layers: from the import graph of every module, imports inside
 functions counted, no module imports another in a cycle, and none imports from a layer above its own.
 
 Layers, bottom to top (docs/architecture.md, "Layout of the repository"): base < core < data < modelio, vllm_env <

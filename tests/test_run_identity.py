@@ -1,4 +1,4 @@
-"""A run directory belongs to one configuration (issue 21, items 1, 2 and 6), through the real entry point, in process:
+"""A run directory belongs to one configuration, through the real entry point, in process:
 another configuration is refused in one line naming the keys and ``final/`` is kept; a finished rerun says so and exits
 0 (``run.force=true`` trains again); a multirun gives each job its own directory; a resume applies, logs or refuses
 each changed key, and the run's files record what ran; the model is identified by its files, not its path."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, RESUME_STEPS, env, free_port, tiny_overrides
+from launch import REPO, RESUME_STEPS, entry, env, free_port, one_error_line, tiny_overrides
 from safetensors.torch import load_file
 
 from pard_train.base.errors import CheckpointSaveError, ResumeError, RunLockedError
@@ -75,9 +75,9 @@ def assert_matches_manifest(checkpoint: Path) -> None:
     """Recompute every file's size and sha256 independently of the code under test."""
     files = json.loads((checkpoint / MANIFEST).read_text())["files"]
     assert {"model.safetensors", "optimizer.bin", "scheduler.pt", "train_state.json"} <= files.keys()
-    for name, entry in files.items():
+    for name, listed in files.items():
         data = (checkpoint / name).read_bytes()
-        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"]), name
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (listed["size"], listed["sha256"]), name
 
 
 @pytest.fixture
@@ -86,14 +86,16 @@ def uninterrupted(uninterrupted_tiny):
 
 
 @pytest.mark.slow
-def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tmp_path, uninterrupted):
+def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tmp_path, uninterrupted, capsys):
+    """Trainings run in their own process (their weights are compared bit for bit); refusals run in this one."""
     overrides = tiny_overrides(tiny_checkpoint, tmp_path, *STEPS)
     run_dir, checkpoints = tmp_path / "tiny", tmp_path / "tiny" / "checkpoints"
 
     # A live run holds the directory: a second launch is refused in one line naming it, and writes nothing.
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, env=env(), stdout=subprocess.PIPE)
     assert holder.stdout.readline().strip() == b"held"
-    error = error_line(launch("-m", "pard_train", *overrides))
+    code, _, err = entry(capsys, *overrides)
+    error = one_error_line(code, err)
     assert f"{run_dir} is in use by another run (host {socket.gethostname()}, pid {holder.pid}," in error, error
     assert f"delete {run_dir / LOCK_FILE}" in error and not checkpoints.exists()
     holder.kill()
@@ -144,7 +146,8 @@ def test_lock_damaged_checkpoints_full_disk_and_changed_data(tiny_checkpoint, tm
     source = REPO / "data_recipes" / "self_instruct" / "self_instruct.jsonl"
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(source.read_text().splitlines(keepends=True)[:200]))
-    error = error_line(launch("-m", "pard_train", *overrides, f"data.train_files=[{changed}]"))
+    code, _, err = entry(capsys, *overrides, f"data.train_files=[{changed}]")
+    error = one_error_line(code, err)
     assert f"was trained on other data (fingerprint {saved}, now " in error and "another run.name" in error, error
 
 
@@ -305,7 +308,7 @@ CHOOSE_ON_TWO_RANKS = textwrap.dedent(
 
 @pytest.mark.slow
 def test_checkpoint_choice_is_rank_zeros(tmp_path):
-    """Ranks hash shares of each checkpoint and resume from what rank 0 lists (issue 14, item 14)."""
+    """Ranks hash shares of each checkpoint and resume from what rank 0 lists."""
     checkpoints = CheckpointStore(tmp_path, FakeAccelerator())
     for step in (2, 4):
         checkpoints.save(TrainState(step, {}, 8, 1))

@@ -1,4 +1,4 @@
-"""Every mistake of issue 21's list is one line and exit 2 through the real entry point (in process, fast), with no
+"""Every user mistake below is one line and exit 2 through the real entry point (in process, fast), with no
 progress bar before it; Ctrl-C saves like SIGTERM and a second one aborts; warnings for nonsense that trains."""
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def test_committed_wheel_list_is_complete_and_carries_nothing_the_image_has(walk
     image, required, absent = walked
     listed = wheel_list.listed_wheels()
     assert wheel_list.problems(required, absent, listed, image) == []
-    # DeepSpeed's config machinery imports pydantic, which the image lacks (the first failure).
+    # DeepSpeed's config machinery imports pydantic, which the image lacks (the bare image's first failure).
     assert {"pydantic", "pydantic-core", "annotated-types", "typing-inspection"} <= set(listed)
     assert {"deepspeed", "datasets", "hydra-core", "omegaconf", "antlr4-python3-runtime"} <= set(listed)
     for on_image in ("matplotlib", "pandas", "pillow", "python-dateutil", "torch", "transformers", "pyarrow"):

@@ -52,7 +52,7 @@ class Section:
     env: dict[str, str] = field(default_factory=dict)
 
 
-# Priority order (the a-f after the environment). Limits are for one H200 with a cold inductor cache; their
+# Priority order (a-f after the environment). Limits are for one H200 with a cold inductor cache; their
 # sum exceeds the budget on purpose: sections usually finish early, and what does not fit is skipped, said so.
 PLAN = [
     ("environment", 60, 15),  # versions, device, the measured bf16 matmul peak

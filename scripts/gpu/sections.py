@@ -6,7 +6,7 @@ passes in ``PARD_GPU_CHECK_LIMIT_S``; sections that start children give them wha
 that a child cut short still leaves a result to report. Large files (models, checkpoints) go to
 ``PARD_GPU_CHECK_SCRATCH``, never to ``--out`` (which is copied back from the GPU machine).
 
-In priority order (the issue's a-f after the environment):
+In priority order (a-f after the environment):
 
 - environment: versions (torch, transformers, accelerate, pyarrow, fsspec, numpy, triton and what the wheelhouse
   brings), the device, whether every module the check needs imports, and the measured bf16 matmul peak;
