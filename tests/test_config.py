@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import CONFIG_DIR, REPO, compose
+from launch import entry, one_error_line
 
 from pard_train.base.config import AttentionBackend, Config, ConfigError, LossOn, Precision, to_config
 
@@ -99,13 +100,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
         (["data.train_files=[x.jsonl]"], "model.path: required; pick a preset (+config=NAME) or set model.path=..."),
     ],
 )
-def test_cli_reports_a_mistake_in_one_line_and_exit_2(args, line):
-    result = _cli(*args)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [f"pard_train: error: {line}"]
+def test_cli_reports_a_mistake_in_one_line_and_exit_2(args, line, capsys):
+    code, _, err = entry(capsys, *args)  # the entry point in process; a fresh interpreter is the test below
+    assert code == 2, err
+    assert err.splitlines() == [f"pard_train: error: {line}"]
 
 
 def test_cli_rejects_an_unknown_preset_listing_the_presets():
+    """From a fresh interpreter: nothing the imports print stands before the one line."""
     result = _cli("+config=llama9_1b")
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
@@ -121,10 +123,10 @@ def test_family_presets_hold_only_their_deltas():
         assert "drop_ratio" not in text and "epochs" not in text and "micro_batch_size" not in text, preset
 
 
-def test_cli_explains_a_model_missing_offline(tmp_path):
-    result = _cli("+config=llama3_1b", f"run.output_root={tmp_path}")
-    assert result.returncode == 2
-    assert "meta-llama/Llama-3.2-1B-Instruct" in result.stderr and "model.path=DIR" in result.stderr
+def test_cli_explains_a_model_missing_offline(tmp_path, capsys):
+    code, _, err = entry(capsys, "+config=llama3_1b", f"run.output_root={tmp_path}")
+    line = one_error_line(code, err)
+    assert "meta-llama/Llama-3.2-1B-Instruct" in line and "model.path=DIR" in line
 
 
 @pytest.mark.parametrize(

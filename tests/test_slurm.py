@@ -1,5 +1,5 @@
 """scripts/slurm/train.sbatch on a real one-node SLURM cluster started on localhost: the tiny preset on 2 CPU
-processes completes with a final model; a job stopped like a preemption (USR1 to the batch script, as
+processes, stopped like a preemption (USR1 to the batch script, as
 ``--signal=B:USR1@120`` sends before the time limit) checkpoints, requeues itself and resumes to COMPLETED.
 
 Skipped when slurm-wlm/munge are not installed (``.ci/run`` installs them with apt-get) or not running as root.
@@ -54,18 +54,9 @@ def submit(cluster, tmp_path, tiny_checkpoint, *overrides):
     )
 
 
-def test_sbatch_two_processes_completes_with_checkpoint(cluster, tmp_path, tiny_checkpoint):
-    job = submit(cluster, tmp_path, tiny_checkpoint, "train.max_steps=6", "checkpoint.every_steps=3")
-    info = cluster.wait(job, ENDED, timeout=300)
-    output = job_output(tmp_path, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-3000:]
-    assert info["NumCPUs"] == "2", info  # the sbatch line's request replaced the script's default
-    assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "COMPLETE").exists()
-    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
-    assert "replicas agree: 2 processes" in output
-
-
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_checkpoint):
+    """One job does both: two processes on the CPUs the sbatch line asked for, stopped like a preemption, then
+    requeued, resumed and completed with its final model."""
     job = submit(cluster, tmp_path, tiny_checkpoint, "train.max_steps=16", "checkpoint.every_steps=2")
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -74,15 +65,18 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True)
     info = cluster.wait(job, {"PENDING"} | ENDED, timeout=120)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, job_output(tmp_path, job)[-3000:])
     info = cluster.wait(job, ENDED, timeout=300)
     output = job_output(tmp_path, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, output[-3000:])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, output[-3000:])
+    assert info["Restarts"] == "1" and info["NumCPUs"] == "2", info  # the sbatch line's request replaced the default
     assert "requeueing job" in output and "resuming from" in output, output[-3000:]
+    assert "replicas agree: 2 processes" in output
     stopped_at = int(output.split("stop signal: saved step ")[1].split()[0])
     assert 2 <= stopped_at < 16
     steps = [r["step"] for r in records(tmp_path / "run") if "loss" in r]
     assert steps[-1] == 16 and set(range(1, 17)) <= set(steps)
+    assert (checkpoints / "step_00000014" / "COMPLETE").exists()  # the last one due; step 16 is final/
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
