@@ -54,28 +54,30 @@ def kind_of(item: pytest.Item) -> str:
     return "unit"
 
 
-# The slowest files (CI's --durations), longest first: with make test's two workers taking whole files in collection
+# The slowest files (CI's --durations) of each stage, longest first: with two workers taking whole files in collection
 # order (--dist loadfile --no-loadscope-reorder: xdist would otherwise order files by their number of tests, and
 # the few-test shortened demo started last), starting these first keeps one worker from running the longest file
 # alone at the end.
 SLOWEST_FIRST = (
+    # make test-vllm
     "test_demo.py",
     "test_vllm.py",
+    "test_teacher_cache_vllm.py",
+    "test_recipes_regenerate.py",
+    # make test
     "test_gpu_check.py",
     "test_distributed.py",
     "test_gpu_paths.py",
-    "test_slurm.py",
     "test_pard2_train.py",
-    "test_teacher_cache_vllm.py",
     "test_benchmarks_smoke.py",
+    "test_slurm.py",
     "test_resume.py",
     "test_run_integrity.py",
-    "test_recipes_regenerate.py",
-    "test_evaluate.py",
-    "test_teacher_cache.py",
-    "test_speculative.py",
     "test_user_errors.py",
-    "test_sweep.py",
+    "test_markers.py",
+    "test_lm_head_loss.py",
+    "test_teardown.py",
+    "test_data_cache.py",
 )
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -96,17 +94,19 @@ def test_unusable_mask_token_is_refused(pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_checkpoint(tmp_path):
+def test_cli_exports_a_checkpoint(tmp_path, capsys):
+    from launch import entry, one_error_line
+
     target_dir, draft_dir = ensure_tiny_pair(tmp_path / "target", tmp_path / "draft", num_draft_tokens=K)
     out = tmp_path / "exported"
-    command = [sys.executable, "-m", "pard_train.export", "--checkpoint", str(draft_dir), "--output", str(out)]
-    done = subprocess.run([*command, "--target", str(target_dir), "--dtype", "bf16"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert '"parallel_drafting": true' in done.stdout
+    argv = ["--checkpoint", str(draft_dir), "--output", str(out)]
+    code, stdout, err = entry(capsys, *argv, "--target", str(target_dir), "--dtype", "bf16", prog="pard_train.export")
+    assert code == 0, err
+    assert '"parallel_drafting": true' in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["pard_token"] is not None and config["num_draft_tokens"] == K and config["dtype"] == "bfloat16"
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    code, _, err = entry(capsys, *argv, prog="pard_train.export")
+    assert "already exists" in one_error_line(code, err)
 
 
 def test_overwrite_replaces_only_a_previous_export(tmp_path, capsys):

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
 
 from pard_train.evaluate.compare.__main__ import main as compare_main
 from pard_train.evaluate.config import EvalConfig, Mode
@@ -132,29 +129,15 @@ def test_compare_reads_a_sweep(sweep, capsys):
 
 
 @pytest.mark.slow
-def test_cli_runs_a_family_sweep(tmp_path):
+def test_cli_runs_a_family_sweep(tmp_path, capsys):
+    from launch import entry
+
     out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pard_train.evaluate",
-            "+evaluate=tiny_family",
-            f"targets=[{tmp_path}/a,{tmp_path}/b]",
-            f"draft={tmp_path}/draft",
-            "ks=[2,3]",
-            "benchmarks=[gsm8k]",
-            "num_prompts=1",
-            "max_new_tokens=6",
-            "timing_repeats=1",
-            f"output_dir={out}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "## Acceptance length" in done.stdout and "recommended K" in done.stdout
+    argv = ["+evaluate=tiny_family", f"targets=[{tmp_path}/a,{tmp_path}/b]", f"draft={tmp_path}/draft", "ks=[2,3]"]
+    argv += ["benchmarks=[gsm8k]", "num_prompts=1", "max_new_tokens=6", "timing_repeats=1", f"output_dir={out}"]
+    code, stdout, err = entry(capsys, *argv, prog="pard_train.evaluate")
+    assert code == 0, err[-3000:]
+    assert "## Acceptance length" in stdout and "recommended K" in stdout
     assert json.loads((out / "report.json").read_text())["kind"] == "sweep"
 
 
