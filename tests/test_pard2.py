@@ -101,6 +101,16 @@ def _models():
     return draft, Teacher(target, SDPA, [-1, -2, -4])
 
 
+def test_a_feature_layer_outside_the_targets_hidden_states_is_refused():
+    """The online teacher and the teacher cache's builder both build a Teacher: it refuses, in one line."""
+    from pard_train.base.errors import ConfigError
+
+    target = build_tiny_model(VOCAB, seed=1, num_layers=3, hidden_size=96, attn_implementation="sdpa")
+    assert Teacher(target, SDPA, [-4, 3]).feature_layers == [-4, 3]  # embeddings and the last layer: 4 states
+    with pytest.raises(ConfigError, match=r"method.feature_layers: \[4\] outside the target's 4 hidden states"):
+        Teacher(target, SDPA, [-1, 4])
+
+
 def _inputs(batch, teacher, cat=True, keep=None):
     signals = teacher(batch)
     weights = cat_weights(batch, signals.log_confidence) if cat else (batch.labels != IGNORE_INDEX).float()

@@ -515,6 +515,11 @@ class AcceptanceConfig:
             f"must contain pard and may add target, got {list(self.modes)}",
         )
 
+    @property
+    def measured(self) -> bool:
+        """Whether the run measures acceptance at all (before, after or during training)."""
+        return self.before_training or self.after_training or self.every_steps > 0
+
 
 @dataclass
 class Config:

@@ -13,7 +13,6 @@ import torch
 
 from pard_train.base.config import AttentionBackend, MethodConfig
 from pard_train.base.errors import ConfigError
-from pard_train.evaluate.feature_capture import aux_ids
 from pard_train.modelio.model import embedding_rows, load_causal_lm
 from pard_train.run.distributed import gather_all
 
@@ -66,7 +65,7 @@ def load_target(settings: MethodConfig, draft, backend: AttentionBackend, accele
     """``(target, engine)``: the frozen target on this rank's device (``engine`` None), or under ZeRO-3 the module of
     an inference engine that shards it (transformers partitions while loading; the engine gathers each layer's weights
     for its forward, so no rank ever holds the whole target). Refuses a target whose vocabulary differs from the
-    draft's, or feature layers outside its hidden states."""
+    draft's (:class:`~pard_train.methods.teacher.Teacher` refuses feature layers outside its hidden states)."""
     dtype = torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
     engine = None
     if _zero3_config(accelerator) is not None:
@@ -79,8 +78,6 @@ def load_target(settings: MethodConfig, draft, backend: AttentionBackend, accele
             f"method.target: {settings.target} has {embedding_rows(target)} embedding rows, the draft "
             f"{embedding_rows(draft)}; PARD-2 distils over one shared vocabulary: pick a target of its family"
         )
-    if settings.features:
-        aux_ids(settings.feature_layers, target.config.get_text_config().num_hidden_layers)  # refuses a layer outside
     return target, engine
 
 

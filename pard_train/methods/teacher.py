@@ -18,7 +18,7 @@ from pard_train.base.config import AttentionBackend, FeatureCapture
 from pard_train.core.attention import BLOCK, attention_mask_for
 from pard_train.core.layout import IGNORE_INDEX, PAD_DOCUMENT, PardBatch
 from pard_train.core.lm_head_loss import chunked_head_loss
-from pard_train.evaluate.feature_capture import final_norm_input, target_features
+from pard_train.evaluate.feature_capture import aux_ids, final_norm_input, target_features
 
 
 @dataclass
@@ -57,7 +57,8 @@ def real_tokens(batch: PardBatch, multiple: int = 1) -> PardBatch:
 
 
 class Teacher:
-    """A frozen causal LM (the target) and what PARD-2 reads from it."""
+    """A frozen causal LM (the target) and what PARD-2 reads from it; refuses feature layers outside its hidden
+    states (the online teacher and the teacher cache's builder both stand on this)."""
 
     def __init__(
         self,
@@ -67,6 +68,8 @@ class Teacher:
         capture: FeatureCapture = FeatureCapture.training,
     ):
         self.model, self.backend, self.feature_layers, self.capture = model.eval(), backend, feature_layers, capture
+        if feature_layers is not None:
+            aux_ids(feature_layers, model.config.get_text_config().num_hidden_layers)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
 

@@ -39,6 +39,10 @@ from pard_train.data.packing import PackedRow
 MANIFEST = "manifest.json"
 FORMAT = 1
 
+RowSignals = tuple[Tensor, Tensor, Tensor, Tensor | None]
+"""One row's part of a shard: ``log g`` ``[L]`` float32, the top-k ids and log-probabilities ``[labelled, k]`` and
+the features ``[L, n * H]`` (None without ``method.features``)."""
+
 
 def labelled_positions(row: PackedRow) -> Tensor:
     """``[L]`` bool: position p has a label at some depth (x_{p+1} in the same document and supervised), as
@@ -199,6 +203,7 @@ class TeacherCache:
             self.shards.setdefault(entry["split"], []).append((entry["begin"], data))
         for parts in self.shards.values():
             parts.sort(key=lambda part: part[0])
+        self._starts = {split: [begin for begin, _ in parts] for split, parts in self.shards.items()}
 
     @classmethod
     def open(cls, root: Path, rows: dict[str, list[PackedRow]], target: str, settings) -> TeacherCache:
@@ -234,8 +239,7 @@ class TeacherCache:
 
     def _part(self, split: str, row: int) -> tuple[dict, list[int], list[int]]:
         """The shard holding ``row``, and the row's spans of real and of labelled tokens in it."""
-        parts = self.shards[split]
-        begin, data = parts[bisect.bisect_right([b for b, _ in parts], row) - 1]
+        begin, data = self.shards[split][bisect.bisect_right(self._starts[split], row) - 1]
         local = row - begin
         return data, data["real_offsets"][local : local + 2].tolist(), data["label_offsets"][local : local + 2].tolist()
 

@@ -35,6 +35,7 @@ from pard_train.data.packing import PackedRow
 from pard_train.methods.teacher import Teacher, real_tokens
 from pard_train.methods.teacher_cache import (
     MANIFEST,
+    RowSignals,
     Shard,
     cache_directory,
     cache_key,
@@ -56,11 +57,6 @@ def worker_from_environment(environ=os.environ) -> tuple[int, int]:
         first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
         return int(environ["SLURM_ARRAY_TASK_ID"]) - first, int(environ["SLURM_ARRAY_TASK_COUNT"])
     return 0, 1
-
-
-RowSignals = tuple[Tensor, Tensor, Tensor, Tensor | None]
-"""One row's part of a shard: ``log g`` ``[L]`` float32, the top-k ids and log-probabilities ``[labelled, k]`` and
-the features ``[L, n * H]`` (None without ``method.features``)."""
 
 
 @torch.no_grad()
@@ -265,7 +261,6 @@ def build_for_config(config, after_shard=None) -> tuple[Path, bool]:
     from pard_train.core.attention import resolve_backend
     from pard_train.data import build_data
     from pard_train.data.documents import default_cache_dir
-    from pard_train.evaluate.feature_capture import aux_ids
     from pard_train.methods.teacher_cache_vllm import VllmScorer
     from pard_train.modelio.model import load_causal_lm, load_tokenizer
     from pard_train.modelio.model_files import prepare_model_files
@@ -290,10 +285,8 @@ def build_for_config(config, after_shard=None) -> tuple[Path, bool]:
             return VllmScorer.start(settings.target, settings, config.data.max_length, dtype_name, log, states)
         backend = resolve_backend(config.model.attention, device)
         model = load_causal_lm(settings.target, backend, dtype=dtype).to(device).eval()
-        if not settings.features:
-            return TransformersScorer(model, backend, device)
-        aux_ids(settings.feature_layers, model.config.get_text_config().num_hidden_layers)  # refuses a layer outside
-        return TransformersScorer(model, backend, device, list(settings.feature_layers), settings.feature_capture)
+        layers = list(settings.feature_layers) if settings.features else None
+        return TransformersScorer(model, backend, device, layers, settings.feature_capture)
 
     rows = {"train": data.train, "validation": data.validation}
     return build(rows, settings.target, settings, root, open_scorer, rank, world, after_shard)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from pard_train.data.packing import PackedRow
 from pard_train.evaluate.feature_capture import aux_ids
-from pard_train.methods.teacher_cache import labelled_positions
+from pard_train.methods.teacher_cache import RowSignals, labelled_positions
 from pard_train.vllm_env.client import PromptLogprobs, VllmEngine
 
 
@@ -96,7 +96,7 @@ class VllmScorer:
         states = data["hidden_states"]
         return states[:, self.blocks].reshape(states.shape[0], -1)
 
-    def signals(self, rows: list[PackedRow], top_k: int, temperature: float) -> list:
+    def signals(self, rows: list[PackedRow], top_k: int, temperature: float) -> list[RowSignals]:
         """Per row, as :func:`~pard_train.methods.teacher_cache_builder.row_signals` gives them: ``log g`` ``[L]``
         float32 (0 at each document's first token), the top-k ids and log-probabilities at its labelled positions,
         in order, and the features ``[L, n * H]`` (None without ``method.features``)."""

@@ -36,8 +36,8 @@ def export_target(config: Config) -> str | None:
     the model it is measured against (a self-draft's own base)."""
     derived_from = config.model.path if config.model.keep_layers is not None else None
     settings = config.acceptance
-    measured = settings.before_training or settings.after_training or settings.every_steps > 0
-    return settings.target or config.method.target or derived_from or (config.acceptance_target if measured else None)
+    measured_against = config.acceptance_target if settings.measured else None
+    return settings.target or config.method.target or derived_from or measured_against
 
 
 def final_recipe(config: Config, step: int, record: RunRecord) -> dict:

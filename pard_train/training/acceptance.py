@@ -74,7 +74,7 @@ def _harness_config(
 def check_benchmarks(settings: AcceptanceConfig) -> None:
     """Read the configured prompt sets at start when any measurement is on: a bad file is one line now, not after
     hours of training (BenchmarkError)."""
-    if settings.before_training or settings.after_training or settings.every_steps:
+    if settings.measured:
         from pard_train.evaluate.benchmarks import load_prompts
 
         for benchmark in settings.benchmarks:
